@@ -1,0 +1,137 @@
+"""Torch-exact building blocks shared by every model in the zoo.
+
+Conventions (all modules of `urnet_jax.models`):
+  * images are NHWC float arrays; convolution kernels are HWIO (Flax's layout);
+  * padding is always explicit and symmetric, as in `torch.nn.Conv2d(padding=p)`, never 'SAME';
+  * `dtype` is the computation dtype (e.g. bfloat16), parameters stay float32;
+  * BatchNorm follows `torch.nn.BatchNorm2d` exactly (see `BatchNorm`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+# torchvision's ResNet/DenseNet/MobileNet conv init: kaiming_normal_(mode="fan_out", nonlinearity="relu").
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv(
+    features: int,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int = 0,
+    *,
+    groups: int = 1,
+    use_bias: bool = False,
+    dtype: Dtype = None,
+    kernel_init: Any = kaiming_fan_out,
+    name: str | None = None,
+) -> nn.Conv:
+    """A `torch.nn.Conv2d(kernel_size, stride, padding, groups, bias)` equivalent as a Flax `nn.Conv`."""
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        feature_group_count=groups,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=kernel_init,
+        name=name,
+    )
+
+
+class BatchNorm(nn.Module):
+    """`torch.nn.BatchNorm2d` semantics over the last (channel) axis.
+
+    train=True normalises with the batch's biased variance and updates the running averages as torch
+    does: running = momentum * running + (1 - momentum) * batch, with the *unbiased* batch variance
+    (n / (n - 1)) for `var`. Flax's momentum 0.9 is torch's momentum 0.1. Statistics are computed in
+    float32 whatever `dtype` is. Under `jax.jit` with a batch sharded over devices the statistics are
+    those of the global batch (the mean is a global reduction).
+
+    Variables: params `scale`, `bias`; batch_stats `mean`, `var` (all shape (C,), float32).
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Dtype = None
+    scale_init: Any = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        features = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        if train:
+            reduce_axes = tuple(range(x.ndim - 1))
+            x32 = x.astype(jnp.float32)
+            mean = jnp.mean(x32, axis=reduce_axes)
+            var = jnp.mean(jnp.square(x32 - mean), axis=reduce_axes)
+            if not self.is_initializing():
+                count = x.size // features
+                unbiased = var * (count / max(count - 1, 1))
+                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
+        else:
+            mean, var = running_mean.value, running_var.value
+        multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
+        offset = bias - mean * multiplier
+        dtype = self.dtype or x.dtype
+        return x.astype(dtype) * multiplier.astype(dtype) + offset.astype(dtype)
+
+
+def max_pool(x: Array, kernel_size: int, stride: int, padding: int = 0) -> Array:
+    """`torch.nn.MaxPool2d(kernel_size, stride, padding)` (floor mode; padding never wins the max)."""
+    return nn.max_pool(
+        x, (kernel_size, kernel_size), (stride, stride), ((padding, padding), (padding, padding))
+    )
+
+
+def avg_pool(x: Array, kernel_size: int, stride: int) -> Array:
+    """`torch.nn.AvgPool2d(kernel_size, stride)` without padding (floor mode)."""
+    return nn.avg_pool(x, (kernel_size, kernel_size), (stride, stride))
+
+
+def global_avg_pool(x: Array) -> Array:
+    """(N, H, W, C) -> (N, C): `AdaptiveAvgPool2d(1)` followed by flatten."""
+    return jnp.mean(x, axis=(1, 2))
+
+
+def adaptive_avg_pool(x: Array, output_size: tuple[int, int]) -> Array:
+    """`torch.nn.AdaptiveAvgPool2d(output_size)`: bins [floor(i*H/o), ceil((i+1)*H/o)) on each axis.
+
+    Works for any input size, including inputs smaller than the output (bins then overlap).
+    (N, H, W, C) -> (N, oh, ow, C).
+    """
+
+    def pool_axis(t: Array, axis: int, out: int) -> Array:
+        size = t.shape[axis]
+        slices = []
+        for i in range(out):
+            start = (i * size) // out
+            end = -((-(i + 1) * size) // out)
+            slices.append(jnp.mean(jax.lax.slice_in_dim(t, start, end, axis=axis), axis=axis, keepdims=True))
+        return jnp.concatenate(slices, axis=axis)
+
+    return pool_axis(pool_axis(x, 1, output_size[0]), 2, output_size[1])
+
+
+def dense(features: int, *, dtype: Dtype = None, name: str | None = None, **kwargs: Any) -> nn.Dense:
+    """A `torch.nn.Linear` equivalent (kernel stored as (in, out), the transpose of torch's weight)."""
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name, **kwargs)
+
+
+relu = nn.relu
+leaky_relu = functools.partial(nn.leaky_relu, negative_slope=0.01)
