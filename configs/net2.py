@@ -1,4 +1,4 @@
-"""Net2: the unmodified ResUNet + ResNet101, enhancer pre-trained (the paper's ablation)."""
+"""Net2: the unmodified ResUNet + ResNet101, enhancer not pre-trained (the paper's ablation)."""
 
 from urnet_jax.config import base_config
 
@@ -6,4 +6,5 @@ from urnet_jax.config import base_config
 def get_config():
     config = base_config()
     config.model.enhancer = "resunet"
+    config.pretrain.epochs = 0
     return config
