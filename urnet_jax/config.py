@@ -26,7 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.dir = ""  # class-per-folder image root; "" = the built-in synthetic data set.
-    config.data.class_map = "wbc3"  # "wbc3" | "folders" | {"class": ["folder", ...]}
+    # "wbc3" | "folders" | {"class": ["folder", ...]}; typed `object` so that a config file may assign a dict.
+    config.data.class_map = ml_collections.FieldReference("wbc3", field_type=object)
     config.data.image_size = 200  # pixels (square)
     config.data.test_fraction = 0.2
     config.data.seed = 0  # split and augmentation seed

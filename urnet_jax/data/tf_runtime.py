@@ -1,0 +1,30 @@
+"""Importing TensorFlow (needed by tensorflow-datasets) quietly and without any GPU.
+
+JAX owns the accelerators; TensorFlow only reads and writes files here, so it must never allocate
+GPU memory. Call `import_tfds()` instead of importing tensorflow(-datasets) directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+
+@functools.cache
+def import_tfds():
+    """-> the tensorflow_datasets module, with TensorFlow's logs quiet and its GPUs hidden."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # also silences TF's start-up banner about oneDNN
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow already initialised its devices elsewhere in this process.
+        if tf.config.get_visible_devices("GPU"):
+            warnings.warn("TensorFlow was initialised before urnet_jax.data could hide the GPUs from it")
+    tf.get_logger().setLevel("ERROR")
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
+    return tfds
