@@ -21,6 +21,18 @@ Dtype = Any
 
 # torchvision's ResNet/DenseNet/MobileNet conv init: kaiming_normal_(mode="fan_out", nonlinearity="relu").
 kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch.nn.Linear's default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform_, a=sqrt(5)).
+torch_linear_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def torch_linear_bias_init(fan_in: int) -> Any:
+    """torch.nn.Linear's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as a Flax initializer."""
+    bound = fan_in**-0.5
+
+    def init(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
 
 
 def conv(

@@ -1,0 +1,157 @@
+"""Measurement helpers shared by the benchmarks: thread pinning, timing, memory, environment, MFU.
+
+Import this module (and call `pin_threads`) before importing JAX or torch: the thread count and the
+GPU allocator settings must be in place before either initialises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched against
+# `jax.Device.device_kind` / `torch.cuda.get_device_name()` by substring (first match wins).
+BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("RTX 4090", 165.0),
+    ("RTX 3090", 71.0),
+)
+
+
+def pin_threads(threads: int | None) -> int:
+    """Restricts this process to the first `threads` CPUs (None: all available) and returns the count.
+
+    CPU affinity bounds XLA's and torch's thread pools alike; the caller also passes the count to
+    `torch.set_num_threads`. Raises ValueError when more threads are asked for than CPUs exist.
+    """
+    available = sorted(os.sched_getaffinity(0))
+    if threads is None:
+        return len(available)
+    if not 1 <= threads <= len(available):
+        raise ValueError(f"--threads must be between 1 and {len(available)} on this machine, got {threads}")
+    os.sched_setaffinity(0, set(available[:threads]))
+    return threads
+
+
+def prepare_gpu_allocators() -> None:
+    """Lets JAX and torch share one GPU: JAX allocates on demand instead of grabbing 75% up front."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages (processes runnable or running, all CPUs together)."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def time_block(run_step: Callable[[], Any], steps: int, synchronize: Callable[[Any], Any]) -> float:
+    """Seconds per step of `steps` back-to-back calls, waiting for the last result with `synchronize`."""
+    start = time.perf_counter()
+    result = None
+    for _ in range(steps):
+        result = run_step()
+    synchronize(result)
+    return (time.perf_counter() - start) / steps
+
+
+def summarize(seconds_per_step: list[float], batch: int) -> dict[str, Any]:
+    """Median / min step time (ms) over timed blocks and the images/s of the median."""
+    median = statistics.median(seconds_per_step)
+    return {
+        "step_ms_median": round(median * 1e3, 2),
+        "step_ms_min": round(min(seconds_per_step) * 1e3, 2),
+        "step_ms_blocks": [round(s * 1e3, 2) for s in seconds_per_step],
+        "img_s": round(batch / median, 3),
+    }
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssPeak:
+    """Peak resident memory above the level at entry while the `with` body runs (sampled every 2 ms).
+
+    A process-wide measure: both frameworks live in this process, so each block's own allocations show
+    as the growth over the level at entry. `peak_growth_bytes` is set on exit.
+    """
+
+    def __init__(self, interval_s: float = 0.002):
+        self.interval_s = interval_s
+        self.peak_growth_bytes = 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_growth_bytes = max(self.peak_growth_bytes, _current_rss_bytes() - self._baseline)
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> RssPeak:
+        self._baseline = _current_rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def process_peak_rss_bytes() -> int:
+    """Peak resident memory of this process since it started (getrusage; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_tflops_for(device_name: str, override: float | None) -> float | None:
+    """The bf16 peak to divide achieved FLOP/s by: `override` if given, else the table's, else None."""
+    if override:
+        return override
+    for key, tflops in BF16_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return tflops
+    return None
+
+
+def environment() -> dict[str, Any]:
+    """Machine and software facts recorded with every result."""
+    import jax
+    import torch
+
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cpus_allowed": len(os.sched_getaffinity(0)),
+        "jax": jax.__version__,
+        "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"),
+        "torch": torch.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    try:
+        import flax
+        import optax
+        import torchvision
+
+        info.update(flax=flax.__version__, optax=optax.__version__, torchvision=torchvision.__version__)
+    except ImportError:
+        pass
+    return info
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """Prints the machine-readable last line: `RESULT {json}`."""
+    print("RESULT " + json.dumps(result, sort_keys=True), flush=True)

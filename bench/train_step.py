@@ -1,0 +1,408 @@
+"""Train- and inference-step throughput of urnet_jax against a PyTorch eager mirror of the same network.
+
+  python bench/train_step.py --enhancer urnet --enhancer-width 32 --classifier resnet18 --size 128 \
+      --batch 16 [--precision float32|bfloat16] [--steps 3] [--rounds 3] [--warmup 2] [--threads N]
+
+JAX side: the library's own jitted steps (`training.make_train_step`: forward, softmax cross-entropy,
+backward, SGD-momentum update, donated state; `training.make_eval_step` for inference) on a batch
+already on the device. Torch side: `bench/torch_reference.py`, the same network layer by layer with
+torchvision's classifier, the same loss and `torch.optim.SGD(momentum, dampening=0)` (= optax's sgd
+with momentum), the same metrics (loss, accuracy, all-finite check) and the same input (uint8 images
+scaled to [0, 1] inside the step). Both share one process and one thread count; timed blocks of
+`--steps` steps alternate JAX, torch, JAX, torch, ... (`--rounds` times), after compilation and
+`--warmup` untimed steps each.
+
+Prints a summary and, as the last line, `RESULT {json}` with jax_img_s, torch_img_s, speedup_vs_torch
+(median torch step time / median JAX step time), the same for inference, compile seconds, peak memory,
+XLA's FLOP count of the step (and MFU when the device's bf16 peak is known or --peak-tflops is given),
+load averages, versions and the arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (bench/ is not a package; common must come before JAX and torch)
+
+ENHANCERS = ("none", "unet", "unetpp", "resunet", "urnet")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--enhancer", default="urnet", choices=ENHANCERS)
+    parser.add_argument("--enhancer-width", type=int, default=32, help="channels of the enhancer's first level")
+    parser.add_argument("--classifier", default="resnet18", help="a torchvision classifier name (full width)")
+    parser.add_argument("--num-classes", type=int, default=3)
+    parser.add_argument("--size", type=int, default=128, help="image height = width, pixels")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
+    parser.add_argument("--rounds", type=int, default=3, help="timed blocks per framework (alternating)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per framework before timing (>= 1)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for both (default: all)")
+    parser.add_argument("--torch-memory-format", default="contiguous", choices=("contiguous", "channels_last"))
+    parser.add_argument("--skip-torch", action="store_true", help="time the JAX steps only")
+    parser.add_argument("--skip-inference", action="store_true", help="time the train steps only")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's bf16 peak for MFU (default: looked up from the device name)")
+    parser.add_argument("--trace-dir", default="", help="write a jax.profiler trace of 2 train steps here")
+    args = parser.parse_args(argv)
+    for name in ("enhancer_width", "num_classes", "size", "batch", "steps", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 1:
+        parser.error(f"--warmup must be >= 1 (the first step is checked against torch), got {args.warmup}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# JAX
+
+
+class JaxBench:
+    """The library's train and eval steps for `model`, compiled ahead of time, on one fixed batch."""
+
+    def __init__(self, model: Any, variables: dict, images_nhwc: Any, labels: Any):
+        import jax
+        import jax.numpy as jnp
+
+        from urnet_jax import sharding, training
+        from urnet_jax.config import base_config
+
+        self.jax = jax
+        self.model = model
+        mesh = sharding.data_mesh()
+        optimizer = training.make_optimizer(base_config().optimizer)
+        params, batch_stats = variables["params"], variables.get("batch_stats", {})
+        self.param_count = sum(leaf.size for leaf in jax.tree.leaves(params))
+        state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                                    opt_state=optimizer.init(params), rng=jax.random.PRNGKey(0))
+        self.state = sharding.replicate(state, mesh)
+        self.rng = sharding.replicate(jax.random.PRNGKey(1), mesh)
+        self.batch = sharding.global_batch({"image": images_nhwc, "label": labels}, mesh)
+        self.eval_batch = sharding.global_batch(
+            {"image": images_nhwc, "label": labels, "mask": labels >= 0}, mesh)
+
+        started = time.perf_counter()
+        self.train_step = training.make_train_step(model, optimizer, training.JOINT, mesh).lower(
+            self.state, self.batch, self.rng).compile()
+        self.train_compile_s = time.perf_counter() - started
+        started = time.perf_counter()
+        self.eval_step = training.make_eval_step(model, training.JOINT, mesh).lower(
+            self.state.variables, self.eval_batch).compile()
+        self.eval_compile_s = time.perf_counter() - started
+        self.train_flops = _flops(self.train_step)
+        self.eval_flops = _flops(self.eval_step)
+        self.train_memory_bytes = _compiled_memory_bytes(self.train_step)
+
+    def run_train(self) -> Any:
+        self.state, metrics = self.train_step(self.state, self.batch, self.rng)
+        return metrics
+
+    def run_eval(self) -> Any:
+        return self.eval_step(self.state.variables, self.eval_batch)
+
+    def synchronize(self, result: Any) -> None:
+        self.jax.block_until_ready(result)
+
+    def momentum_and_batch_stats(self) -> tuple[Any, Any]:
+        """Host copies of the SGD momentum (= the gradient after one step) and the running statistics."""
+        import optax
+
+        trace = optax.tree_utils.tree_get(self.state.opt_state, "trace")
+        return self.jax.device_get(trace), self.jax.device_get(self.state.batch_stats)
+
+    def device_peak_bytes(self) -> int | None:
+        stats = self.jax.devices()[0].memory_stats()
+        return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def _flops(compiled: Any) -> float | None:
+    """XLA's FLOP count of a compiled computation (None when the backend gives none)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):  # older JAX: one dict per computation
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops else None
+
+
+def _compiled_memory_bytes(compiled: Any) -> int | None:
+    """XLA's static estimate of the step's memory: arguments + outputs - aliased (donated) + temporaries."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+               + stats.temp_size_in_bytes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch
+
+
+class TorchBench:
+    """The torch mirror's train step (SGD momentum, dampening 0) and eval step on the same batch."""
+
+    def __init__(self, args: argparse.Namespace, jax_model: Any, images_nhwc: Any, labels: Any, threads: int):
+        import torch
+        import torch.nn.functional as F
+
+        import torch_reference
+        from urnet_jax.config import base_config
+
+        self.torch, self.F = torch, F
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.memory_format = (torch.channels_last if args.torch_memory_format == "channels_last"
+                              else torch.contiguous_format)
+        self.model = torch_reference.torch_model_like(jax_model, args.classifier, args.num_classes)
+        self.param_count = torch_reference.parameter_count(self.model)
+        self.optimizer_config = base_config().optimizer
+        images = torch.from_numpy(images_nhwc).permute(0, 3, 1, 2)
+        self.images = images.to(self.device).contiguous(memory_format=self.memory_format)
+        self.labels = torch.from_numpy(labels).long().to(self.device)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=args.precision == "bfloat16")
+
+    def start(self) -> None:
+        """Moves the model (weights final) to the device and creates the optimizer."""
+        self.model = self.model.to(self.device, memory_format=self.memory_format)
+        self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named_params]
+        config = self.optimizer_config
+        self.optimizer = self.torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum,
+                                              dampening=0.0, weight_decay=config.weight_decay)
+
+    def _logits(self) -> Any:
+        with self.autocast:
+            return self.model(self.images.float() / 255.0).float()
+
+    def run_train(self) -> Any:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self._logits()
+        loss = self.F.cross_entropy(logits, self.labels)
+        loss.backward()
+        self.optimizer.step()
+        with self.torch.no_grad():
+            accuracy = (logits.argmax(-1) == self.labels).float().mean()
+            finite = self.torch.isfinite(loss) & self.torch.stack([self.torch.isfinite(p).all() for p in self.params]).all()
+        return {"loss": loss.detach(), "accuracy": accuracy, "finite": finite}
+
+    def run_eval(self) -> Any:
+        self.model.eval()
+        with self.torch.inference_mode():
+            logits = self._logits()
+            mask = (self.labels >= 0).float()
+            loss_sum = (self.F.cross_entropy(logits, self.labels, reduction="none") * mask).sum()
+            correct = ((logits.argmax(-1) == self.labels).float() * mask).sum()
+            return loss_sum, correct, mask.sum()
+
+    def synchronize(self, result: Any) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def momentum_and_state(self) -> tuple[dict, dict]:
+        """(state_dict with every parameter replaced by its SGD momentum buffer, state_dict), on the CPU."""
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        momentum = dict(state)
+        for name, param in self.named_params:
+            momentum[name] = self.optimizer.state[param]["momentum_buffer"].detach().cpu()
+        return momentum, state
+
+    def device_peak_bytes(self) -> int | None:
+        return int(self.torch.cuda.max_memory_allocated()) if self.device.type == "cuda" else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The comparison
+
+
+def _alternate(benches: dict[str, Any], run: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Seconds per step of `args.rounds` timed blocks per framework, taken in alternation."""
+    times: dict[str, list[float]] = {name: [] for name in benches}
+    for _ in range(args.rounds):
+        for name, bench in benches.items():
+            times[name].append(common.time_block(getattr(bench, run), args.steps, bench.synchronize))
+    return times
+
+
+def _mfu(flops: float | None, seconds: float, peak_tflops: float | None) -> float | None:
+    return round(flops / seconds / (peak_tflops * 1e12), 4) if flops and peak_tflops else None
+
+
+def _relative_error(reference: Any, other: Any) -> float:
+    """||other - reference|| / ||reference|| over every leaf of two same-structured trees."""
+    import jax
+    import numpy as np
+
+    pairs = zip(jax.tree.leaves(reference), jax.tree.leaves(other), strict=True)
+    squared_diff = squared_ref = 0.0
+    for ref, oth in pairs:
+        ref, oth = np.asarray(ref, np.float64), np.asarray(oth, np.float64)
+        squared_diff += float(np.sum((oth - ref) ** 2))
+        squared_ref += float(np.sum(ref**2))
+    return (squared_diff / max(squared_ref, 1e-300)) ** 0.5
+
+
+def _first_step_agreement(jax_bench: JaxBench, torch_bench: TorchBench, jax_metrics: Any, torch_metrics: Any,
+                          args: argparse.Namespace) -> dict[str, float]:
+    """How closely the two first train steps (from the same weights, on the same batch) agree: losses,
+    gradients (the SGD momentum after one step) and updated BatchNorm running statistics."""
+    import torch_reference
+
+    jax_momentum, jax_batch_stats = jax_bench.momentum_and_batch_stats()
+    torch_momentum, torch_state = torch_bench.momentum_and_state()
+    template = jax_bench.jax.device_get(jax_bench.state.variables)
+    torch_grads = torch_reference.jax_layout_variables(torch_momentum, template, args.classifier, args.num_classes)
+    torch_stats = torch_reference.jax_layout_variables(torch_state, template, args.classifier, args.num_classes)
+    jax_loss, torch_loss = float(jax_metrics["loss"]), float(torch_metrics["loss"])
+    return {
+        "loss_jax": round(jax_loss, 6),
+        "loss_torch": round(torch_loss, 6),
+        "loss_rel_diff": abs(jax_loss - torch_loss) / max(abs(torch_loss), 1e-12),
+        "grad_rel_err": _relative_error(torch_grads["params"], jax_momentum),
+        "batch_stats_rel_err": _relative_error(torch_stats["batch_stats"], jax_batch_stats),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    try:
+        threads = common.pin_threads(args.threads)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    common.prepare_gpu_allocators()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from urnet_jax import training
+    from urnet_jax.config import base_config
+
+    load_at_start = common.load_average()
+    generator = np.random.default_rng(0)
+    images = generator.integers(0, 256, (args.batch, args.size, args.size, 3), dtype=np.uint8)
+    labels = generator.integers(0, args.num_classes, (args.batch,), dtype=np.int32)
+
+    config = base_config()
+    config.model.enhancer = args.enhancer
+    config.model.enhancer_width = args.enhancer_width
+    config.model.classifier = args.classifier
+    config.model.classifier_width = 0
+    model = training.build(config, args.num_classes, training.compute_dtype(args.precision))
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, args.size, args.size, 3), jnp.float32), train=False)
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    torch_bench = None
+    if not args.skip_torch:
+        import torch_reference
+
+        torch_bench = TorchBench(args, model, images, labels, threads)
+        variables = torch_reference.share_initial_weights(variables, torch_bench.model, args.classifier,
+                                                          args.num_classes)
+        torch_bench.start()
+    jax_bench = JaxBench(model, variables, images, labels)
+    if torch_bench is not None and torch_bench.param_count != jax_bench.param_count:
+        sys.exit(f"error: the torch mirror has {torch_bench.param_count} parameters, JAX {jax_bench.param_count}")
+    benches: dict[str, Any] = {"jax": jax_bench} if torch_bench is None else {"jax": jax_bench, "torch": torch_bench}
+    device = jax.devices()[0]
+
+    # Warm-up; the first steps of both start from the same weights, so their results must agree.
+    first_metrics, rss_growth = {}, {}
+    for name, bench in benches.items():
+        with common.RssPeak() as rss:
+            first_metrics[name] = bench.run_train()
+            bench.synchronize(first_metrics[name])
+            for _ in range(args.warmup - 1):
+                bench.synchronize(bench.run_train())
+        rss_growth[name] = rss.peak_growth_bytes
+    agreement = (None if torch_bench is None else
+                 _first_step_agreement(jax_bench, torch_bench, first_metrics["jax"], first_metrics["torch"], args))
+    if args.trace_dir:
+        with jax.profiler.trace(args.trace_dir):
+            for _ in range(2):
+                jax_bench.synchronize(jax_bench.run_train())
+    train_times = _alternate(benches, "run_train", args)
+    eval_times: dict[str, list[float]] = {}
+    if not args.skip_inference:
+        for bench in benches.values():
+            for _ in range(max(args.warmup, 1)):
+                bench.synchronize(bench.run_eval())
+        eval_times = _alternate(benches, "run_eval", args)
+
+    peak_tflops = common.peak_tflops_for(device.device_kind, args.peak_tflops)
+    flops = jax_bench.train_flops
+    result: dict[str, Any] = {
+        "device": f"{device.platform}:{device.device_kind}",
+        "threads": threads,
+        "params": jax_bench.param_count,
+        "jax_compile_s": round(jax_bench.train_compile_s, 2),
+        "jax_eval_compile_s": round(jax_bench.eval_compile_s, 2),
+        "train_gflop_per_step": round(flops / 1e9, 3) if flops else None,
+        "eval_gflop_per_step": round(jax_bench.eval_flops / 1e9, 3) if jax_bench.eval_flops else None,
+        "jax_xla_step_memory_bytes": jax_bench.train_memory_bytes,
+        "jax_device_peak_bytes": jax_bench.device_peak_bytes(),
+        "first_step_agreement": agreement,
+        "peak_tflops_bf16": peak_tflops,
+        "load_avg_start": load_at_start,
+        "load_avg_end": common.load_average(),
+        "process_peak_rss_bytes": common.process_peak_rss_bytes(),
+        "versions": common.environment(),
+        "args": vars(args),
+    }
+    for name, times in train_times.items():
+        summary = common.summarize(times, args.batch)
+        seconds = summary["step_ms_median"] / 1e3
+        result[f"{name}_train"] = summary
+        result[f"{name}_img_s"] = summary["img_s"]
+        result[f"{name}_train_rss_growth_bytes"] = rss_growth[name]
+        result[f"{name}_train_tflop_s"] = round(flops / seconds / 1e12, 4) if flops else None
+        result[f"{name}_mfu"] = _mfu(flops, seconds, peak_tflops)
+    for name, times in eval_times.items():
+        summary = common.summarize(times, args.batch)
+        result[f"{name}_eval"] = summary
+        result[f"{name}_eval_img_s"] = summary["img_s"]
+    if torch_bench is not None:
+        result["torch_device_peak_bytes"] = torch_bench.device_peak_bytes()
+        result["speedup_vs_torch"] = round(result["torch_train"]["step_ms_median"] / result["jax_train"]["step_ms_median"], 3)
+        result["speedup_vs_torch_per_round"] = [round(t / j, 3) for j, t in zip(train_times["jax"], train_times["torch"])]
+        if eval_times:
+            result["eval_speedup_vs_torch"] = round(
+                result["torch_eval"]["step_ms_median"] / result["jax_eval"]["step_ms_median"], 3)
+
+    _print_summary(result, args)
+    common.print_result(result)
+    return result
+
+
+def _print_summary(result: dict[str, Any], args: argparse.Namespace) -> None:
+    print(f"{args.enhancer}(width {args.enhancer_width}) + {args.classifier}, {args.size}x{args.size}, "
+          f"batch {args.batch}, {args.precision}, {result['device']}, {result['threads']} threads, "
+          f"{result['params']:,} parameters")
+    print(f"JAX compile: train step {result['jax_compile_s']} s, eval step {result['jax_eval_compile_s']} s; "
+          f"XLA FLOPs per train step: {result['train_gflop_per_step']} GFLOP")
+    for kind in ("train", "eval"):
+        for name in ("jax", "torch"):
+            summary = result.get(f"{name}_{kind}")
+            if summary:
+                print(f"{kind:5s} {name:5s}: {summary['img_s']:9.2f} img/s (median {summary['step_ms_median']} ms/step, "
+                      f"blocks {summary['step_ms_blocks']})")
+    if "speedup_vs_torch" in result:
+        print(f"speedup_vs_torch (train): {result['speedup_vs_torch']} "
+              f"(per round {result['speedup_vs_torch_per_round']}); inference: {result.get('eval_speedup_vs_torch')}")
+    if result["first_step_agreement"]:
+        agreement = result["first_step_agreement"]
+        print(f"first step, JAX vs torch from the same weights: loss {agreement['loss_jax']} vs {agreement['loss_torch']}, "
+              f"gradient relative error {agreement['grad_rel_err']:.2e}, "
+              f"running statistics relative error {agreement['batch_stats_rel_err']:.2e}")
+    print(f"load average start {result['load_avg_start']} end {result['load_avg_end']}")
+
+
+if __name__ == "__main__":
+    main()

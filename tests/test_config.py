@@ -1,0 +1,93 @@
+"""The config files match the paper, `cli.validate` rejects bad values, and train.py fails in one line."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from urnet_jax import cli
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "configs"
+
+
+def load(name: str):
+    return cli.load_config_file(str(CONFIGS / f"{name}.py"))
+
+
+@pytest.mark.parametrize("name", ["urnet", "net1", "net2", "net3", "net4", "demo"])
+def test_every_config_file_is_valid(name):
+    cli.validate(load(name), device_count=1)
+
+
+def test_urnet_is_the_papers_protocol():
+    config = load("urnet")
+    assert config.to_dict() == load("net4").to_dict()
+    assert (config.model.enhancer, config.model.classifier, config.model.enhancer_width) == ("urnet", "resnet101", 64)
+    assert (config.optimizer.name, config.optimizer.lr, config.optimizer.momentum) == ("sgd", 1e-4, 0.9)
+    assert (config.batch_size, config.pretrain.epochs, config.train.epochs, config.data.image_size) == (32, 100, 200, 200)
+
+
+@pytest.mark.parametrize("name, enhancer, pretrain_epochs", [
+    ("net1", "none", 0), ("net2", "resunet", 0), ("net3", "urnet", 0), ("net4", "urnet", 100)])
+def test_ablation_configs_match_the_paper(name, enhancer, pretrain_epochs):
+    config = load(name)
+    assert (config.model.enhancer, config.pretrain.epochs) == (enhancer, pretrain_epochs)
+    assert (config.model.classifier, config.train.epochs, config.optimizer.lr) == ("resnet101", 200, 1e-4)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("precision", "float16", "precision must be one of"),
+    ("model.enhancer", "resunet2", "model.enhancer must be one of"),
+    ("model.classifier", "resnet9", "model.classifier must be one of"),
+    ("model.pretrained", "/nonexistent/weights.pth", "model.pretrained file"),
+    ("data.dir", "/nonexistent/images", "data.dir"),
+    ("pretrain.epochs", -1, "pretrain.epochs must be an integer >= 0"),
+    ("train.epochs", -3, "train.epochs must be an integer >= 0"),
+    ("batch_size", 30, "batch_size 30 is not divisible by the number of devices (4)"),
+    ("eval_batch_size", 0, "eval_batch_size must be an integer >= 1"),
+    ("optimizer.name", "rmsprop", "optimizer.name must be one of"),
+    ("optimizer.lr", 0.0, "optimizer.lr must be > 0"),
+    ("optimizer.momentum", 1.0, "optimizer.momentum must be in [0, 1)"),
+    ("checkpoint.keep", 0, "checkpoint.keep must be an integer >= 1"),
+    ("data.image_size", 16, "data.image_size must be an integer >= 32"),
+])
+def test_validate_names_the_bad_key(key, value, message):
+    config = load("urnet")
+    section, _, name = key.rpartition(".")
+    (config[section] if section else config)[name] = value
+    with pytest.raises(cli.ConfigError) as error:
+        cli.validate(config, device_count=4)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_nothing_to_train_is_rejected():
+    config = load("net1")
+    config.train.epochs = 0
+    with pytest.raises(cli.ConfigError, match="nothing to train"):
+        cli.validate(config, device_count=1)
+
+
+def run_train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/demo.py", "--config.model.foo=3"], "error: unknown config key 'model.foo'"),
+    (["--config", "configs/demo.py", "--config.model.enhancer=bogus"], "error: model.enhancer must be one of"),
+    (["--config", "configs/demo.py", "--config.train.epochs=-1"], "error: train.epochs must be an integer >= 0"),
+    (["--config", "configs/demo.py", "--config.batch_size=abc"], "error: flag --config.batch_size=abc:"),
+    (["--config", "configs/missing.py"], "error: cannot load --config"),
+    (["--config", "configs/demo.py", "--config.model.pretrained=/nonexistent.pth"],
+     "error: model.pretrained file '/nonexistent.pth' not found"),
+])
+def test_train_py_reports_config_errors_in_one_line(args, message):
+    result = run_train(*args, "--workdir", "/nonexistent/never-created")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(message), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not pathlib.Path("/nonexistent/never-created").exists()

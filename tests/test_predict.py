@@ -1,0 +1,119 @@
+"""predict.py: folder discovery, differential count output, and the command on a folder with a corrupt file."""
+
+import csv
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tiny_run import REPO_ROOT, subprocess_env, trained_run  # noqa: F401 (a fixture)
+
+from urnet_jax.evaluation.commands import predict_main
+from urnet_jax.prediction import (FolderPredictions, differential_count, find_images,
+                                  format_differential_count, write_predictions_csv)
+
+CLASSES = ["granulocyte", "monocyte", "lymphocyte"]
+
+
+def test_find_images_is_recursive_and_skips_hidden_and_non_images(tmp_path):
+    for name in ("a.png", "sub/b.JPG", "sub/deeper/c.tiff", ".hidden.png", ".cache/d.png", "notes.txt",
+                 "sub/e.jpeg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "folder.png").mkdir()  # a directory with an image-like name is not an image
+    found = [path.relative_to(tmp_path).as_posix() for path in find_images(tmp_path)]
+    assert found == ["a.png", "sub/b.JPG", "sub/deeper/c.tiff", "sub/e.jpeg"]
+
+
+def test_predictions_csv_and_count_include_unreadable_files(tmp_path):
+    result = FolderPredictions(
+        class_names=CLASSES, paths=[tmp_path / "a.png", tmp_path / "b.png"],
+        probabilities=np.array([[0.1, 0.7, 0.2], [0.8, 0.1, 0.1]], np.float32),
+        unreadable=[(str(tmp_path / "bad.png"), "corrupt or truncated image")])
+    np.testing.assert_array_equal(result.predicted, [1, 0])
+    write_predictions_csv(tmp_path / "preds.csv", result)
+    with open(tmp_path / "preds.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["predicted_label"] for row in rows] == ["monocyte", "granulocyte", ""]
+    assert rows[0]["prob_monocyte"] == "0.700000" and rows[2]["error"] == "corrupt or truncated image"
+    text = format_differential_count(differential_count(result.predicted, CLASSES), result.unreadable)
+    assert "Differential count of 2 classified image(s)" in text
+    assert "monocyte          1    50.00%  [9.45%, 90.55%]" in text
+    assert "Unreadable files: 1" in text and "bad.png: corrupt or truncated image" in text
+
+
+def test_empty_count_is_well_defined():
+    rows = differential_count([], CLASSES)
+    assert [(row.count, row.percent, row.ci_low, row.ci_high) for row in rows] == [(0, 0.0, 0.0, 100.0)] * 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command on a tiny trained run.
+
+
+def run_predict(*args):
+    return subprocess.run([sys.executable, "predict.py", *map(str, args)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, env=subprocess_env(), timeout=300)
+
+
+def test_predict_counts_a_folder_with_corrupt_files(trained_run, tmp_path):
+    import urnet_jax.data as data_lib
+    from urnet_jax.prediction import batched_probabilities
+    from urnet_jax.training import load_run
+
+    run = load_run(trained_run)
+    manifest = data_lib.read_manifest(run.prepared_dir, "test")
+    folder = tmp_path / "cells"
+    copies = []
+    for i, row in enumerate(manifest):  # the test split's source files, spread over nested folders
+        target = folder / f"slide{i % 2}" / ("deep" if i % 3 == 0 else "") / f"cell{i}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(row["path"], target)
+        copies.append(target)
+    (folder / "slide0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / ".hidden.png").write_bytes(b"junk")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "preds.csv"
+
+    result = run_predict("--workdir", trained_run, "--images", folder, "--out", out, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    assert f"Differential count of {len(manifest)} classified image(s):" in lines
+    class_lines = [line.split() for line in lines if line.split()[:1] and line.split()[0] in CLASSES]
+    assert [parts[0] for parts in class_lines] == CLASSES
+    assert sum(int(parts[1]) for parts in class_lines) == len(manifest)
+    assert sum(float(parts[2].rstrip("%")) for parts in class_lines) == pytest.approx(100.0, abs=0.02)
+    assert "Unreadable files: 2" in lines
+    assert any("broken.png" in line for line in lines) and any("empty.jpg" in line for line in lines)
+
+    rows = {pathlib.Path(row["path"]).name: row for row in csv.DictReader(open(out))}
+    assert set(rows) == {path.name for path in copies} | {"broken.png", "empty.jpg"}
+    assert rows["broken.png"]["predicted_label"] == "" and rows["broken.png"]["error"]
+    # Files decoded by predict.py get the probabilities of the prepared test split's pixels.
+    images = np.concatenate([b["image"][b["mask"]] for b in data_lib.eval_batches(run.prepared_dir, "test", 8)])
+    expected = batched_probabilities(run.model, run.variables, images, 8)
+    for i, path in enumerate(copies):
+        got = [float(rows[path.name][f"prob_{c}"]) for c in CLASSES]
+        np.testing.assert_allclose(got, expected[i], atol=2e-5)
+
+
+def test_predict_errors_are_one_line(trained_run, tmp_path, capsys):
+    no_checkpoint = tmp_path / "run"
+    no_checkpoint.mkdir()
+    config = json.loads((trained_run / "config.json").read_text())
+    config["data"]["prepared_dir"] = str(trained_run / "data")
+    (no_checkpoint / "config.json").write_text(json.dumps(config))
+    for workdir, images, message in ((tmp_path / "missing", tmp_path, "holds no training run"),
+                                     (no_checkpoint, tmp_path, "no 'best' checkpoint"),
+                                     (trained_run, tmp_path / "nowhere", "is not a directory"),
+                                     (trained_run, tmp_path, "no image files")):
+        with pytest.raises(SystemExit) as exit_info:
+            predict_main(["--workdir", str(workdir), "--images", str(images)])
+        assert exit_info.value.code == 2
+        stderr = capsys.readouterr().err
+        assert stderr.startswith("error: ") and stderr.count("\n") == 1 and message in stderr, stderr

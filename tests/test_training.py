@@ -1,0 +1,209 @@
+"""End to end: the two-phase loop on a tiny UR-Net and tiny synthetic data; resume, faults, load_run."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import urnet_jax.data as data_lib
+from urnet_jax import cli, sharding, training
+from urnet_jax.checkpointing import CheckpointStore
+from urnet_jax.config import base_config
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Keys that differ from the paper's protocol: a tiny UR-Net (the deepest ResNet map stays 3x3 at 96 px).
+TINY = {
+    "model.enhancer_width": 4, "model.classifier": "resnet18", "model.classifier_width": 4,
+    "data.image_size": 96, "data.synthetic_per_class": 10, "data.train_size": 32,
+    "pretrain.epochs": 2, "train.epochs": 2, "batch_size": 8, "eval_batch_size": 8,
+    "optimizer.lr": 0.05, "checkpoint.every_steps": 3, "checkpoint.keep": 2, "log_every_steps": 1,
+}
+
+
+def tiny_config(prepared_dir: pathlib.Path, **changes):
+    config = base_config()
+    for key, value in {**TINY, "data.prepared_dir": str(prepared_dir), **changes}.items():
+        section, _, name = key.rpartition(".")
+        (config[section] if section else config)[name] = value
+    return cli.validate(config)
+
+
+def rows_without_time(workdir: pathlib.Path) -> list[dict]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
+
+
+def assert_same_variables(a: dict, b: dict) -> None:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for left, right in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(left), np.asarray(right))
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> pathlib.Path:
+    """The tiny synthetic data set, prepared once for every test of the session."""
+    out_dir = tmp_path_factory.mktemp("tiny_data")
+    data_lib.prepare(tiny_config(out_dir).data, out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def reference_run(prepared, tmp_path_factory) -> pathlib.Path:
+    """An uninterrupted run of the tiny config: the reference that resumed runs must reproduce."""
+    workdir = tmp_path_factory.mktemp("reference")
+    training.train(tiny_config(prepared), workdir, show_progress=False)
+    return workdir
+
+
+def test_training_lowers_both_losses_and_writes_the_workdir(reference_run):
+    rows = rows_without_time(reference_run)
+    assert [(row["phase"], row["epoch"]) for row in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    pretrain, joint = rows[:2], rows[2:]
+    assert pretrain[1]["test_loss"] < pretrain[0]["test_loss"]  # reconstruction error falls
+    assert pretrain[1]["train_loss"] < pretrain[0]["train_loss"]
+    assert pretrain[0]["test_accuracy"] is None
+    assert joint[1]["train_loss"] < joint[0]["train_loss"]  # cross-entropy falls
+    assert all(0.0 <= row["test_accuracy"] <= 1.0 for row in joint)
+    config = json.loads((reference_run / "config.json").read_text())
+    assert config["model"]["classifier"] == "resnet18"
+    assert list((reference_run / "tensorboard").glob("events.out.tfevents.*"))
+    for name in ("periodic", "best", "pretrain_best"):
+        assert any((reference_run / "checkpoints" / name).iterdir()), name
+
+
+def test_load_run_best_reproduces_the_recorded_test_accuracy(reference_run):
+    run = training.load_run(reference_run, "best")
+    assert run.class_names == list(data_lib.load_info(run.prepared_dir).class_names)
+    best_row = [row for row in rows_without_time(reference_run) if row["phase"] == 2 and row["best"]][-1]
+    mesh = sharding.data_mesh()
+    evaluate = training.make_eval_step(run.model, training.JOINT, mesh)
+    correct = count = 0.0
+    for batch in data_lib.eval_batches(run.prepared_dir, "test", 8):
+        sums = evaluate(run.variables, sharding.global_batch(
+            {key: batch[key] for key in ("image", "label", "mask")}, mesh))
+        correct, count = correct + float(sums["correct"]), count + float(sums["count"])
+    assert correct / count == best_row["test_accuracy"]
+    latest = training.load_run(reference_run, "latest")
+    assert set(latest.variables["params"]) == {"enhancer", "classifier"}
+
+
+class Interrupted(Exception):
+    """Stands for the process dying after a given number of training steps."""
+
+
+def interrupt_after(monkeypatch, steps: int) -> None:
+    """Makes data.train_batches raise once `steps` batches have been taken (over all epochs)."""
+    original = data_lib.train_batches
+    taken = [0]
+
+    def batches(*args, **kwargs):
+        for batch in original(*args, **kwargs):
+            if taken[0] == steps:
+                raise Interrupted
+            taken[0] += 1
+            yield batch
+
+    monkeypatch.setattr(training.data_lib, "train_batches", batches)
+
+
+def test_interrupted_and_resumed_run_is_bitwise_identical(prepared, reference_run, tmp_path, monkeypatch):
+    # 4 steps/epoch, saves every 3 steps: interrupt mid-epoch, right after a save, and inside phase 2.
+    for steps in (5, 3, 4):
+        interrupt_after(monkeypatch, steps)
+        with pytest.raises(Interrupted):
+            training.train(tiny_config(prepared), tmp_path, show_progress=False)
+    monkeypatch.undo()
+    training.train(tiny_config(prepared), tmp_path, show_progress=False)
+    assert rows_without_time(tmp_path) == rows_without_time(reference_run)
+    for checkpoint in ("latest", "best"):
+        assert_same_variables(training.load_run(tmp_path, checkpoint).variables,
+                              training.load_run(reference_run, checkpoint).variables)
+
+
+def test_kill_9_then_rerun_gives_the_uninterrupted_result(prepared, reference_run, tmp_path):
+    overrides = [f"--config.{key}={value}" for key, value in {**TINY, "data.prepared_dir": prepared}.items()]
+    command = [sys.executable, "train.py", "--config", "configs/urnet.py", "--workdir", str(tmp_path),
+               "--noprogress", *overrides]
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(REPO_ROOT / ".jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    periodic = tmp_path / "checkpoints" / "periodic"
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        if periodic.is_dir() and any(path.name.isdigit() for path in periodic.iterdir()):
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming from checkpoint step" in rerun.stdout
+    assert rows_without_time(tmp_path) == rows_without_time(reference_run)
+    assert_same_variables(training.load_run(tmp_path, "best").variables,
+                          training.load_run(reference_run, "best").variables)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(prepared, reference_run, tmp_path, caplog):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_run, workdir)
+    periodic = workdir / "checkpoints" / "periodic"
+    latest = max(int(path.name) for path in periodic.iterdir())
+    for path in (periodic / str(latest) / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    training.train(tiny_config(prepared), workdir, show_progress=False)
+    assert "is unreadable" in caplog.text
+    assert list((workdir / "checkpoints" / "corrupt").iterdir())  # moved aside, not deleted
+    assert rows_without_time(workdir) == rows_without_time(reference_run)
+    assert_same_variables(training.load_run(workdir, "latest").variables,
+                          training.load_run(reference_run, "latest").variables)
+
+
+def test_workdir_of_another_configuration_is_refused_untouched(prepared, reference_run):
+    before = sorted(str(path) for path in reference_run.rglob("*"))
+    metrics = (reference_run / "metrics.jsonl").read_text()
+    with pytest.raises(cli.ConfigError, match="another configuration .*model.classifier_width: 4 != 8"):
+        training.train(tiny_config(prepared, **{"model.classifier_width": 8}), reference_run, show_progress=False)
+    assert sorted(str(path) for path in reference_run.rglob("*")) == before
+    assert (reference_run / "metrics.jsonl").read_text() == metrics
+
+
+def test_non_finite_loss_stops_cleanly_and_the_run_resumes_from_intact_checkpoints(
+        prepared, reference_run, tmp_path, monkeypatch):
+    poisoned_step = 10  # phase 2 (4 steps/epoch, 2 pre-training epochs), epoch 1, step 2
+    make_train_step = training.make_train_step
+
+    def make_poisoned_step(*args):
+        step = make_train_step(*args)
+
+        def poisoned(state, batch, rng):
+            state, metrics = step(state, batch, rng)
+            if int(state.step) == poisoned_step:
+                metrics = {**metrics, "loss": metrics["loss"] * np.nan}
+            return state, metrics
+
+        return poisoned
+
+    monkeypatch.setattr(training, "make_train_step", make_poisoned_step)
+    with pytest.raises(cli.RunError) as error:
+        training.train(tiny_config(prepared), tmp_path, show_progress=False)
+    message = str(error.value)
+    assert "non-finite loss (nan) in phase 2 epoch 1 step 2 (global step 10)" in message and "\n" not in message
+    store = CheckpointStore(tmp_path / "checkpoints" / "periodic", for_writing=False)
+    assert store.steps() == [8, 9]  # nothing saved after the last good step
+    store.close()
+    monkeypatch.undo()
+    training.train(tiny_config(prepared), tmp_path, show_progress=False)
+    assert rows_without_time(tmp_path) == rows_without_time(reference_run)

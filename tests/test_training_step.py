@@ -1,0 +1,183 @@
+"""The jit-compiled train/eval steps on a tiny stand-in model with BatchNorm (no data package needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from urnet_jax import sharding, training
+from urnet_jax.models.layers import BatchNorm, conv, dense, global_avg_pool
+
+IMAGE_SIZE = 16
+NUM_CLASSES = 3
+
+
+class StandInEnhancer(nn.Module):
+    """x in [0, 1] -> x + a small learned residual, clipped to [0, 1]; conv + BatchNorm."""
+
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        hidden = nn.relu(BatchNorm(dtype=self.dtype)(conv(8, 3, padding=1, dtype=self.dtype)(x), train))
+        return jnp.clip(x + 0.5 * jnp.tanh(conv(3, 3, padding=1, dtype=self.dtype)(hidden)), 0.0, 1.0)
+
+
+class StandInClassifier(nn.Module):
+    """Strided conv + BatchNorm + dropout + linear head; float32 logits."""
+
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        y = nn.relu(BatchNorm(dtype=self.dtype)(conv(8, 3, stride=2, padding=1, dtype=self.dtype)(x), train))
+        y = nn.Dropout(0.1, deterministic=not train)(y)
+        return dense(NUM_CLASSES, dtype=self.dtype)(global_avg_pool(y)).astype(jnp.float32)
+
+
+class StandInModel(nn.Module):
+    """An EnhanceClassify look-alike: submodules 'enhancer' and 'classifier', methods enhance/__call__."""
+
+    dtype: Any = None
+
+    def setup(self) -> None:
+        self.enhancer = StandInEnhancer(self.dtype)
+        self.classifier = StandInClassifier(self.dtype)
+
+    def enhance(self, x: jax.Array, train: bool) -> jax.Array:
+        return self.enhancer(x, train)
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        return self.classifier(self.enhance(x, train), train)
+
+
+def make_batch(batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Images whose mean brightness encodes the label, so the task is learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32)
+    base = (60 + 60 * labels)[:, None, None, None]
+    images = np.clip(base + rng.normal(0, 25, (batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)), 0, 255).astype(np.uint8)
+    return {"image": images, "label": labels}
+
+
+def optimizer_config(lr: float = 0.05) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"name": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": 0.0})
+
+
+def initial_state(model: nn.Module, phase: int, mesh: jax.sharding.Mesh, lr: float = 0.05) -> training.TrainState:
+    dummy = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))
+    kwargs = {"method": "enhance"} if phase == training.PRETRAIN else {}
+    variables = model.init(jax.random.PRNGKey(0), dummy, train=False, **kwargs)
+    state = training.TrainState(
+        step=jnp.int32(0), params=variables["params"], batch_stats=variables["batch_stats"],
+        opt_state=training.make_optimizer(optimizer_config(lr)).init(variables["params"]),
+        rng=jax.random.PRNGKey(1))
+    return sharding.replicate(state, mesh)
+
+
+def run_steps(phase: int, steps: int, devices: list[jax.Device] | None = None, dtype: Any = None,
+              lr: float = 0.05) -> tuple[list[float], training.TrainState]:
+    """Losses of `steps` steps on one fixed batch of 8, and the final state."""
+    mesh = sharding.data_mesh(devices)
+    model = StandInModel(dtype=dtype)
+    step = training.make_train_step(model, training.make_optimizer(optimizer_config(lr)), phase, mesh)
+    state = initial_state(model, phase, mesh, lr)
+    batch = sharding.global_batch(make_batch(8), mesh)
+    losses = []
+    for index in range(steps):
+        state, metrics = step(state, batch, jax.random.fold_in(jax.random.PRNGKey(2), index))
+        assert bool(metrics["finite"])
+        losses.append(float(metrics["loss"]))
+    return losses, state
+
+
+def test_joint_step_lowers_cross_entropy_and_updates_batch_stats():
+    losses, state = run_steps(training.JOINT, 12)
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert int(state.step) == 12
+    assert not np.allclose(state.batch_stats["classifier"]["BatchNorm_0"]["mean"], 0.0)
+
+
+def test_pretrain_step_lowers_reconstruction_error_and_touches_only_the_enhancer():
+    losses, state = run_steps(training.PRETRAIN, 10, lr=0.5)
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert set(state.params) == {"enhancer"}
+
+
+def test_bfloat16_compute_keeps_float32_master_weights_and_loss():
+    losses, state = run_steps(training.JOINT, 3, dtype=jnp.bfloat16)
+    assert all(np.isfinite(losses))
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    assert losses[-1] < losses[0]
+
+
+def test_non_finite_update_is_flagged():
+    mesh = sharding.data_mesh()
+    model = StandInModel()
+    step = training.make_train_step(model, training.make_optimizer(optimizer_config(1e30)), training.JOINT, mesh)
+    state = initial_state(model, training.JOINT, mesh)
+    batch = sharding.global_batch(make_batch(8), mesh)
+    finite = []
+    for index in range(3):
+        state, metrics = step(state, batch, jax.random.PRNGKey(index))
+        finite.append(bool(metrics["finite"]))
+    assert finite[0] is False or finite[1] is False
+
+
+def test_eval_step_ignores_padding_rows():
+    mesh = sharding.data_mesh()
+    model = StandInModel()
+    variables = initial_state(model, training.JOINT, mesh).variables
+    evaluate = training.make_eval_step(model, training.JOINT, mesh)
+    batch = make_batch(8)
+    real = {**{key: value[:5] for key, value in batch.items()}, "mask": np.ones(5, bool)}
+    real_padded = {key: np.concatenate([value, value[:3]]) for key, value in real.items()}
+    real_padded["mask"][5:] = False
+    sums_real = evaluate(variables, sharding.global_batch(real, mesh))
+    sums_padded = evaluate(variables, sharding.global_batch(real_padded, mesh))
+    assert float(sums_padded["count"]) == 5.0
+    np.testing.assert_allclose(float(sums_padded["loss_sum"]), float(sums_real["loss_sum"]), rtol=1e-6)
+    logits = model.apply(variables, real["image"] / 255.0, train=False)
+    expected = -jax.nn.log_softmax(logits)[np.arange(5), real["label"]].sum()
+    np.testing.assert_allclose(float(sums_real["loss_sum"]), float(expected), rtol=1e-5)
+    assert float(sums_real["correct"]) == float((np.argmax(logits, -1) == real["label"]).sum())
+
+
+def compare_device_counts() -> dict[str, float]:
+    """One global batch on 1 and on 4 devices: losses of two steps and the BatchNorm statistics."""
+    devices = jax.devices()
+    assert len(devices) == 4, devices
+    one_losses, one_state = run_steps(training.JOINT, 2, devices[:1])
+    four_losses, four_state = run_steps(training.JOINT, 2, devices)
+    differences = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                               one_state.batch_stats, four_state.batch_stats)
+    return {"one": one_losses, "four": four_losses, "batch_stats_max_diff": max(jax.tree.leaves(differences)),
+            "four_devices_holding_state": len(four_state.params["classifier"]["Dense_0"]["kernel"].sharding.device_set)}
+
+
+def test_same_global_batch_gives_same_loss_on_1_and_4_devices():
+    tests_dir = pathlib.Path(__file__).parent
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "JAX_COMPILATION_CACHE_DIR": str(tests_dir.parent / ".jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+    code = (f"import sys, json; sys.path.insert(0, {str(tests_dir)!r}); import test_training_step as t; "
+            "print(json.dumps(t.compare_device_counts()))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                            cwd=tests_dir.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(report["four"], report["one"], rtol=1e-5)
+    assert report["one"][1] != report["one"][0]  # the second loss is after a real update
+    assert report["batch_stats_max_diff"] < 1e-5
+    assert report["four_devices_holding_state"] == 4

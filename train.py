@@ -1,0 +1,39 @@
+"""Trains UR-Net (or any enhancer x classifier pair) with the paper's two-phase schedule.
+
+    python train.py --config configs/urnet.py [--workdir DIR] [--config.KEY=VALUE ...]
+
+The default workdir is runs/<config file name>. Running the same command again resumes the run.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+
+from urnet_jax import cli, sharding, training
+
+_CONFIG = cli.define_config_flag()
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/<config file name>)")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "call jax.distributed.initialize() (also enabled by URNET_MULTIHOST=1 or JAX_COORDINATOR_ADDRESS)")
+_PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
+
+
+def main(argv: list[str]) -> None:
+    logging.set_verbosity(logging.WARNING)
+    with cli.one_line_errors():
+        cli.reject_positional_args(argv)
+        config = cli.config_value(_CONFIG)
+        sharding.initialize_distributed(_MULTIHOST.value)
+        cli.validate(config)
+        workdir = _WORKDIR.value or f"runs/{cli.config_path(_CONFIG).stem}"
+        history = training.train(config, workdir, show_progress=_PROGRESS.value)
+        if sharding.is_main_process():
+            joint = [row for row in history if row["phase"] == training.JOINT]
+            if joint:
+                best = max(joint, key=lambda row: row["test_accuracy"])
+                print(f"best test accuracy {best['test_accuracy']:.4f} (phase 2 epoch {best['epoch']}); "
+                      f"run in {workdir}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.parse_flags)
