@@ -1,5 +1,7 @@
 """Image enhancers: same-size output for any size, torch parity of the up/down convs, SE, module trees."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,9 @@ ENHANCERS = {"unet": UNet, "unetpp": UNetPlusPlus, "resunet": ResUNet, "urnet": 
 WIDTH, DEPTH = 4, 4
 # rbg keys compile much faster than threefry on XLA:CPU (only `init` calls in this file use them).
 KEY = jax.random.key(0, impl="rbg")
+# Unoptimised XLA:CPU code: compiles ~40% faster, and these tiny models run in milliseconds anyway.
+jit_fast = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
+                                                        "xla_llvm_disable_expensive_passes": True})
 
 
 def images(height: int, width: int, batch: int = 2, seed: int = 0) -> jax.Array:
@@ -84,7 +89,7 @@ def output_shapes(model: nn.Module, variables, x: jax.Array) -> dict:
 def test_eval_output_has_input_size_and_lies_in_unit_range(enhancers, name):
     model, variables = enhancers(name)
     assert type(create(name, width=WIDTH)) is ENHANCERS[name]
-    apply = jax.jit(model.apply)
+    apply = jit_fast(model.apply)
     for height, width in [(96, 96), (200, 200)]:  # odd sizes: the train-mode test below
         x = images(height, width)
         output = apply(variables, x)
@@ -98,7 +103,7 @@ def test_train_mode_on_odd_size_has_finite_gradients(enhancers, name):
     model, variables = enhancers(name)
     x = images(97, 113, seed=1)
 
-    @jax.jit
+    @jit_fast
     def loss_and_grads(params):
         def loss_fn(params):
             output, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
@@ -121,6 +126,13 @@ def test_train_mode_on_odd_size_has_finite_gradients(enhancers, name):
     changed = jax.tree.map(lambda new, old: bool(jnp.any(new != old)), updates["batch_stats"],
                            variables["batch_stats"])
     assert all(jax.tree.leaves(changed))
+
+
+def test_up_conv_init_has_variance_one_over_input_channels():
+    variables = UpConv2x2(32).init(KEY, jnp.zeros((1, 4, 4, 64)))["params"]
+    assert variables["kernel"].shape == (2, 2, 64, 32) and variables["kernel"].dtype == jnp.float32
+    assert abs(float(jnp.std(variables["kernel"])) - 64**-0.5) < 0.01
+    assert not np.any(np.asarray(variables["bias"]))
 
 
 def test_up_conv_equals_torch_conv_transpose_2x2_stride_2():
@@ -203,7 +215,7 @@ def test_resunet_is_plain_and_unet_has_no_residuals(enhancers):
     model, variables = enhancers("resunet")
     x = images(97, 113)
     calls = module_calls(model, variables, x)
-    names = {path[0] for path, _ in calls}
+    names = {path[0] for path, _ in calls if len(path) == 1}
     assert {f"down{level}_pool" for level in range(1, DEPTH + 1)} <= names
     assert not any(name.endswith(("_strided_conv", "_1x1", "_se")) for name in names)
     assert "reduce_window_max" in str(jax.make_jaxpr(model.apply)(variables, x))
@@ -246,17 +258,17 @@ def test_residual_output_with_zero_head_is_the_identity(enhancers):
     zero_head = jax.tree.map(jnp.zeros_like, variables["params"]["head"])
     variables = {**variables, "params": {**variables["params"], "head": zero_head}}
     x = images(96, 96)
-    output = model.clone(output_activation="residual").apply(variables, x)
+    output = jit_fast(model.clone(output_activation="residual").apply)(variables, x)
     np.testing.assert_array_equal(np.asarray(output), np.asarray(x))
 
 
 def test_bfloat16_compute_matches_float32(enhancers):
     model, variables = enhancers("urnet")
     x = images(96, 96)
-    reference = jax.jit(model.apply)(variables, x)
-    output = jax.jit(model.clone(dtype=jnp.bfloat16).apply)(variables, x)
+    reference = jit_fast(model.apply)(variables, x)
+    output = jit_fast(model.clone(dtype=jnp.bfloat16).apply)(variables, x)
     assert output.dtype == jnp.float32
-    assert float(jnp.max(jnp.abs(output - reference))) < 0.05
+    assert 0.0 < float(jnp.max(jnp.abs(output - reference))) < 0.05  # bf16 is really used, and close
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(
         jax.eval_shape(model.clone(dtype=jnp.bfloat16).init, KEY, x)))
 
@@ -268,6 +280,7 @@ def test_bfloat16_compute_matches_float32(enhancers):
     (UNetPlusPlus(width=WIDTH, output_activation="tanh"), (1, 32, 32, 3), "unknown UNetPlusPlus output_activation"),
 ])
 def test_bad_input_gives_one_line_errors(model, shape, message):
-    with pytest.raises(ValueError, match=message) as error:
-        jax.eval_shape(model.init, KEY, jnp.zeros(shape))
-    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError) as error:
+        model.init(KEY, jnp.zeros(shape))  # fails before any parameter is created
+    # The whole message is its first line (JAX may append a note on traceback filtering).
+    assert message in str(error.value).splitlines()[0]

@@ -10,8 +10,9 @@ class ResUNet(UShapedEnhancer):
     with 2x2 max pooling down, ReLU, plain skip concatenation and 2x2 transposed conv up.
     Layer-by-layer layout and arguments: `enhancer_blocks.UShapedEnhancer`.
 
-    ResUNet(width=64, depth=4, norm='batch', output_activation='sigmoid', downsampling='max_pool',
-    leaky_slope=0.0, skip_conv=False, se_ratio=0, dtype=None). The last four arguments switch on
+    ResUNet(width=64, depth=4, norm='batch', output_activation='sigmoid', residual_blocks=True,
+    downsampling='max_pool', leaky_slope=0.0, skip_conv=False, se_ratio=0, dtype=None) (pass keywords).
+    downsampling='strided_conv', leaky_slope > 0, skip_conv=True and se_ratio > 0 switch on
     UR-Net's modifications one at a time (for ablations); `URNetEnhancer` has all four on.
     """
 
