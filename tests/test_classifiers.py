@@ -74,7 +74,7 @@ def randomise_like_trained(model: "torch.nn.Module", seed: int) -> None:
             norm.momentum = None  # cumulative average: running stats := the calibration batch's
         if norms:
             model.train()
-            model(torch.randn(2, 3, 128, 128, generator=generator))
+            model(torch.randn(2, 3, 96, 96, generator=generator))
         for norm in norms:
             norm.momentum = 0.1
             norm.running_mean += 0.2 * norm.running_var.sqrt() * torch.randn(norm.num_features, generator=generator)
@@ -167,7 +167,8 @@ def test_logits_match_torchvision(parity):
 @pytest.mark.slow
 @pytest.mark.parametrize("parity", models.CLASSIFIERS, indirect=True)
 def test_grad_cam_target_and_gradient_match_torchvision(parity):
-    assert max_relative_error(parity["jax"]["features"]["last_conv"], parity["torch"]["features"]["last_conv"]) <= TOLERANCE
+    features = parity["jax"]["features"]["last_conv"], parity["torch"]["features"]["last_conv"]
+    assert max_relative_error(*features) <= TOLERANCE
     # Grad-CAM's channel weights: the spatial mean of d(class score)/d(last_conv). (The gradient itself may
     # differ where a max pool's window has tied maxima, e.g. all-zero ReLU outputs in VGG: torch and XLA
     # route the gradient to different tied elements; the window's sum, and so this mean, is the same.)
@@ -210,8 +211,11 @@ def random_variables(model, seed: int) -> dict:
         return rng.normal(0, 0.1, shape.shape)  # bias, mean
 
     return {
-        collection: jax.tree_util.tree_map_with_path(lambda p, s: jnp.asarray(sample(p, s), jnp.float32), shapes[collection])
-        for collection in ("params", "batch_stats") if collection in shapes
+        collection: jax.tree_util.tree_map_with_path(
+            lambda path, shape: jnp.asarray(sample(path, shape), jnp.float32), shapes[collection]
+        )
+        for collection in ("params", "batch_stats")
+        if collection in shapes
     }
 
 

@@ -1,14 +1,16 @@
 """torchvision weights -> Flax variables for the classifiers of `urnet_jax.models`.
 
 Python API:
-  * `from_torchvision(name, state_dict)`: a torchvision state_dict -> {'params', 'batch_stats'} for
-    `models.create(name, num_classes=1000)`;
+  * `from_torchvision(name, state_dict, num_classes=1000, width=None)`: a torchvision state_dict ->
+    {'params', 'batch_stats'} for `models.create(name, num_classes=..., width=...)`;
   * `load_torchvision_file(path)`: reads a .pth (`torch.load(weights_only=True)`), checking the sha256
     prefix that torchvision puts in its file names (`resnet101-cd907fc2.pth`);
+  * `convert_torchvision_file(path, name)`: both of the above (the head may have any number of classes);
   * `download_torchvision(name, dest_dir)`: fetches torchvision's ImageNet weights (needs network);
   * `replace_head(variables, name, num_classes, rng)`: a fresh `num_classes` head, initialised as the model does;
   * `save_converted` / `load_converted`: the converted checkpoint format (see below);
   * `load_pretrained(path, name, num_classes, rng)`: a .pth or a converted checkpoint, ready for training.
+Every error is a `PortError` (a ValueError) with a one-line message.
 
 Converted checkpoint format: one file, a msgpack map (`flax.serialization.msgpack_serialize`) with keys
 'format' (= FORMAT), 'architecture' (a `models.create` name), 'num_classes', 'params', 'batch_stats'.
@@ -91,7 +93,9 @@ TORCHVISION_URLS: dict[str, dict[str, str]] = {
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
                   "var": "running_var"}
 # torchvision's released DenseNet files name `denselayer1.norm1` as `denselayer1.norm.1` (and so on).
-_LEGACY_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$")
+_LEGACY_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$"
+)
 # torch.hub's convention: `name-<first hex digits of the sha256>.ext`.
 _HASH_SUFFIX = re.compile(r".*-([0-9a-f]{6,64})")
 _TEMPLATE_INPUT_SHAPE = (1, 64, 64, 3)
@@ -136,18 +140,16 @@ def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _to_flax(array: np.ndarray, flattened_hw: tuple[int, int] | None) -> np.ndarray:
-    """A torch tensor (already checked to have the right shape) in Flax's layout: a float32 copy."""
-    if array.ndim == 4:
-        array = array.transpose(2, 3, 1, 0)
-    elif array.ndim == 2 and flattened_hw is not None:
-        # torch flattened (C, h, w); the Flax model flattens (h, w, C).
-        out_features = array.shape[0]
-        channels = array.shape[1] // (flattened_hw[0] * flattened_hw[1])
-        array = array.reshape(out_features, channels, *flattened_hw).transpose(2, 3, 1, 0)
-        array = array.reshape(-1, out_features)
-    elif array.ndim == 2:
-        array = array.T
-    return np.array(array, dtype=np.float32, order="C", copy=True)  # never aliases the caller's tensor
+    """A torch tensor (already checked to have the right shape) in Flax's layout: a float32 copy that never
+    aliases the caller's tensor."""
+    if array.ndim != 2:
+        return np.array(array.transpose(2, 3, 1, 0) if array.ndim == 4 else array, np.float32, order="C")
+    kernel = np.array(array.T, np.float32, order="C")  # (out, in) -> (in, out)
+    if flattened_hw is not None:
+        # torch flattened the input as (C, h, w); the Flax model flattens (h, w, C).
+        out_features = kernel.shape[1]
+        kernel = kernel.reshape(-1, flattened_hw[0] * flattened_hw[1], out_features).transpose(1, 0, 2)
+    return np.ascontiguousarray(kernel).reshape(-1, kernel.shape[-1])
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -246,7 +248,8 @@ def _import_torch() -> Any:
     try:
         import torch
     except ImportError as error:
-        raise PortError(f"reading .pth files needs PyTorch ({error}); install it with: pip install -e .[torch]") from None
+        message = f"reading .pth files needs PyTorch ({error}); install it with: pip install -e .[torch]"
+        raise PortError(message) from None
     return torch
 
 
