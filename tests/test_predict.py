@@ -89,7 +89,8 @@ def test_predict_counts_a_folder_with_corrupt_files(trained_run, tmp_path):
     assert sum(int(parts[1]) for parts in class_lines) == len(manifest)
     assert sum(float(parts[2].rstrip("%")) for parts in class_lines) == pytest.approx(100.0, abs=0.02)
     assert "Unreadable files: 2" in lines
-    assert any("broken.png" in line for line in lines) and any("empty.jpg" in line for line in lines)
+    assert f"  {folder / 'slide0' / 'broken.png'}: not an image (format not recognised)" in lines
+    assert f"  {folder / 'empty.jpg'}: empty file" in lines
 
     rows = {pathlib.Path(row["path"]).name: row for row in csv.DictReader(open(out))}
     assert set(rows) == {path.name for path in copies} | {"broken.png", "empty.jpg"}

@@ -31,15 +31,15 @@ import numpy as np
 from tqdm import tqdm
 
 from urnet_jax.data import load_image
-from urnet_jax.data.images import IMAGE_EXTENSIONS, is_image_name
+from urnet_jax.data.images import is_image_name
 from urnet_jax.models.composite import imagenet_normalize
 from urnet_jax.training import to_unit_range
 
 
 def find_images(folder: str | pathlib.Path) -> list[pathlib.Path]:
-    """Every file under `folder` (recursively, sorted) with an image extension (case-insensitive,
-    `IMAGE_EXTENSIONS`). Hidden files and anything inside hidden folders (names starting with '.')
-    are ignored."""
+    """Every file under `folder` (recursively, sorted) with an image extension (case-insensitive;
+    `urnet_jax.data.images.IMAGE_EXTENSIONS`). Hidden files and anything inside hidden folders (names
+    starting with '.') are ignored."""
     folder = pathlib.Path(folder)
     return sorted(
         path for path in folder.rglob("*")
@@ -163,6 +163,7 @@ def _read_images(paths: Iterable[pathlib.Path], image_size: int,
                 raise ValueError(f"decoded to shape {image.shape}")
         except Exception as error:  # noqa: BLE001 - any decoding failure is reported, never fatal.
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = reason.removeprefix(f"{path}: ")  # load_image's messages start with the path
             unreadable.append((str(path), reason))
             continue
         good.append(path)

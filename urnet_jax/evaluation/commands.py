@@ -107,11 +107,12 @@ def predict_main(argv: Sequence[str] | None = None) -> None:
         if not folder.is_dir():
             raise ConfigError(f"--images {folder} is not a directory")
         from urnet_jax import prediction
+        from urnet_jax.data.images import IMAGE_EXTENSIONS
         from urnet_jax.training import load_run
 
         run = load_run(args.workdir, args.checkpoint)
         if not prediction.find_images(folder):
-            raise ConfigError(f"no image files ({', '.join(sorted(prediction.IMAGE_EXTENSIONS))}) under {folder}")
+            raise ConfigError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}")
         if run.config.data.variant != "raw":
             print(f"note: this run was trained on the '{run.config.data.variant}' variant; the images are "
                   f"classified as they are")

@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first.
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 DPI = 110
 
@@ -77,6 +78,7 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | pathlib.Path) -> 
             axis.text(0.5, 0.5, "not run" if not phase_rows else "no data", ha="center", va="center",
                       transform=axis.transAxes, color="grey")
         axis.set_title(title, fontsize=10)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_xlabel("epoch")
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
@@ -112,13 +114,14 @@ def plot_image_pairs(raw: np.ndarray, enhanced: np.ndarray | None, labels: Seque
         for slot, example in enumerate(examples):
             for panel in range(panels):
                 axis = axes[class_index, slot * panels + panel]
-                axis.imshow(np.clip(raw[example] if panel == 0 else enhanced[example], 0.0, 1.0))
+                axis.imshow(np.clip(raw[example] if panel == 0 else enhanced[example], 0.0, 1.0),
+                            interpolation="nearest")
                 axis.set_title(f"{class_names[class_index]}: {'raw' if panel == 0 else 'enhanced'}",
                                fontsize=9)
     if enhanced is None:
         figure.suptitle("No enhancer in this run: the classifier sees these raw images unchanged.")
     else:
-        figure.suptitle(f"Raw vs enhanced images ({enhancer_name or 'enhancer'} output), test set")
+        figure.suptitle(f"Raw vs enhanced images ({enhancer_name or 'enhancer'} output)")
     _save(figure, path)
 
 
@@ -131,9 +134,9 @@ def plot_gradcam(images: np.ndarray, heatmaps: np.ndarray, labels: Sequence[int]
         for slot, example in enumerate(examples):
             image = np.clip(images[example], 0.0, 1.0)
             plain, overlay = axes[class_index, 2 * slot], axes[class_index, 2 * slot + 1]
-            plain.imshow(image)
+            plain.imshow(image, interpolation="nearest")
             plain.set_title(f"true {class_names[class_index]}", fontsize=9)
-            overlay.imshow(image)
+            overlay.imshow(image, interpolation="nearest")
             overlay.imshow(heatmaps[example], cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
             overlay.set_title(f"pred. {class_names[predicted[example]]}", fontsize=9)
     figure.suptitle(title or "Grad-CAM of the predicted class, last convolutional stage")

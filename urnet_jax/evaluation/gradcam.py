@@ -44,7 +44,7 @@ def _gradcam(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
     shapes = jax.eval_shape(lambda x: model.apply(variables, x, train=False, mutable=["perturbations"]),
                             images)[1].get("perturbations", {})
     path = _target_path(shapes, "perturbations")
-    perturbations = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+    perturbations = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def explained_logit(perturbations):
         logits, state = model.apply({**variables, "perturbations": perturbations}, images, train=False,

@@ -85,7 +85,8 @@ def robustness_table(results: Mapping[str, Any]) -> str:
     rows = []
     for kind, curve in results["perturbations"].items():
         for level, severity in enumerate(curve["severity"]):
-            rows.append([kind, f"{level}", f"{severity:g}", *[_percent(curve["accuracy"][mode][level]) for mode in modes]])
+            accuracies = [_percent(curve["accuracy"][mode][level]) for mode in modes]
+            rows.append([kind, f"{level}", f"{severity:g}", *accuracies])
     units = "; ".join(f"{kind}: {curve['units']}" for kind, curve in results["perturbations"].items())
     table = _markdown_table(["perturbation", "level", "severity", *[m.replace("_", " ") for m in modes]], rows)
     return f"{table}\n\nSeverity units: {units}."

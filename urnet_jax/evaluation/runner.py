@@ -13,7 +13,6 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -78,13 +77,15 @@ def _kept_epoch(rows: Sequence[Mapping[str, Any]], checkpoint: str) -> str:
     joint = [row for row in rows if row.get("phase") == 2]
     if not joint:
         return f"checkpoint '{checkpoint}'"
-    chosen = [row for row in joint if row.get("best")][-1:] if checkpoint == "best" else joint[-1:]
-    if not chosen:
+    if checkpoint != "best":
+        return f"checkpoint '{checkpoint}' (the most recent one; metrics.jsonl records {len(joint)} phase-2 epochs)"
+    best = [row for row in joint if row.get("best")]
+    if not best:
         return f"checkpoint '{checkpoint}'"
-    row = chosen[0]
-    accuracy = row.get("test_accuracy")
+    accuracy = best[-1].get("test_accuracy")
     during = f", test accuracy {100 * accuracy:.2f}% when saved" if accuracy is not None else ""
-    return f"checkpoint '{checkpoint}': phase-2 epoch {row['epoch']} of {len(joint)} recorded{during}"
+    return (f"checkpoint 'best' (highest test accuracy during training): phase-2 epoch {best[-1]['epoch']} of "
+            f"{len(joint)}{during}")
 
 
 def _describe_run(run: Run, workdir: pathlib.Path, checkpoint: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -94,9 +95,14 @@ def _describe_run(run: Run, workdir: pathlib.Path, checkpoint: str, rows: Sequen
     classifier = f"classifier {model.classifier}" + (
         f" (width {model.classifier_width})" if model.classifier_width else "")
     source = f"images from `{data.dir}`" if data.dir else "the built-in synthetic data set"
+    if data.dir and "pbc" in pathlib.Path(data.dir).name.lower():
+        source += " (stained PBC images)"
+    variant = f"variant `{data.variant}`" + (
+        " (a documented degradation standing in for stain-free images: a proxy, not stain-free data)"
+        if data.variant == "stainfree_proxy" else "")
     return [f"workdir `{workdir}`", f"model: {enhancer} + {classifier}",
-            f"data: {source}, variant `{data.variant}`, {data.image_size} px, classes "
-            f"{', '.join(run.class_names)}", _kept_epoch(rows, checkpoint)]
+            f"data: {source}, {variant}, {data.image_size} px, classes {', '.join(run.class_names)}",
+            _kept_epoch(rows, checkpoint)]
 
 
 def _example_arrays(examples: Mapping[int, Sequence[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +111,7 @@ def _example_arrays(examples: Mapping[int, Sequence[np.ndarray]]) -> tuple[np.nd
     return images, labels
 
 
-def _figures(run: Run, out: pathlib.Path, metrics: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
+def _figures(run: Run, out: pathlib.Path, split: str, metrics: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
              examples: Mapping[int, Sequence[np.ndarray]]) -> list[tuple[str, str, str]]:
     """Writes the four figures; returns (heading, file name, caption) for the report."""
     names = run.class_names
@@ -120,9 +126,9 @@ def _figures(run: Run, out: pathlib.Path, metrics: Mapping[str, Any], rows: Sequ
     heatmaps, explained = gradcam(run.model, run.variables, unit, return_class=True)
     figures.plot_gradcam(unit, heatmaps, labels, explained, names, out / "gradcam.png",
                          f"Grad-CAM of the predicted class, {run.config.model.classifier}'s last conv stage")
-    enhanced_caption = ("Test images (left) and the enhancer's output that the classifier sees (right)."
-                        if has_enhancer else
-                        "This run has no enhancer: the figure shows the raw test images the classifier sees.")
+    enhanced_caption = (f"{split.capitalize()} images (left) and the enhancer's output that the classifier "
+                        "sees (right)." if has_enhancer else
+                        f"This run has no enhancer: the figure shows the raw {split} images the classifier sees.")
     return [
         ("Confusion matrix", "confusion_matrix.png",
          "Rows are true classes, columns predicted classes; right: rows normalised to 100%."),
@@ -172,8 +178,6 @@ def evaluate_run(workdir: str | pathlib.Path, checkpoint: str = "best", split: s
         raise ConfigError(f"examples per class must be >= 1, got {examples_per_class}")
     run = load_run(workdir, checkpoint)
     batch_size = batch_size or int(run.config.eval_batch_size)
-    if batch_size % jax.device_count():
-        raise ConfigError(f"batch size {batch_size} is not divisible by the {jax.device_count()} devices")
     out = workdir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     manifest = data_lib.read_manifest(run.prepared_dir, split)
@@ -183,7 +187,7 @@ def evaluate_run(workdir: str | pathlib.Path, checkpoint: str = "best", split: s
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_predictions_csv(out / "predictions.csv", manifest, indices, labels, probabilities, run.class_names)
     rows = read_metrics_rows(workdir)
-    figure_list = _figures(run, out, metrics, rows, examples)
+    figure_list = _figures(run, out, split, metrics, rows, examples)
     robustness = None
     if perturb:
         robustness = measure_robustness(run, split, len(manifest), batch_size, progress)
