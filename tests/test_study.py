@@ -1,0 +1,369 @@
+"""The study runner (restart-skip, resume, failures, --only/--limit), its config composition, and the
+results tables (mean +- std over seeds, written between markers, --check)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import statistics
+
+import ml_collections
+import numpy as np
+import pytest
+
+from urnet_jax import cli, study, training
+from urnet_jax.config import base_config
+from urnet_jax.evaluation import runner
+from urnet_jax.evaluation.metrics import metrics_from_confusion
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+CLASSES = ["granulocyte", "monocyte", "lymphocyte"]
+# The tiny classifier and data of tests/test_training.py, without an enhancer (the fastest model to compile
+# and train), one epoch.
+TINY_BASE = {
+    "model": {"enhancer_width": 4, "classifier": "resnet18", "classifier_width": 4},
+    "data": {"image_size": 96, "synthetic_per_class": 10, "train_size": 32},
+    "pretrain": {"epochs": 0}, "train": {"epochs": 1}, "batch_size": 8, "eval_batch_size": 8,
+    "optimizer": {"lr": 0.05}, "checkpoint": {"every_steps": 0, "keep": 1}, "log_every_steps": 1,
+}
+TINY_MODELS = {"tiny": {"model": {"enhancer": "none"}}}
+
+
+def tiny_study(seeds=(1, 2), models=None) -> ml_collections.ConfigDict:
+    base = study.apply_overrides(base_config(), TINY_BASE)
+    return study.study_config(base, models or TINY_MODELS, data_variants=("raw",), seeds=seeds)
+
+
+class Spy:
+    """Wraps a function, recording the workdir of every call."""
+
+    def __init__(self, function):
+        self.function = function
+        self.workdirs: list[str] = []
+
+    def __call__(self, config_or_workdir, *args, **kwargs):
+        workdir = args[0] if args and isinstance(config_or_workdir, ml_collections.ConfigDict) else config_or_workdir
+        self.workdirs.append(pathlib.Path(workdir).name)
+        return self.function(config_or_workdir, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The runner on real (tiny) training and evaluation.
+
+
+def test_runner_skips_finished_runs_and_reruns_only_an_unfinished_one(tmp_path, monkeypatch):
+    out = tmp_path / "results" / "tiny"
+    train_spy, evaluate_spy = Spy(training.train), Spy(runner.evaluate_run)
+    monkeypatch.setattr(training, "train", train_spy)
+    monkeypatch.setattr(runner, "evaluate_run", evaluate_spy)
+
+    first = study.run_study(tiny_study(), out, show_progress=False)
+    names = ["tiny-raw-seed1", "tiny-raw-seed2"]
+    assert first.trained == names and not first.failed and not first.skipped
+    for name in names:
+        for path in ("config.json", "metrics.jsonl", "eval/metrics.json", "checkpoints/best"):
+            assert (out / name / path).exists(), (name, path)
+        assert json.loads((out / name / "config.json").read_text())["seed"] == int(name[-1])
+    # One prepared data set for both runs, at OUT/_prepared/<variant>.
+    assert sorted(p.name for p in (out / "_prepared").iterdir()) == ["raw"]
+    assert {json.loads((out / n / "config.json").read_text())["data"]["prepared_dir"] for n in names} == {
+        str((out / "_prepared" / "raw").resolve())}
+
+    second = study.run_study(tiny_study(), out, show_progress=False)
+    assert second.skipped == names and not second.trained
+    assert train_spy.workdirs == names and evaluate_spy.workdirs == names  # nothing ran again
+
+    rows_before = (out / names[1] / "metrics.jsonl").read_text()
+    (out / names[1] / "eval" / "metrics.json").unlink()
+    third = study.run_study(tiny_study(), out, show_progress=False)
+    assert third.skipped == names[:1] and third.trained == names[1:]
+    assert train_spy.workdirs == [*names, names[1]] and evaluate_spy.workdirs == [*names, names[1]]
+    assert (out / names[1] / "metrics.jsonl").read_text() == rows_before  # resumed at its end: no new epoch
+    assert study.read_finished_metrics(out / names[1]) is not None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The runner's bookkeeping, with training and evaluation replaced by stand-ins.
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+    """training.train / evaluate_run stand-ins: they write config.json and eval/metrics.json at once;
+    a run whose seed is in `fail_seeds` raises the given error from training."""
+    calls: list[str] = []
+    fail_seeds: dict[int, Exception] = {}
+
+    def fake_train(config, workdir, show_progress=True):
+        workdir = pathlib.Path(workdir)
+        calls.append(workdir.name)
+        if config.seed in fail_seeds:
+            raise fail_seeds[config.seed]
+        (workdir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(training.resolve_config(config).to_dict()))
+        return []
+
+    def fake_evaluate(workdir, checkpoint="best", split="test", **kwargs):
+        metrics = metrics_from_confusion(np.eye(3, dtype=int) * 5 + 1, CLASSES)
+        (pathlib.Path(workdir) / "eval").mkdir(exist_ok=True)
+        (pathlib.Path(workdir) / "eval" / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+    monkeypatch.setattr(training, "train", fake_train)
+    monkeypatch.setattr(runner, "evaluate_run", fake_evaluate)
+    return calls, fail_seeds
+
+
+def test_runner_continues_after_a_failed_run_and_exits_non_zero(tmp_path, fake_runs, capsys):
+    calls, fail_seeds = fake_runs
+    fail_seeds[2] = cli.RunError("non-finite loss (nan) in phase 2 epoch 1 step 3")
+    fail_seeds[3] = KeyError("boom")
+    outcome = study.run_study(tiny_study(seeds=(1, 2, 3, 4)), tmp_path, show_progress=False)
+    assert outcome.trained == ["tiny-raw-seed1", "tiny-raw-seed4"]
+    assert outcome.failed[0] == "tiny-raw-seed2: non-finite loss (nan) in phase 2 epoch 1 step 3"
+    assert outcome.failed[1].startswith("tiny-raw-seed3: KeyError: 'boom' (traceback in ")
+    assert "KeyError" in (tmp_path / "tiny-raw-seed3" / "error.log").read_text()
+    output = capsys.readouterr().out
+    assert "[2/4] tiny-raw-seed2: FAILED after" in output and "[4/4] tiny-raw-seed4: finished in" in output
+
+    config_file = tmp_path / "study.py"
+    config_file.write_text(
+        "from urnet_jax import study\nfrom urnet_jax.config import base_config\n\n\ndef get_config():\n"
+        f"    base = study.apply_overrides(base_config(), {TINY_BASE!r})\n"
+        f"    return study.study_config(base, {TINY_MODELS!r}, data_variants=('raw',), seeds=(1, 2, 3, 4))\n")
+    assert study.main(["run", "--config", str(config_file), "--out", str(tmp_path), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "tiny-raw-seed1: finished already, skipped" in captured.out
+    assert "2 run(s) failed:" in captured.err and "tiny-raw-seed2: non-finite loss" in captured.err
+
+
+def test_runner_only_limit_and_delete_checkpoints(tmp_path, fake_runs):
+    calls, _ = fake_runs
+    config = tiny_study(seeds=(1, 2, 3), models={"net1": {"model": {"enhancer": "none"}}, "net3": {}})
+    outcome = study.run_study(config, tmp_path, only=["net3-*"], limit=2, show_progress=False)
+    assert outcome.trained == ["net3-raw-seed1", "net3-raw-seed2"] and outcome.not_started == ["net3-raw-seed3"]
+    outcome = study.run_study(config, tmp_path, limit=2, delete_checkpoints=True, show_progress=False)
+    assert outcome.skipped == ["net3-raw-seed1", "net3-raw-seed2"]
+    assert outcome.trained == ["net1-raw-seed1", "net1-raw-seed2"]  # seed by seed, then model by model
+    assert outcome.not_started == ["net1-raw-seed3", "net3-raw-seed3"]
+    assert (tmp_path / "net3-raw-seed1" / "checkpoints").is_dir()  # kept by default
+    assert not (tmp_path / "net1-raw-seed1" / "checkpoints").exists()
+    assert (tmp_path / "net1-raw-seed1" / "eval" / "metrics.json").is_file()
+    with pytest.raises(cli.ConfigError, match="matches none of the 6 runs"):
+        study.run_study(config, tmp_path, only=["net9-*"], show_progress=False)
+
+
+def test_a_finished_run_of_another_configuration_is_reported_not_skipped(tmp_path, fake_runs):
+    calls, _ = fake_runs
+    study.run_study(tiny_study(seeds=(1,)), tmp_path, show_progress=False)
+    changed = tiny_study(seeds=(1,))
+    changed.base.train.epochs = 5
+    outcome = study.run_study(changed, tmp_path, show_progress=False)
+    assert outcome.failed == ["tiny-raw-seed1: finished with another configuration (train.epochs: 1 != 5)"]
+    assert calls == ["tiny-raw-seed1"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config composition and naming.
+
+
+def test_study_cpu_composes_the_ablation_from_the_net_configs(tmp_path):
+    config = cli.load_config_file(str(REPO_ROOT / "configs" / "study_cpu.py"))
+    assert config.models.to_dict() == {
+        "net1": {"model": {"enhancer": "none"}, "pretrain": {"epochs": 0}},
+        "net2": {"model": {"enhancer": "resunet"}, "pretrain": {"epochs": 0}},
+        "net3": {"pretrain": {"epochs": 0}},
+        "net4": {},
+    }
+    for name in study.ABLATION_MODELS:  # the overrides over base_config() give back configs/netK.py
+        rebuilt = study.apply_overrides(base_config(), config.models[name])
+        assert rebuilt.to_dict() == cli.load_config_file(str(REPO_ROOT / "configs" / f"{name}.py")).to_dict()
+    assert config.base.data.dir == str(REPO_ROOT.parent / "shared" / "data" / "pbc")
+
+    runs = study.plan_runs(config, tmp_path / "prepared", data_dir=str(tmp_path))
+    assert len(runs) == 24
+    assert [run.name for run in runs[:9]] == [
+        "net1-raw-seed1", "net2-raw-seed1", "net3-raw-seed1", "net4-raw-seed1", "net1-stainfree_proxy-seed1",
+        "net2-stainfree_proxy-seed1", "net3-stainfree_proxy-seed1", "net4-stainfree_proxy-seed1", "net1-raw-seed2"]
+    by_name = {run.name: run.config for run in runs}
+    net1, net4 = by_name["net1-raw-seed1"], by_name["net4-stainfree_proxy-seed3"]
+    assert (net1.model.enhancer, net1.pretrain.epochs) == ("none", 0)
+    assert (by_name["net2-raw-seed1"].model.enhancer, by_name["net2-raw-seed1"].pretrain.epochs) == ("resunet", 0)
+    assert (by_name["net3-raw-seed1"].model.enhancer, by_name["net3-raw-seed1"].pretrain.epochs) == ("urnet", 0)
+    assert (net4.model.enhancer, net4.pretrain.epochs, net4.seed, net4.data.variant) == (
+        "urnet", config.base.pretrain.epochs, 3, "stainfree_proxy")
+    assert net4.pretrain.epochs > 0
+    assert net4.data.prepared_dir == str((tmp_path / "prepared" / "stainfree_proxy").resolve())
+    assert {run.config.data.seed for run in runs} == {config.base.data.seed}  # one split for every run
+    for run in runs:  # one protocol: runs differ only in the model variant's keys, seed and data variant
+        assert study.config_overrides(run.config.to_dict(), config.base.to_dict()).keys() <= {
+            "model", "pretrain", "seed", "data"}
+        assert run.config.model.classifier == "resnet18" and run.config.data.image_size == 96
+    gpu = study.plan_runs(cli.load_config_file(str(REPO_ROOT / "configs" / "study_gpu.py")), tmp_path, str(tmp_path))
+    assert len(gpu) == 24 and gpu[0].config.model.classifier == "resnet101" and gpu[0].config.data.image_size == 200
+
+
+def test_bad_study_configs_give_one_line_errors(tmp_path):
+    bad_key = tiny_study(models={"net1": {"model": {"enhancerr": "none"}}})
+    with pytest.raises(cli.ConfigError, match="model variant net1: unknown config key model.enhancerr"):
+        study.plan_runs(bad_key, tmp_path)
+    bad_variant = tiny_study()
+    bad_variant.data_variants = ("raw", "stain-free")
+    with pytest.raises(cli.ConfigError, match="unknown data variant 'stain-free'"):
+        study.plan_runs(bad_variant, tmp_path)
+    with pytest.raises(cli.ConfigError, match="seeds' must be distinct"):
+        study.plan_runs(tiny_study(seeds=(1, 1)), tmp_path)
+    bad_value = tiny_study(models={"net1": {"train": {"epochs": -1}}})
+    with pytest.raises(cli.ConfigError, match="run net1-raw-seed1: train.epochs must be an integer >= 0"):
+        study.plan_runs(bad_value, tmp_path)
+
+
+def test_link_subset_draws_per_class_links_once(tmp_path):
+    source = tmp_path / "pbc"
+    for folder, count in (("neutrophil", 6), ("eosinophil", 4), ("monocyte", 5), ("lymphocyte", 2)):
+        (source / folder).mkdir(parents=True)
+        for i in range(count):
+            (source / folder / f"{folder}_{i}.jpg").write_bytes(f"{folder}{i}".encode())
+    out = study.link_subset(source, "wbc3", 3, 0, tmp_path / "subset")
+    links = sorted(p.relative_to(out) for p in out.rglob("*.jpg"))
+    by_class = {name: [p for p in links if p.parts[0] in folders] for name, folders in
+                {"granulocyte": ("neutrophil", "eosinophil"), "monocyte": ("monocyte",),
+                 "lymphocyte": ("lymphocyte",)}.items()}
+    assert {name: len(files) for name, files in by_class.items()} == {"granulocyte": 3, "monocyte": 3, "lymphocyte": 2}
+    for link in links:
+        assert (out / link).is_symlink() and (out / link).resolve() == (source / link).resolve()
+    stamp_time = (out / ".subset.json").stat().st_mtime_ns
+    assert study.link_subset(source, "wbc3", 3, 0, out) == out  # reused as it is
+    assert (out / ".subset.json").stat().st_mtime_ns == stamp_time
+    study.link_subset(source, "wbc3", 4, 0, out)
+    assert len(list(out.rglob("*.jpg"))) == 4 + 4 + 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report.
+
+
+def write_run(results: pathlib.Path, name: str, metrics: dict, enhancer: str = "urnet", pretrain: int = 0) -> None:
+    model, variant, seed = re.match(r"(\w+)-(\w+)-seed(\d+)", name).groups()
+    config = base_config()
+    config.seed, config.data.variant = int(seed), variant
+    config.model.enhancer, config.pretrain.epochs = enhancer, pretrain
+    (results / name / "eval").mkdir(parents=True)
+    (results / name / "config.json").write_text(json.dumps(config.to_dict()))
+    (results / name / "metrics.jsonl").write_text("")
+    (results / name / "eval" / "metrics.json").write_text(json.dumps(metrics))
+
+
+def random_metrics(rng: np.random.Generator) -> dict:
+    return metrics_from_confusion(rng.integers(1, 60, size=(3, 3)) + np.eye(3, dtype=int) * 80, CLASSES)
+
+
+def table_rows(block: str, variant: str) -> dict[str, list[str]]:
+    """{row label: cells} of the table of one data variant in a generated block."""
+    section = block.split(f"data variant `{variant}`")[1].split("####")[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    return {cells[0]: cells[1:] for cells in (line[2:-2].split(" | ") for line in lines)}
+
+
+@pytest.fixture
+def results(tmp_path) -> tuple[pathlib.Path, dict[str, dict]]:
+    """A hand-made results folder: net1 x 3 seeds, net4 x 2 seeds (raw), net4 x 1 seed (proxy), one
+    unfinished run and one unrelated folder."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "results" / "hand_made"
+    metrics = {}
+    for name in ("net1-raw-seed1", "net1-raw-seed2", "net1-raw-seed3", "net4-raw-seed1", "net4-raw-seed2",
+                 "net4-stainfree_proxy-seed1"):
+        metrics[name] = random_metrics(rng)
+        write_run(folder, name, metrics[name], "none" if name.startswith("net1") else "urnet",
+                  0 if name.startswith("net1") else 3)
+    (folder / "net4-raw-seed3").mkdir()  # unfinished: no eval/metrics.json
+    (folder / "_prepared" / "raw").mkdir(parents=True)
+    return folder, metrics
+
+
+def test_report_gives_mean_and_std_over_seeds(results):
+    folder, metrics = results
+    block = study.results_block(folder)
+    assert block.startswith("<!-- results:begin hand_made -->") and block.endswith("<!-- results:end hand_made -->")
+    raw = table_rows(block, "raw")
+    assert raw[""] == ["Net1", "Net4"]
+    assert raw["enhancer"] == ["none", "UR-Net"] and raw["enhancer pre-training epochs (phase 1)"] == ["0", "3"]
+    assert raw["finished seeds"] == ["3", "2"]
+
+    def expected(runs: list[str], pick) -> str:
+        values = [100 * pick(metrics[name]) for name in runs]
+        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+    net1 = ["net1-raw-seed1", "net1-raw-seed2", "net1-raw-seed3"]
+    net4 = ["net4-raw-seed1", "net4-raw-seed2"]
+    for label, pick in (("recall monocyte", lambda m: m["per_class"]["monocyte"]["recall"]),
+                        ("precision lymphocyte", lambda m: m["per_class"]["lymphocyte"]["precision"]),
+                        ("F1 granulocyte", lambda m: m["per_class"]["granulocyte"]["f1"]),
+                        ("recall average", lambda m: m["macro"]["recall"]),
+                        ("F1 average", lambda m: m["macro"]["f1"]),
+                        ("test accuracy", lambda m: m["accuracy"])):
+        assert raw[label] == [expected(net1, pick), expected(net4, pick)], label
+    assert len(raw) == 1 + 2 + 13 + 1  # header, description rows, the paper's 13 rows, the seed count
+
+    proxy = table_rows(block, "stainfree_proxy")
+    single = metrics["net4-stainfree_proxy-seed1"]
+    assert proxy[""] == ["Net1", "Net4"] and proxy["finished seeds"] == ["0", "1"]
+    assert proxy["test accuracy"] == ["n/a", f"{100 * single['accuracy']:.2f}"]  # one seed: no ±
+    assert block.index("data variant `raw`") < block.index("data variant `stainfree_proxy`")
+
+
+def test_report_writes_between_markers_and_check_detects_tampering(results, tmp_path, capsys):
+    folder, _ = results
+    document = tmp_path / "RESULTS.md"
+    document.write_text("# Results\n\nhand-written intro\n\n<!-- results:begin hand_made -->\nold tables\n"
+                        "<!-- results:end hand_made -->\n\nhand-written reading\n")
+    assert study.main(["report", str(folder), "--out", str(document)]) == 0
+    text = document.read_text()
+    assert text.startswith("# Results\n\nhand-written intro\n\n<!-- results:begin hand_made -->")
+    assert text.endswith("<!-- results:end hand_made -->\n\nhand-written reading\n")
+    assert "old tables" not in text and study.results_block(folder) in text
+    assert study.results_block(folder) in capsys.readouterr().out
+
+    assert study.main(["report", str(folder), "--out", str(document), "--check"]) == 0
+    accuracy_row = next(line for line in text.splitlines() if line.startswith("| test accuracy"))
+    tampered = accuracy_row.replace(accuracy_row.split(" | ")[1], "99.99 ± 0.01")
+    document.write_text(text.replace(accuracy_row, tampered))
+    assert study.main(["report", str(folder), "--out", str(document), "--check"]) == 1
+    assert "out of date" in capsys.readouterr().err
+    document.write_text("# Results without markers\n")
+    assert study.main(["report", str(folder), "--out", str(document), "--check"]) == 1
+
+
+def test_report_rejects_a_run_whose_config_disagrees_with_its_name(results):
+    folder, metrics = results
+    write_run(folder, "net4-raw-seed7", metrics["net1-raw-seed1"])
+    config = json.loads((folder / "net4-raw-seed7" / "config.json").read_text())
+    config["seed"] = 8
+    (folder / "net4-raw-seed7" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(cli.ConfigError, match="seed 8 .* the folder's name says seed 7"):
+        study.results_block(folder)
+
+
+def test_results_md_tables_are_recomputed_from_the_committed_results():
+    """Every generated block of docs/RESULTS.md equals what its results/NAME folder gives."""
+    document = REPO_ROOT / "docs" / "RESULTS.md"
+    text = document.read_text()
+    names = study.block_names(text)
+    assert names, "docs/RESULTS.md has no results markers"
+    for name in names:
+        assert study.check_document(text, REPO_ROOT / "results" / name), (
+            f"docs/RESULTS.md is out of date: python -m urnet_jax.study report results/{name} --out docs/RESULTS.md")
+
+
+def test_report_rejects_an_incomplete_metrics_file(results, capsys):
+    folder, _ = results
+    (folder / "net1-raw-seed2" / "eval" / "metrics.json").write_text(json.dumps({"accuracy": 0.5}))
+    with pytest.raises(cli.ConfigError, match="net1-raw-seed2/eval/metrics.json lacks some of"):
+        study.results_block(folder)
+    (folder / "net1-raw-seed2" / "eval" / "metrics.json").write_text("{not json")
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(["report", str(folder)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: cannot read ") and "net1-raw-seed2" in error and error.count("\n") == 1
