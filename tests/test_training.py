@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import pathlib
@@ -24,9 +26,9 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Keys that differ from the paper's protocol: a tiny UR-Net (the deepest ResNet map stays 3x3 at 96 px).
 TINY = {
     "model.enhancer_width": 4, "model.classifier": "resnet18", "model.classifier_width": 4,
-    "data.image_size": 96, "data.synthetic_per_class": 10, "data.train_size": 32,
+    "data.image_size": 96, "data.synthetic_per_class": 16, "data.train_size": 64,
     "pretrain.epochs": 2, "train.epochs": 2, "batch_size": 8, "eval_batch_size": 8,
-    "optimizer.lr": 0.05, "checkpoint.every_steps": 3, "checkpoint.keep": 2, "log_every_steps": 1,
+    "optimizer.lr": 0.02, "checkpoint.every_steps": 3, "checkpoint.keep": 2, "log_every_steps": 1,
 }
 
 
@@ -49,36 +51,68 @@ def assert_same_variables(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(np.asarray(left), np.asarray(right))
 
 
+@contextlib.contextmanager
+def shared_directory(tmp_path_factory, name: str):
+    """A session-wide directory, shared by the pytest-xdist workers of one session (built by the first
+    worker under a lock): yields (path, whether it still has to be built)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # xdist: basetemp is per worker; its parent is this session's
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield path, not done.exists()
+        done.touch()
+
+
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory) -> pathlib.Path:
     """The tiny synthetic data set, prepared once for every test of the session."""
-    out_dir = tmp_path_factory.mktemp("tiny_data")
-    data_lib.prepare(tiny_config(out_dir).data, out_dir)
+    with shared_directory(tmp_path_factory, "tiny_data") as (out_dir, to_build):
+        if to_build:
+            data_lib.prepare(tiny_config(out_dir).data, out_dir)
     return out_dir
 
 
 @pytest.fixture(scope="session")
 def reference_run(prepared, tmp_path_factory) -> pathlib.Path:
     """An uninterrupted run of the tiny config: the reference that resumed runs must reproduce."""
-    workdir = tmp_path_factory.mktemp("reference")
-    training.train(tiny_config(prepared), workdir, show_progress=False)
+    with shared_directory(tmp_path_factory, "reference_run") as (workdir, to_build):
+        if to_build:
+            training.train(tiny_config(prepared), workdir, show_progress=False)
     return workdir
 
 
-def test_training_lowers_both_losses_and_writes_the_workdir(reference_run):
+def test_training_lowers_the_losses_and_writes_the_workdir(reference_run):
     rows = rows_without_time(reference_run)
-    assert [(row["phase"], row["epoch"]) for row in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert [(row["phase"], row["epoch"], row["step"]) for row in rows] == [(1, 1, 8), (1, 2, 16), (2, 1, 24), (2, 2, 32)]
     pretrain, joint = rows[:2], rows[2:]
-    assert pretrain[1]["test_loss"] < pretrain[0]["test_loss"]  # reconstruction error falls
-    assert pretrain[1]["train_loss"] < pretrain[0]["train_loss"]
-    assert pretrain[0]["test_accuracy"] is None
+    assert pretrain[1]["train_loss"] < pretrain[0]["train_loss"]  # reconstruction error falls
+    assert all(row["train_accuracy"] is None and row["test_accuracy"] is None for row in pretrain)
     assert joint[1]["train_loss"] < joint[0]["train_loss"]  # cross-entropy falls
     assert all(0.0 <= row["test_accuracy"] <= 1.0 for row in joint)
     config = json.loads((reference_run / "config.json").read_text())
-    assert config["model"]["classifier"] == "resnet18"
+    assert config["model"]["classifier"] == "resnet18" and config["pretrain"]["epochs"] == 2
     assert list((reference_run / "tensorboard").glob("events.out.tfevents.*"))
     for name in ("periodic", "best", "pretrain_best"):
         assert any((reference_run / "checkpoints" / name).iterdir()), name
+
+
+def test_phase1_keeps_the_enhancer_with_the_lowest_reconstruction_error(reference_run, prepared):
+    config, mesh = tiny_config(prepared), sharding.data_mesh()
+    replicated = sharding.replicated(mesh)
+    model = training.build(config, 3)
+    evaluate = training.make_eval_step(model, training.PRETRAIN, mesh)
+    target = sharding.with_sharding(training.abstract_variables(model, ("enhancer",), 96), replicated)
+    store = CheckpointStore(reference_run / "checkpoints" / "pretrain_best", for_writing=False)
+    best = store.restore_latest(lambda meta: target)
+    store.close()
+    untrained = training.init_variables(model, ("enhancer",), 96, jax.random.PRNGKey(config.seed), replicated)
+    untrained_mse, _ = training.evaluate_split(evaluate, untrained, prepared, "test", 8, mesh)
+    best_mse, _ = training.evaluate_split(evaluate, best.state, prepared, "test", 8, mesh)
+    recorded = [row["test_loss"] for row in rows_without_time(reference_run) if row["phase"] == 1]
+    assert best_mse == min(recorded)
+    assert best_mse < 0.5 * untrained_mse
 
 
 def test_load_run_best_reproduces_the_recorded_test_accuracy(reference_run):
@@ -87,12 +121,8 @@ def test_load_run_best_reproduces_the_recorded_test_accuracy(reference_run):
     best_row = [row for row in rows_without_time(reference_run) if row["phase"] == 2 and row["best"]][-1]
     mesh = sharding.data_mesh()
     evaluate = training.make_eval_step(run.model, training.JOINT, mesh)
-    correct = count = 0.0
-    for batch in data_lib.eval_batches(run.prepared_dir, "test", 8):
-        sums = evaluate(run.variables, sharding.global_batch(
-            {key: batch[key] for key in ("image", "label", "mask")}, mesh))
-        correct, count = correct + float(sums["correct"]), count + float(sums["count"])
-    assert correct / count == best_row["test_accuracy"]
+    loss, accuracy = training.evaluate_split(evaluate, run.variables, run.prepared_dir, "test", 8, mesh)
+    assert (loss, accuracy) == (best_row["test_loss"], best_row["test_accuracy"])
     latest = training.load_run(reference_run, "latest")
     assert set(latest.variables["params"]) == {"enhancer", "classifier"}
 
@@ -101,9 +131,12 @@ class Interrupted(Exception):
     """Stands for the process dying after a given number of training steps."""
 
 
+ORIGINAL_TRAIN_BATCHES = data_lib.train_batches
+
+
 def interrupt_after(monkeypatch, steps: int) -> None:
     """Makes data.train_batches raise once `steps` batches have been taken (over all epochs)."""
-    original = data_lib.train_batches
+    original = ORIGINAL_TRAIN_BATCHES
     taken = [0]
 
     def batches(*args, **kwargs):
@@ -117,8 +150,9 @@ def interrupt_after(monkeypatch, steps: int) -> None:
 
 
 def test_interrupted_and_resumed_run_is_bitwise_identical(prepared, reference_run, tmp_path, monkeypatch):
-    # 4 steps/epoch, saves every 3 steps: interrupt mid-epoch, right after a save, and inside phase 2.
-    for steps in (5, 3, 4):
+    # 8 steps/epoch, saves every 3 steps and at epoch ends. Resume points: step 16 (the end of phase 1:
+    # phase 2 starts in the resumed process), then step 21 (phase 2, mid-epoch; steps 22, 23 redone).
+    for steps in (16, 7):
         interrupt_after(monkeypatch, steps)
         with pytest.raises(Interrupted):
             training.train(tiny_config(prepared), tmp_path, show_progress=False)
@@ -180,9 +214,8 @@ def test_workdir_of_another_configuration_is_refused_untouched(prepared, referen
     assert (reference_run / "metrics.jsonl").read_text() == metrics
 
 
-def test_non_finite_loss_stops_cleanly_and_the_run_resumes_from_intact_checkpoints(
-        prepared, reference_run, tmp_path, monkeypatch):
-    poisoned_step = 10  # phase 2 (4 steps/epoch, 2 pre-training epochs), epoch 1, step 2
+def test_non_finite_loss_stops_cleanly_with_checkpoints_intact(prepared, reference_run, tmp_path, monkeypatch):
+    poisoned_step = 13  # phase 1, epoch 2 (8 steps/epoch), step 5
     make_train_step = training.make_train_step
 
     def make_poisoned_step(*args):
@@ -200,10 +233,13 @@ def test_non_finite_loss_stops_cleanly_and_the_run_resumes_from_intact_checkpoin
     with pytest.raises(cli.RunError) as error:
         training.train(tiny_config(prepared), tmp_path, show_progress=False)
     message = str(error.value)
-    assert "non-finite loss (nan) in phase 2 epoch 1 step 2 (global step 10)" in message and "\n" not in message
+    assert "non-finite loss (nan) in phase 1 epoch 2 step 5 (global step 13)" in message and "\n" not in message
     store = CheckpointStore(tmp_path / "checkpoints" / "periodic", for_writing=False)
-    assert store.steps() == [8, 9]  # nothing saved after the last good step
+    assert store.steps() == [9, 12]  # nothing saved after the last good step
+    meta = store.restore_meta(12)
     store.close()
-    monkeypatch.undo()
-    training.train(tiny_config(prepared), tmp_path, show_progress=False)
-    assert rows_without_time(tmp_path) == rows_without_time(reference_run)
+    saved_rows = [{key: value for key, value in row.items() if key != "seconds"} for row in meta["position"]["history"]]
+    assert saved_rows == rows_without_time(reference_run)[:1]
+    assert (meta["position"]["epoch"], meta["position"]["step_in_epoch"]) == (1, 4)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1

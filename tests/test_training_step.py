@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import pytest
 
 from urnet_jax import sharding, training
 from urnet_jax.models.layers import BatchNorm, conv, dense, global_avg_pool

@@ -15,18 +15,24 @@ the current epoch, the best metrics so far and the metrics history, so a resumed
 same weights and metrics as an uninterrupted one (on the same devices).
 
 Workdir layout:
-    config.json            the resolved configuration
-    metrics.jsonl          one JSON object per epoch (rewritten from the checkpoint on resume)
-    tensorboard/           tensorboardX event files
-    checkpoints/periodic/  rotating resume points (every checkpoint.every_steps steps and each epoch end)
+    config.json            the resolved configuration (paths made absolute)
+    metrics.jsonl          one JSON object per finished epoch: phase, epoch (1-based, within the phase),
+                           step (global), train_loss, train_accuracy, test_loss, test_accuracy (null in
+                           phase 1), seconds, best (whether this epoch's weights were kept as the best);
+                           rewritten from the checkpoint on resume, so it never repeats an epoch
+    tensorboard/           tensorboardX event files (per-epoch metrics, the step loss every log_every_steps)
+    checkpoints/periodic/  rotating resume points (every checkpoint.every_steps steps and each epoch end;
+                           the newest checkpoint.keep are kept)
     checkpoints/best/      phase 2's highest-test-accuracy weights {'params', 'batch_stats'}
     checkpoints/pretrain_best/  phase 1's lowest-test-loss enhancer weights
+    checkpoints/corrupt/   unreadable checkpoints moved aside on resume (never deleted)
     data/                  the prepared data set (unless config.data.prepared_dir is set)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -184,6 +190,24 @@ def make_eval_step(model: nn.Module, phase: int,
     return jax.jit(evaluate, in_shardings=(replicated, sharding.batch_sharded(mesh)), out_shardings=replicated)
 
 
+def evaluate_split(eval_step: Callable[[Variables, Batch], Metrics], variables: Variables,
+                   prepared_dir: str | pathlib.Path, split: str, batch_size: int,
+                   mesh: jax.sharding.Mesh) -> tuple[float, float]:
+    """(mean loss, accuracy) of `make_eval_step`'s function over every example of a prepared split.
+
+    In phase 1 the loss is the per-image reconstruction MSE and the accuracy is meaningless (0).
+    """
+    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    for host_batch in data_lib.eval_batches(prepared_dir, split, batch_size, process_index=jax.process_index(),
+                                            process_count=jax.process_count()):
+        batch = sharding.global_batch({key: host_batch[key] for key in ("image", "label", "mask")}, mesh)
+        for key, value in eval_step(variables, batch).items():
+            totals[key] += float(value)
+    if totals["count"] == 0:
+        raise RunError(f"the {split} split of {prepared_dir} is empty")
+    return totals["loss_sum"] / totals["count"], totals["correct"] / totals["count"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Configuration helpers.
 
@@ -239,11 +263,50 @@ def _init_keys(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return init_key, step_key
 
 
-def _init_variables(model: nn.Module, phase: int, image_size: int, key: jax.Array) -> Variables:
+PARTS = ("enhancer", "classifier")  # EnhanceClassify's submodules; index = the part's init-key fold
+PHASE_PARTS = {PRETRAIN: ("enhancer",), JOINT: PARTS}  # what each phase trains
+_HEAD_KEY_FOLD = len(PARTS)  # init-key fold for a pretrained classifier's new head
+
+
+def _init_parts(model: nn.Module, parts: tuple[str, ...], image_size: int, key: jax.Array) -> Variables:
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    kwargs: dict[str, Any] = {"method": "enhance"} if phase == PRETRAIN else {}
-    variables = model.init({"params": key, "dropout": key}, dummy, train=False, **kwargs)
-    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    variables: Variables = {"params": {}, "batch_stats": {}}
+    for name in parts:
+        module = getattr(model, name)
+        if module is None:
+            continue
+        part_key = jax.random.fold_in(key, PARTS.index(name))
+        part = module.init({"params": part_key, "dropout": part_key}, dummy, train=False)
+        for collection in variables:
+            if part.get(collection):
+                variables[collection][name] = part[collection]
+    return variables
+
+
+def init_variables(model: nn.Module, parts: tuple[str, ...], image_size: int, key: jax.Array,
+                   out_sharding: jax.sharding.Sharding | None = None) -> Variables:
+    """Fresh {'params', 'batch_stats'} of the named parts of an EnhanceClassify, each part initialised on
+    its own with fold_in(key, index in PARTS) (so the enhancer starts from the same weights whichever
+    phase initialises it). A missing enhancer and empty collections are left out, as `model.init` does.
+
+    Compiled without optimisation: XLA's CPU backend otherwise spends most of a small run's compile time
+    on the initialisers' random-number code, and this runs once.
+    """
+    init = jax.jit(functools.partial(_init_parts, model, parts, image_size), out_shardings=out_sharding)
+    return init.lower(key).compile(compiler_options={"xla_backend_optimization_level": 0})(key)
+
+
+def abstract_variables(model: nn.Module, parts: tuple[str, ...], image_size: int) -> Variables:
+    """The shapes and dtypes of `init_variables` (nothing computed)."""
+    return jax.eval_shape(functools.partial(_init_parts, model, parts, image_size), jax.random.PRNGKey(0))
+
+
+def abstract_state(model: nn.Module, optimizer: optax.GradientTransformation, phase: int, image_size: int,
+                   out_sharding: jax.sharding.Sharding) -> TrainState:
+    """ShapeDtypeStructs (carrying `out_sharding`) of a phase's TrainState: a restore target."""
+    variables = abstract_variables(model, PHASE_PARTS[phase], image_size)
+    abstract = jax.eval_shape(lambda: _new_state(variables, optimizer, 0, jax.random.PRNGKey(0)))
+    return sharding.with_sharding(abstract, out_sharding)
 
 
 def _new_state(variables: Variables, optimizer: optax.GradientTransformation, step: int,
@@ -332,25 +395,20 @@ class _Trainer:
 
     # -- states ----------------------------------------------------------------------------------------
     def _abstract_state(self, phase: int) -> TrainState:
-        abstract = jax.eval_shape(lambda: _new_state(
-            _init_variables(self.model, phase, self.image_size, self.init_key), self.optimizer, 0, self.step_key))
-        return sharding.with_sharding(abstract, self.replicated)
-
-    def _abstract_variables(self, phase: int) -> Variables:
-        return self._abstract_state(phase).variables
+        return abstract_state(self.model, self.optimizer, phase, self.image_size, self.replicated)
 
     def _initial_state(self, phase: int) -> TrainState:
         """The state a phase starts from (phase 2: phase-1 best enhancer and pretrained classifier)."""
-        init = jax.jit(lambda key: _init_variables(self.model, phase, self.image_size, key),
-                       out_shardings=self.replicated)
-        variables = init(jax.random.fold_in(self.init_key, phase))
-        if phase == JOINT and self.phase_epochs[PRETRAIN] > 0:
-            restored = self.pretrain_best.restore_latest(lambda meta: self._abstract_variables(PRETRAIN))
+        enhancer_from_phase1 = phase == JOINT and self.phase_epochs[PRETRAIN] > 0
+        parts = ("classifier",) if enhancer_from_phase1 else PHASE_PARTS[phase]
+        variables = init_variables(self.model, parts, self.image_size, self.init_key, self.replicated)
+        if enhancer_from_phase1:
+            restored = self.pretrain_best.restore_latest(lambda meta: self._abstract_state(PRETRAIN).variables)
             if restored is None:
                 raise RunError(f"phase 1 finished but {self.pretrain_best.directory} holds no checkpoint")
-            for collection in ("params", "batch_stats"):
-                if "enhancer" in restored.state[collection]:
-                    variables[collection]["enhancer"] = restored.state[collection]["enhancer"]
+            for collection, trees in restored.state.items():
+                if "enhancer" in trees:
+                    variables[collection]["enhancer"] = trees["enhancer"]
         if phase == JOINT and self.config.model.pretrained:
             variables = self._with_pretrained_classifier(variables)
         state = _new_state(variables, self.optimizer, self.global_step(phase, 0, 0), self.step_key)
@@ -361,7 +419,7 @@ class _Trainer:
 
         path = self.config.model.pretrained
         loaded = load_pretrained(path, self.config.model.classifier, self.num_classes,
-                                 jax.random.fold_in(self.init_key, 3))
+                                 jax.random.fold_in(self.init_key, _HEAD_KEY_FOLD))
         expected = {name: variables[name]["classifier"] for name in ("params", "batch_stats")}
         got = {name: loaded.get(name, {}) for name in ("params", "batch_stats")}
         mismatch = _describe_mismatch(expected, got)
@@ -498,27 +556,19 @@ class _Trainer:
         position.partial["seconds"] += time.perf_counter() - segment_start
         return state
 
-    def evaluate(self, variables: Variables, phase: int) -> dict[str, float | None]:
+    def evaluate(self, variables: Variables, phase: int, epoch: int) -> dict[str, float | None]:
         """Mean test loss (phase 1: reconstruction MSE) and, in phase 2, test accuracy."""
-        eval_step = self._eval_step(phase)
-        totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-        for host_batch in data_lib.eval_batches(self.prepared_dir, "test", self.config.eval_batch_size,
-                                                process_index=jax.process_index(),
-                                                process_count=jax.process_count()):
-            batch = sharding.global_batch({key: host_batch[key] for key in ("image", "label", "mask")}, self.mesh)
-            for key, value in eval_step(variables, batch).items():
-                totals[key] += float(value)
-        if totals["count"] == 0:
-            raise RunError(f"the test split of {self.prepared_dir} is empty")
-        loss = totals["loss_sum"] / totals["count"]
+        loss, accuracy = evaluate_split(self._eval_step(phase), variables, self.prepared_dir, "test",
+                                        self.config.eval_batch_size, self.mesh)
         if not math.isfinite(loss):
-            raise RunError(f"non-finite test loss ({loss}) in phase {phase}")
-        return {"test_loss": loss, "test_accuracy": totals["correct"] / totals["count"] if phase == JOINT else None}
+            raise RunError(f"non-finite test loss ({loss}) after phase {phase} epoch {epoch + 1}; the last "
+                           f"checkpoint (step {self.last_saved_step}) is intact")
+        return {"test_loss": loss, "test_accuracy": accuracy if phase == JOINT else None}
 
     def _finish_epoch(self, state: TrainState, position: Position) -> None:
         phase, epoch = position.phase, position.epoch
         eval_start = time.perf_counter()
-        test = self.evaluate(state.variables, phase)
+        test = self.evaluate(state.variables, phase, epoch)
         partial = position.partial
         row = {
             "phase": phase, "epoch": epoch + 1, "step": int(state.step),
@@ -554,7 +604,9 @@ class _Trainer:
             print(f"training {self.config.model.enhancer} + {self.config.model.classifier} on {split['train']} "
                   f"train / {split['test']} test images ({self.num_classes} classes, {self.image_size} px), "
                   f"{jax.device_count()} device(s), batch {self.config.batch_size}, {self.steps_per_epoch} steps/epoch")
-            if position is not None:
+            if position is not None and self._is_complete(position):
+                print(f"the run in {self.workdir} is complete (checkpoint step {self.last_saved_step})")
+            elif position is not None:
                 print(f"resuming from checkpoint step {self.last_saved_step} (phase {position.phase}, epoch "
                       f"{position.epoch + 1}, step {position.step_in_epoch})")
         for phase in (PRETRAIN, JOINT):
@@ -570,6 +622,10 @@ class _Trainer:
                 state = self._train_epoch(state, position)
                 self._finish_epoch(state, position)
         return position.history if position else []
+
+    def _is_complete(self, position: Position) -> bool:
+        last_phase = JOINT if self.phase_epochs[JOINT] else PRETRAIN
+        return position.phase == last_phase and position.epoch >= self.phase_epochs[last_phase]
 
     def close(self) -> None:
         for store in (self.periodic, self.best, self.pretrain_best):
@@ -666,38 +722,29 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = "best") -> Run:
     prepared_dir = prepared_dir_of(config, workdir)
     class_names = list(data_lib.load_info(prepared_dir).class_names)
     model = build(config, len(class_names))
-    mesh = sharding.data_mesh()
+    replicated = sharding.replicated(sharding.data_mesh())
     image_size = int(config.data.image_size)
-    init_key, step_key = _init_keys(config.seed)
-    abstract_variables = jax.eval_shape(lambda: _init_variables(model, JOINT, image_size, init_key))
-    target = sharding.with_sharding(abstract_variables, sharding.replicated(mesh))
     store_dir = workdir / "checkpoints" / ("best" if checkpoint == "best" else "periodic")
     if not store_dir.is_dir():
         raise ConfigError(f"{workdir} has no '{checkpoint}' checkpoint yet")
+
+    def target_for(meta: dict[str, Any]) -> Any:
+        if checkpoint == "best":
+            return abstract_state(model, make_optimizer(config.optimizer), JOINT, image_size, replicated).variables
+        if meta["position"]["phase"] != JOINT:
+            raise ConfigError(f"the latest checkpoint of {workdir} is from phase 1 (no classifier yet)")
+        return abstract_state(model, make_optimizer(config.optimizer), JOINT, image_size, replicated).to_dict()
+
     store = CheckpointStore(store_dir, for_writing=False)
     try:
-        if checkpoint == "best":
-            restored = store.restore_latest(lambda meta: target)
-            variables = restored.state if restored else None
-        else:
-            optimizer = make_optimizer(config.optimizer)
-
-            def state_target(meta: dict[str, Any]) -> dict[str, Any]:
-                if meta["position"]["phase"] != JOINT:
-                    raise ConfigError(f"the latest checkpoint of {workdir} is from phase 1 (no classifier yet)")
-                abstract = jax.eval_shape(lambda: _new_state(
-                    _init_variables(model, JOINT, image_size, init_key), optimizer, 0, step_key))
-                return sharding.with_sharding(abstract, sharding.replicated(mesh)).to_dict()
-
-            restored = store.restore_latest(state_target)
-            variables = ({"params": restored.state["params"], "batch_stats": restored.state["batch_stats"]}
-                         if restored else None)
+        restored = store.restore_latest(target_for)
     except NoReadableCheckpoint as error:
         raise ConfigError(str(error)) from None
     finally:
         store.close()
-    if variables is None:
+    if restored is None:
         raise ConfigError(f"{workdir} has no '{checkpoint}' checkpoint yet")
+    variables = {"params": restored.state["params"], "batch_stats": restored.state["batch_stats"]}
     return Run(config=config, model=model, variables=variables, class_names=class_names, prepared_dir=prepared_dir)
 
 
