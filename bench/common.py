@@ -57,23 +57,27 @@ def load_average() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def time_block(run_step: Callable[[], Any], steps: int, synchronize: Callable[[Any], Any]) -> float:
-    """Seconds per step of `steps` back-to-back calls, waiting for the last result with `synchronize`."""
-    start = time.perf_counter()
+def time_block(run_step: Callable[[], Any], steps: int, synchronize: Callable[[Any], Any]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) per step of `steps` back-to-back calls, waiting for the last
+    result with `synchronize`. CPU seconds count every thread of the process (spin-waits included)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     result = None
     for _ in range(steps):
         result = run_step()
     synchronize(result)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
 
 
-def summarize(seconds_per_step: list[float], batch: int) -> dict[str, Any]:
-    """Median / min step time (ms) over timed blocks and the images/s of the median."""
-    median = statistics.median(seconds_per_step)
+def summarize(blocks: list[tuple[float, float]], batch: int) -> dict[str, Any]:
+    """Median / min wall step time (ms) over timed blocks, the images/s of the median, and the median
+    process CPU time per step (ms; less sensitive than wall time to other processes on the machine)."""
+    wall = [w for w, _ in blocks]
+    median = statistics.median(wall)
     return {
         "step_ms_median": round(median * 1e3, 2),
-        "step_ms_min": round(min(seconds_per_step) * 1e3, 2),
-        "step_ms_blocks": [round(s * 1e3, 2) for s in seconds_per_step],
+        "step_ms_min": round(min(wall) * 1e3, 2),
+        "step_ms_blocks": [round(w * 1e3, 2) for w in wall],
+        "cpu_ms_median": round(statistics.median(c for _, c in blocks) * 1e3, 2),
         "img_s": round(batch / median, 3),
     }
 

@@ -67,9 +67,10 @@ class ConvBlock(nn.Module):
 
 
 class SqueezeExcitation(nn.Module):
-    """Mirror of `se.SqueezeExcitation`: x * sigmoid(fc2(relu(fc1(mean_HW(x)))))."""
+    """Mirror of `se.SqueezeExcitation`: x * sigmoid(fc2(relu(fc1(mean_HW(x))))),
+    hidden = max(min_hidden, channels // reduction)."""
 
-    def __init__(self, channels: int, reduction: int, min_hidden: int = 1):
+    def __init__(self, channels: int, reduction: int, min_hidden: int):
         super().__init__()
         hidden = max(min_hidden, channels // reduction)
         self.fc1 = nn.Linear(channels, hidden)
@@ -102,7 +103,7 @@ class UShapedEnhancer(nn.Module):
     def __init__(self, in_channels: int = 3, width: int = 64, depth: int = 4, norm: str = "batch",
                  output_activation: str = "sigmoid", residual_blocks: bool = False,
                  downsampling: str = "max_pool", leaky_slope: float = 0.0, skip_conv: bool = False,
-                 se_ratio: int = 0):
+                 se_ratio: int = 0, se_min_hidden: int = 4):
         super().__init__()
         self.depth, self.output_activation = depth, output_activation
         self.downsampling, self.skip_conv, self.se_ratio = downsampling, skip_conv, se_ratio
@@ -124,7 +125,7 @@ class UShapedEnhancer(nn.Module):
             self.add_module(f"down{level}_block", block(channels(level - 1), level))
         for level in reversed(range(depth)):
             if se_ratio > 0:
-                self.add_module(f"up{level}_se", SqueezeExcitation(channels(level + 1), se_ratio))
+                self.add_module(f"up{level}_se", SqueezeExcitation(channels(level + 1), se_ratio, se_min_hidden))
             self.add_module(f"up{level}_transpose", nn.ConvTranspose2d(channels(level + 1), channels(level), 2, 2))
             if skip_conv:
                 self.add_module(f"skip{level}_1x1", nn.Conv2d(channels(level), channels(level), 1))
@@ -200,10 +201,14 @@ def torch_enhancer_like(jax_enhancer: Any, in_channels: int = 3) -> nn.Module:
     Raises ValueError for an enhancer class without a mirror.
     """
     from urnet_jax.models.enhancer_blocks import UShapedEnhancer as JaxUShaped
+    from urnet_jax.models.se import SqueezeExcitation as JaxSqueezeExcitation
     from urnet_jax.models.unetpp import UNetPlusPlus as JaxUNetPlusPlus
 
     if isinstance(jax_enhancer, JaxUShaped):
-        return UShapedEnhancer(in_channels, **{f: getattr(jax_enhancer, f) for f in _USHAPED_FIELDS})
+        # UShapedEnhancer builds its SE blocks with SqueezeExcitation's default min_hidden.
+        se_min_hidden = JaxSqueezeExcitation.__dataclass_fields__["min_hidden"].default
+        return UShapedEnhancer(in_channels, se_min_hidden=se_min_hidden,
+                               **{f: getattr(jax_enhancer, f) for f in _USHAPED_FIELDS})
     if isinstance(jax_enhancer, JaxUNetPlusPlus):
         return UNetPlusPlus(in_channels, **{f: getattr(jax_enhancer, f) for f in _UNETPP_FIELDS})
     raise ValueError(f"no torch mirror for enhancer {type(jax_enhancer).__name__}")

@@ -8,9 +8,11 @@ backward, SGD-momentum update, donated state; `training.make_eval_step` for infe
 already on the device. Torch side: `bench/torch_reference.py`, the same network layer by layer with
 torchvision's classifier, the same loss and `torch.optim.SGD(momentum, dampening=0)` (= optax's sgd
 with momentum), the same metrics (loss, accuracy, all-finite check) and the same input (uint8 images
-scaled to [0, 1] inside the step). Both share one process and one thread count; timed blocks of
-`--steps` steps alternate JAX, torch, JAX, torch, ... (`--rounds` times), after compilation and
-`--warmup` untimed steps each.
+scaled to [0, 1] inside the step). Both share one process and one thread count (CPU affinity +
+torch.set_num_threads); timed blocks of `--steps` steps alternate JAX, torch, JAX, torch, ...
+(`--rounds` times), after compilation and `--warmup` untimed steps each. Both start from the same
+weights (JAX enhancer -> torch, torchvision classifier -> JAX), so the first steps' losses, gradients
+(the SGD momentum after one step) and BatchNorm statistics are compared and reported too.
 
 Prints a summary and, as the last line, `RESULT {json}` with jax_img_s, torch_img_s, speedup_vs_torch
 (median torch step time / median JAX step time), the same for inference, compile seconds, peak memory,
@@ -50,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-inference", action="store_true", help="time the train steps only")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's bf16 peak for MFU (default: looked up from the device name)")
-    parser.add_argument("--trace-dir", default="", help="write a jax.profiler trace of 2 train steps here")
+    parser.add_argument("--trace-dir", default="",
+                        help="write a jax.profiler trace of 2 JAX train steps here and print the slowest XLA ops")
     args = parser.parse_args(argv)
     for name in ("enhancer_width", "num_classes", "size", "batch", "steps", "rounds"):
         if getattr(args, name) < 1:
@@ -192,7 +195,8 @@ class TorchBench:
         self.optimizer.step()
         with self.torch.no_grad():
             accuracy = (logits.argmax(-1) == self.labels).float().mean()
-            finite = self.torch.isfinite(loss) & self.torch.stack([self.torch.isfinite(p).all() for p in self.params]).all()
+            params_finite = self.torch.stack([self.torch.isfinite(p).all() for p in self.params]).all()
+            finite = self.torch.isfinite(loss) & params_finite
         return {"loss": loss.detach(), "accuracy": accuracy, "finite": finite}
 
     def run_eval(self) -> Any:
@@ -224,9 +228,9 @@ class TorchBench:
 # The comparison
 
 
-def _alternate(benches: dict[str, Any], run: str, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Seconds per step of `args.rounds` timed blocks per framework, taken in alternation."""
-    times: dict[str, list[float]] = {name: [] for name in benches}
+def _alternate(benches: dict[str, Any], run: str, args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) seconds per step of `args.rounds` timed blocks per framework, taken in alternation."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in benches}
     for _ in range(args.rounds):
         for name, bench in benches.items():
             times[name].append(common.time_block(getattr(bench, run), args.steps, bench.synchronize))
@@ -272,6 +276,58 @@ def _first_step_agreement(jax_bench: JaxBench, torch_bench: TorchBench, jax_metr
     }
 
 
+def _slowest_xla_ops(trace_dir: str, hlo_text: str, count: int = 15) -> list[dict[str, Any]]:
+    """The `count` top-level XLA ops of the train step with the most traced time (both steps summed).
+
+    Trace events are matched to the instructions of the step's entry computation by name; each op is
+    labelled with the first JAX `op_name` found on it or inside the computation it calls. Wall-clock
+    durations: on a busy CPU, ops that were descheduled look slower than they are.
+    """
+    import glob
+    import re
+
+    import jax
+
+    computations: dict[str, list[str]] = {}
+    current, entry = None, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header:
+            current = header.group(2)
+            computations[current] = []
+            entry = current if header.group(1) else entry
+        elif current is not None and line.startswith("  "):
+            computations[current].append(line)
+
+    def label(lines: list[str], depth: int = 0) -> str:
+        for line in lines:
+            name = re.search(r'op_name="([^"]+)"', line)
+            if name:
+                return name.group(1)
+            called = re.search(r"calls=%?([\w.\-]+)", line)
+            if called and depth < 3 and called.group(1) in computations:
+                found = label(computations[called.group(1)], depth + 1)
+                if found:
+                    return found
+        return ""
+
+    instructions = {}
+    for line in computations.get(entry, []):
+        match = re.match(r"^\s+(?:ROOT )?%?([\w.\-]+) = ", line)
+        if match:
+            instructions[match.group(1)] = line
+    seconds: dict[str, float] = {}
+    for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
+        for plane in jax.profiler.ProfileData.from_file(path).planes:
+            for trace_line in plane.lines:
+                for event in trace_line.events:
+                    if event.name in instructions:
+                        seconds[event.name] = seconds.get(event.name, 0.0) + event.duration_ns / 1e9
+    slowest = sorted(seconds.items(), key=lambda item: -item[1])[:count]
+    return [{"op": name, "ms_per_step": round(total / 2 * 1e3, 2), "jax_op": label([instructions[name]])}
+            for name, total in slowest]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     try:
@@ -296,17 +352,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config.model.enhancer_width = args.enhancer_width
     config.model.classifier = args.classifier
     config.model.classifier_width = 0
-    model = training.build(config, args.num_classes, training.compute_dtype(args.precision))
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, args.size, args.size, 3), jnp.float32), train=False)
-    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    torch_bench = None
-    if not args.skip_torch:
-        import torch_reference
+    try:  # unknown model names, images too small for the enhancer's depth, ...: one line, no traceback
+        model = training.build(config, args.num_classes, training.compute_dtype(args.precision))
+        variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, args.size, args.size, 3)), train=False)
+        variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+        torch_bench = None
+        if not args.skip_torch:
+            import torch_reference
 
-        torch_bench = TorchBench(args, model, images, labels, threads)
-        variables = torch_reference.share_initial_weights(variables, torch_bench.model, args.classifier,
-                                                          args.num_classes)
-        torch_bench.start()
+            torch_bench = TorchBench(args, model, images, labels, threads)
+            variables = torch_reference.share_initial_weights(variables, torch_bench.model, args.classifier,
+                                                              args.num_classes)
+            torch_bench.start()
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     jax_bench = JaxBench(model, variables, images, labels)
     if torch_bench is not None and torch_bench.param_count != jax_bench.param_count:
         sys.exit(f"error: the torch mirror has {torch_bench.param_count} parameters, JAX {jax_bench.param_count}")
@@ -324,12 +383,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rss_growth[name] = rss.peak_growth_bytes
     agreement = (None if torch_bench is None else
                  _first_step_agreement(jax_bench, torch_bench, first_metrics["jax"], first_metrics["torch"], args))
+    top_ops = None
     if args.trace_dir:
         with jax.profiler.trace(args.trace_dir):
             for _ in range(2):
                 jax_bench.synchronize(jax_bench.run_train())
+        top_ops = _slowest_xla_ops(args.trace_dir, jax_bench.train_step.as_text())
     train_times = _alternate(benches, "run_train", args)
-    eval_times: dict[str, list[float]] = {}
+    eval_times: dict[str, list[tuple[float, float]]] = {}
     if not args.skip_inference:
         for bench in benches.values():
             for _ in range(max(args.warmup, 1)):
@@ -343,12 +404,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "threads": threads,
         "params": jax_bench.param_count,
         "jax_compile_s": round(jax_bench.train_compile_s, 2),
+        "jax_compilation_cache_dir": jax.config.jax_compilation_cache_dir or None,
         "jax_eval_compile_s": round(jax_bench.eval_compile_s, 2),
         "train_gflop_per_step": round(flops / 1e9, 3) if flops else None,
         "eval_gflop_per_step": round(jax_bench.eval_flops / 1e9, 3) if jax_bench.eval_flops else None,
         "jax_xla_step_memory_bytes": jax_bench.train_memory_bytes,
         "jax_device_peak_bytes": jax_bench.device_peak_bytes(),
         "first_step_agreement": agreement,
+        "jax_slowest_ops": top_ops,
         "peak_tflops_bf16": peak_tflops,
         "load_avg_start": load_at_start,
         "load_avg_end": common.load_average(),
@@ -370,11 +433,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result[f"{name}_eval_img_s"] = summary["img_s"]
     if torch_bench is not None:
         result["torch_device_peak_bytes"] = torch_bench.device_peak_bytes()
-        result["speedup_vs_torch"] = round(result["torch_train"]["step_ms_median"] / result["jax_train"]["step_ms_median"], 3)
-        result["speedup_vs_torch_per_round"] = [round(t / j, 3) for j, t in zip(train_times["jax"], train_times["torch"])]
+        def ratio(kind: str, key: str) -> float:
+            return round(result[f"torch_{kind}"][key] / result[f"jax_{kind}"][key], 3)
+
+        result["speedup_vs_torch"] = ratio("train", "step_ms_median")
+        result["speedup_vs_torch_per_round"] = [round(t[0] / j[0], 3)
+                                                for j, t in zip(train_times["jax"], train_times["torch"])]
+        result["cpu_time_speedup_vs_torch"] = ratio("train", "cpu_ms_median")
         if eval_times:
-            result["eval_speedup_vs_torch"] = round(
-                result["torch_eval"]["step_ms_median"] / result["jax_eval"]["step_ms_median"], 3)
+            result["eval_speedup_vs_torch"] = ratio("eval", "step_ms_median")
 
     _print_summary(result, args)
     common.print_result(result)
@@ -391,16 +458,18 @@ def _print_summary(result: dict[str, Any], args: argparse.Namespace) -> None:
         for name in ("jax", "torch"):
             summary = result.get(f"{name}_{kind}")
             if summary:
-                print(f"{kind:5s} {name:5s}: {summary['img_s']:9.2f} img/s (median {summary['step_ms_median']} ms/step, "
-                      f"blocks {summary['step_ms_blocks']})")
+                print(f"{kind:5s} {name:5s}: {summary['img_s']:9.2f} img/s (median {summary['step_ms_median']} "
+                      f"ms/step, blocks {summary['step_ms_blocks']}; CPU {summary['cpu_ms_median']} ms/step)")
     if "speedup_vs_torch" in result:
         print(f"speedup_vs_torch (train): {result['speedup_vs_torch']} "
               f"(per round {result['speedup_vs_torch_per_round']}); inference: {result.get('eval_speedup_vs_torch')}")
     if result["first_step_agreement"]:
         agreement = result["first_step_agreement"]
-        print(f"first step, JAX vs torch from the same weights: loss {agreement['loss_jax']} vs {agreement['loss_torch']}, "
-              f"gradient relative error {agreement['grad_rel_err']:.2e}, "
+        print(f"first step, JAX vs torch from the same weights: loss {agreement['loss_jax']} vs "
+              f"{agreement['loss_torch']}, gradient relative error {agreement['grad_rel_err']:.2e}, "
               f"running statistics relative error {agreement['batch_stats_rel_err']:.2e}")
+    for op in result["jax_slowest_ops"] or []:
+        print(f"  {op['ms_per_step']:9.2f} ms  {op['op']:30s} {op['jax_op'][-90:]}")
     print(f"load average start {result['load_avg_start']} end {result['load_avg_end']}")
 
 

@@ -42,13 +42,18 @@ def test_torch_enhancer_mirror_matches_jax(name):
     assert torch_reference.parameter_count(mirror) == sum(v.size for v in jax.tree.leaves(variables["params"]))
     torch_reference.port_enhancer_params(variables, mirror)
     for train in (False, True):
-        expected, _ = module.apply(variables, jnp.asarray(images), train=train, mutable=["batch_stats"])
+        expected, updates = module.apply(variables, jnp.asarray(images), train=train, mutable=["batch_stats"])
         mirror.train(train)
         with torch.no_grad():
             got = mirror(torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
         np.testing.assert_allclose(got, np.asarray(expected), atol=2e-5)
+    # Back to JAX layout: the parameters unchanged, the running statistics updated alike by the train step.
     back = torch_reference.enhancer_variables_from_torch(mirror.state_dict(), variables)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), variables, back)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), variables["params"], back["params"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, np.asarray(a), rtol=1e-5, atol=1e-6),
+                 updates["batch_stats"], back["batch_stats"])
+    moved = jax.tree.map(lambda a, b: not np.allclose(a, b), back["batch_stats"], variables["batch_stats"])
+    assert all(jax.tree.leaves(moved))
 
 
 @pytest.mark.parametrize("enhancer", ["urnet", "none"])
@@ -103,9 +108,14 @@ def test_benchmark_cli_prints_result_and_the_two_first_steps_agree():
     assert agreement["grad_rel_err"] < 2e-2
 
 
-def test_benchmark_cli_rejects_bad_arguments():
-    command = [sys.executable, str(REPO_ROOT / "bench" / "train_step.py"), "--batch", "0"]
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
-    assert completed.returncode == 2
-    assert "--batch must be >= 1" in completed.stderr
+@pytest.mark.parametrize("arguments, message", [
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--classifier", "resnet7", "--skip-torch"], "error: unknown classifier 'resnet7'"),
+    (["--size", "8", "--skip-torch"], "needs H, W >= 16"),
+])
+def test_benchmark_cli_rejects_bad_arguments_in_one_line(arguments, message):
+    command = [sys.executable, str(REPO_ROOT / "bench" / "train_step.py"), *arguments]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert completed.returncode != 0
+    assert message in completed.stderr
     assert "Traceback" not in completed.stderr
