@@ -1,6 +1,5 @@
 """Shared test set-up: a persistent XLA compilation cache and the location of the real data."""
 
-import os
 import pathlib
 
 import jax

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from tiny_run import REPO_ROOT, subprocess_env, trained_run  # noqa: F401 (a fixture)
 
+import urnet_jax.data as data_lib
 from urnet_jax.evaluation import figures
 from urnet_jax.evaluation.commands import evaluate_main
 from urnet_jax.evaluation.metrics import classification_metrics
@@ -123,7 +124,8 @@ def test_evaluate_writes_consistent_metrics_and_predictions(evaluated, trained_r
 
     rows = read_predictions(evaluated / "predictions.csv")
     assert list(rows[0]) == ["path", "true_label", "predicted_label", *[f"prob_{c}" for c in CLASSES]]
-    assert len(rows) == sum(map(sum, metrics["confusion_matrix"])) == 6  # the whole test split
+    test_split_size = len(data_lib.read_manifest(trained_run / "data", "test"))
+    assert len(rows) == sum(map(sum, metrics["confusion_matrix"])) == test_split_size
     for row in rows:
         probs = np.array([float(row[f"prob_{c}"]) for c in CLASSES])
         assert probs.sum() == pytest.approx(1.0, abs=1e-4)
@@ -140,7 +142,7 @@ def test_evaluate_writes_consistent_metrics_and_predictions(evaluated, trained_r
     assert metrics["accuracy"] == pytest.approx(best["test_accuracy"], abs=1e-9)
 
 
-def test_evaluate_writes_report_figures_and_robustness(evaluated):
+def test_evaluate_writes_report_figures_and_robustness(evaluated, trained_run):
     metrics = json.loads((evaluated / "metrics.json").read_text())
     report = (evaluated / "report.md").read_text()
     assert f"| test accuracy | {100 * metrics['accuracy']:.2f} |" in report
@@ -151,7 +153,7 @@ def test_evaluate_writes_report_figures_and_robustness(evaluated):
 
     robustness = json.loads((evaluated / "robustness.json").read_text())
     assert robustness["modes"] == ["with_enhancer", "without_enhancer"]
-    assert robustness["num_examples"] == 6
+    assert robustness["num_examples"] == len(data_lib.read_manifest(trained_run / "data", "test"))
     assert set(robustness["perturbations"]) == {"brightness", "contrast", "blur", "noise"}
     for curve in robustness["perturbations"].values():
         with_enhancer = curve["accuracy"]["with_enhancer"]

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -20,25 +17,7 @@ import pytest
 import urnet_jax.data as data_lib
 from urnet_jax import cli, sharding, training
 from urnet_jax.checkpointing import CheckpointStore
-from urnet_jax.config import base_config
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Keys that differ from the paper's protocol: a tiny UR-Net (the deepest ResNet map stays 3x3 at 96 px).
-TINY = {
-    "model.enhancer_width": 4, "model.classifier": "resnet18", "model.classifier_width": 4,
-    "data.image_size": 96, "data.synthetic_per_class": 16, "data.train_size": 64,
-    "pretrain.epochs": 2, "train.epochs": 2, "batch_size": 8, "eval_batch_size": 8,
-    "optimizer.lr": 0.02, "checkpoint.every_steps": 3, "checkpoint.keep": 2, "log_every_steps": 1,
-}
-
-
-def tiny_config(prepared_dir: pathlib.Path, **changes):
-    config = base_config()
-    for key, value in {**TINY, "data.prepared_dir": str(prepared_dir), **changes}.items():
-        section, _, name = key.rpartition(".")
-        (config[section] if section else config)[name] = value
-    return cli.validate(config)
-
+from tiny_run import REPO_ROOT, TINY, shared_directory, subprocess_env, tiny_config
 
 def rows_without_time(workdir: pathlib.Path) -> list[dict]:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -49,20 +28,6 @@ def assert_same_variables(a: dict, b: dict) -> None:
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for left, right in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(left), np.asarray(right))
-
-
-@contextlib.contextmanager
-def shared_directory(tmp_path_factory, name: str):
-    """A session-wide directory, shared by the pytest-xdist workers of one session (built by the first
-    worker under a lock): yields (path, whether it still has to be built)."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # xdist: basetemp is per worker; its parent is this session's
-    path, done = root / name, root / f"{name}.done"
-    with open(root / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield path, not done.exists()
-        done.touch()
 
 
 @pytest.fixture(scope="session")
@@ -168,8 +133,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(prepared, reference_ru
     overrides = [f"--config.{key}={value}" for key, value in {**TINY, "data.prepared_dir": prepared}.items()]
     command = [sys.executable, "train.py", "--config", "configs/urnet.py", "--workdir", str(tmp_path),
                "--noprogress", *overrides]
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(REPO_ROOT / ".jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+    env = subprocess_env()
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     periodic = tmp_path / "checkpoints" / "periodic"

@@ -1,15 +1,17 @@
-"""A tiny trained UR-Net workdir shared by the evaluate/predict tests (and across pytest-xdist workers).
+"""The tiny UR-Net config of the tests, and session-wide runs shared by pytest-xdist workers.
 
-Import the fixture into a test module with `from tiny_run import trained_run  # noqa: F401`. The run is
-trained once per test session: the first worker to get the lock trains it under the session's shared
-base temp folder, the others reuse it.
+Test modules import what they need, e.g. `from tiny_run import tiny_config, trained_run  # noqa: F401`.
+Every test that trains uses `TINY` (changing as few keys as possible), so that the compiled programs are
+shared through the persistent compilation cache (tests/conftest.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pathlib
+from typing import Iterator
 
 import pytest
 
@@ -17,14 +19,24 @@ from urnet_jax import cli, training
 from urnet_jax.config import base_config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The tiny model and data of tests/test_training.py (so that the joint phase's compiled programs are
-# shared through the persistent compilation cache), without phase 1, to save its compilation.
+# Keys that differ from the paper's protocol: a tiny UR-Net (the deepest ResNet map stays 3x3 at 96 px).
 TINY = {
     "model.enhancer_width": 4, "model.classifier": "resnet18", "model.classifier_width": 4,
-    "data.image_size": 96, "data.synthetic_per_class": 10, "data.train_size": 32,
-    "pretrain.epochs": 0, "train.epochs": 2, "batch_size": 8, "eval_batch_size": 8,
-    "optimizer.lr": 0.05, "checkpoint.every_steps": 0, "checkpoint.keep": 1, "log_every_steps": 1,
+    "data.image_size": 96, "data.synthetic_per_class": 16, "data.train_size": 64,
+    "pretrain.epochs": 2, "train.epochs": 2, "batch_size": 8, "eval_batch_size": 8,
+    "optimizer.lr": 0.02, "checkpoint.every_steps": 3, "checkpoint.keep": 2, "log_every_steps": 1,
 }
+
+
+def tiny_config(prepared_dir: pathlib.Path | None = None, **changes):
+    """The validated tiny config, with `changes` ({"section.key": value}) applied."""
+    config = base_config()
+    if prepared_dir is not None:
+        changes = {"data.prepared_dir": str(prepared_dir), **changes}
+    for key, value in {**TINY, **changes}.items():
+        section, _, name = key.rpartition(".")
+        (config[section] if section else config)[name] = value
+    return cli.validate(config)
 
 
 def subprocess_env() -> dict[str, str]:
@@ -33,20 +45,24 @@ def subprocess_env() -> dict[str, str]:
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
 
 
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory) -> pathlib.Path:
-    """A finished tiny run (no pre-training, 2 joint epochs on 32 synthetic 96 px images)."""
+@contextlib.contextmanager
+def shared_directory(tmp_path_factory, name: str) -> Iterator[tuple[pathlib.Path, bool]]:
+    """A session-wide directory, shared by the pytest-xdist workers of one session (built by the first
+    worker under a lock): yields (path, whether it still has to be built)."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # shared by every worker of this session
-    workdir = root / "tiny_trained_run"
-    with open(root / "tiny_trained_run.lock", "w") as lock:
+        root = root.parent  # xdist: basetemp is per worker; its parent is this session's
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (workdir / "TRAINED").is_file():
-            config = base_config()
-            for key, value in TINY.items():
-                section, _, name = key.rpartition(".")
-                (config[section] if section else config)[name] = value
-            training.train(cli.validate(config), workdir, show_progress=False)
-            (workdir / "TRAINED").touch()
+        yield path, not done.exists()
+        done.touch()
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> pathlib.Path:
+    """A finished tiny run (no pre-training, 2 joint epochs on 64 synthetic 96 px images)."""
+    with shared_directory(tmp_path_factory, "tiny_trained_run") as (workdir, to_build):
+        if to_build:
+            training.train(tiny_config(**{"pretrain.epochs": 0}), workdir, show_progress=False)
     return workdir

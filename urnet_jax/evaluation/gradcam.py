@@ -1,7 +1,7 @@
 """Grad-CAM (Selvaraju et al. 2017) for every model of the zoo, in JAX.
 
 Every classifier marks the output of its last convolutional stage with
-`self.perturb('last_conv', x)` and `self.sow('intermediates', 'last_conv', x)`. Grad-CAM needs the
+`layers.mark_gradcam_target` (a 'last_conv' perturbation and sown intermediate). Grad-CAM needs the
 activation A (N, h, w, C) and the gradient dS/dA of the explained class's logit S; adding a zero
 'perturbations' variable at that point makes dS/dA the gradient of S with respect to that variable,
 so one `jax.grad` gives it without changing the model. The same holds through

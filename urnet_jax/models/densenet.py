@@ -118,8 +118,7 @@ class DenseNet(nn.Module):
     def __call__(self, x: Array, train: bool = False) -> Array:
         x = DenseFeatures(self.growth_rate, self.block_sizes, self.dtype, name="features")(x, train)
         x = layers.relu(x)
-        x = self.perturb("last_conv", x)
-        self.sow("intermediates", "last_conv", x)
+        x = layers.mark_gradcam_target(self, x)
         x = layers.global_avg_pool(x)
         x = layers.dense(
             self.num_classes,

@@ -140,6 +140,17 @@ def adaptive_avg_pool(x: Array, output_size: tuple[int, int]) -> Array:
     return pool_axis(pool_axis(x, 1, output_size[0]), 2, output_size[1])
 
 
+def mark_gradcam_target(module: nn.Module, x: Array) -> Array:
+    """Marks a classifier's last convolutional stage (N, h, w, C) as the Grad-CAM target 'last_conv'.
+
+    Adds the zero perturbation `perturbations/.../last_conv` (its gradient is the gradient w.r.t. x) and
+    sows x into `intermediates`; both are no-ops unless those collections are requested.
+    """
+    x = module.perturb("last_conv", x)
+    module.sow("intermediates", "last_conv", x)
+    return x
+
+
 def dense(features: int, *, dtype: Dtype = None, name: str | None = None, **kwargs: Any) -> nn.Dense:
     """A `torch.nn.Linear` equivalent (kernel stored as (in, out), the transpose of torch's weight)."""
     return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name, **kwargs)

@@ -109,8 +109,7 @@ class MobileNetV2(nn.Module):
                 index += 1
         last_channels = make_divisible(_LAST_CHANNELS * max(1.0, self.width_mult))
         x = _conv_bn_relu6(x, train, last_channels, 1, f"features_{index}", dtype=self.dtype)
-        x = self.perturb("last_conv", x)
-        self.sow("intermediates", "last_conv", x)
+        x = layers.mark_gradcam_target(self, x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(layers.global_avg_pool(x))
         x = layers.dense(
             self.num_classes,

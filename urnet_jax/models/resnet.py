@@ -97,8 +97,7 @@ class ResNet(nn.Module):
                 x = self.block(planes, stride, downsample, self.dtype, name=f"layer{stage + 1}_{index}")(x, train)
                 in_channels = planes * self.block.expansion
             self.sow("intermediates", f"layer{stage + 1}", x)
-        x = self.perturb("last_conv", x)
-        self.sow("intermediates", "last_conv", x)
+        x = layers.mark_gradcam_target(self, x)
         x = layers.global_avg_pool(x)
         x = layers.dense(
             self.num_classes,

@@ -59,8 +59,7 @@ class VGG(nn.Module):
             x = layers.relu(x)
             torch_index += 3 if self.batch_norm else 2
             if i == last_conv_index:
-                x = self.perturb("last_conv", x)
-                self.sow("intermediates", "last_conv", x)
+                x = layers.mark_gradcam_target(self, x)
         x = layers.adaptive_avg_pool(x, POOLED_SIZE)
         x = x.reshape(x.shape[0], -1)
         hidden = _HIDDEN * self.width // _TORCHVISION_WIDTH
