@@ -88,7 +88,7 @@ def test_benchmark_cli_prints_result_and_the_two_first_steps_agree():
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     command = [sys.executable, str(REPO_ROOT / "bench" / "train_step.py"), "--enhancer", "urnet",
                "--enhancer-width", "4", "--classifier", "resnet18", "--size", "96", "--batch", "2",
-               "--steps", "1", "--rounds", "2", "--warmup", "1", "--threads", "1"]
+               "--steps", "1", "--rounds", "2", "--warmup", "1", "--threads", "1", "--peak-tflops", "0.01"]
     completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]
     last_line = completed.stdout.strip().splitlines()[-1]
@@ -100,6 +100,9 @@ def test_benchmark_cli_prints_result_and_the_two_first_steps_agree():
         result["torch_train"]["step_ms_median"] / result["jax_train"]["step_ms_median"], rel=1e-2)
     assert result["device"].startswith("cpu")
     assert result["jax_compile_s"] > 0 and result["train_gflop_per_step"] > 0
+    for name in ("jax", "torch"):  # MFU: XLA's FLOPs of the step / median step time / the given peak
+        seconds = result[f"{name}_train"]["step_ms_median"] / 1e3
+        assert result[f"{name}_mfu"] == pytest.approx(result["train_gflop_per_step"] / seconds / 10.0, rel=1e-2)  # 0.01 TFLOP/s = 10 GFLOP/s
     assert len(result["jax_train"]["step_ms_blocks"]) == len(result["torch_train"]["step_ms_blocks"]) == 2
     agreement = result["first_step_agreement"]
     assert agreement["loss_rel_diff"] < 1e-5

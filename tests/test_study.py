@@ -259,9 +259,10 @@ def random_metrics(rng: np.random.Generator) -> dict:
 
 
 def table_rows(block: str, variant: str) -> dict[str, list[str]]:
-    """{row label: cells} of the table of one data variant in a generated block."""
+    """{row label: cells} of the Table-3 layout (the first table) of one data variant in a generated block."""
     section = block.split(f"data variant `{variant}`")[1].split("####")[0]
-    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    first_table = next(chunk for chunk in section.split("\n\n") if chunk.startswith("|"))
+    lines = [line for line in first_table.splitlines() if line.startswith("| ")]
     return {cells[0]: cells[1:] for cells in (line[2:-2].split(" | ") for line in lines)}
 
 
@@ -367,3 +368,35 @@ def test_report_rejects_an_incomplete_metrics_file(results, capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith("error: cannot read ") and "net1-raw-seed2" in error and error.count("\n") == 1
+
+
+def test_report_pairs_models_by_seed_and_sums_up_the_errors(results):
+    folder, metrics = results
+    block = study.results_block(folder)
+    raw = block.split("data variant `raw`")[1].split("####")[0]
+    paired = {line.split(" | ")[0][2:]: line[2:-2].split(" | ") for line in raw.splitlines()
+              if line.startswith("| Net")}
+    assert list(paired) == ["Net4 − Net1"]  # the only pair of models with shared seeds
+    row = paired["Net4 − Net1"]
+    assert row[1:3] == ["the full UR-Net", "2"]  # seeds 1 and 2: net4 has no seed 3
+
+    differences = [100 * (metrics[f"net4-raw-seed{s}"]["accuracy"] - metrics[f"net1-raw-seed{s}"]["accuracy"])
+                   for s in (1, 2)]
+    mean, std = statistics.mean(differences), statistics.stdev(differences)
+    better, worse = sum(d > 0 for d in differences), sum(d < 0 for d in differences)
+    assert row[3] == f"{mean:+.2f} ± {std:.2f} ({better}/{2 - better - worse}/{worse})".replace("-", "−")
+    half = 12.706204736 * std / np.sqrt(2)  # t quantile 0.975 with 1 degree of freedom
+    low, high = (float(value.replace("−", "-")) for value in row[4].strip("[]").split(", "))
+    assert low == pytest.approx(mean - half, abs=0.006) and high == pytest.approx(mean + half, abs=0.006)
+    monocyte = [100 * (metrics[f"net4-raw-seed{s}"]["per_class"]["monocyte"]["recall"]
+                       - metrics[f"net1-raw-seed{s}"]["per_class"]["monocyte"]["recall"]) for s in (1, 2)]
+    assert row[6].startswith(f"{statistics.mean(monocyte):+.2f}".replace("-", "−"))
+
+    errors = {line[2:-2].split(" | ")[0]: line[2:-2].split(" | ")[1:] for line in raw.splitlines()
+              if " → " in line and not line.startswith("| true")}
+    assert len(errors) == 6
+    net1_monocyte_as_lymphocyte = np.mean([metrics[f"net1-raw-seed{s}"]["confusion_matrix"][1][2] for s in (1, 2, 3)])
+    net4_monocyte_as_lymphocyte = np.mean([metrics[f"net4-raw-seed{s}"]["confusion_matrix"][1][2] for s in (1, 2)])
+    assert errors["monocyte → lymphocyte"] == [f"{net1_monocyte_as_lymphocyte:.1f}", f"{net4_monocyte_as_lymphocyte:.1f}"]
+    proxy = block.split("data variant `stainfree_proxy`")[1]
+    assert "| comparison |" not in proxy  # one model only: nothing to pair

@@ -45,7 +45,7 @@ import shutil
 import sys
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -68,6 +68,12 @@ MARKER_END = "<!-- results:end {name} -->"
 DATA_DESCRIPTIONS = {"raw": "the stained PBC images as they are",
                      "stainfree_proxy": "the same images through the stain-free proxy, a degradation, "
                                         "not stain-free data"}
+# The paper's ablation questions as paired comparisons: (first model, second model, what first - second measures).
+PAIRED_COMPARISONS = (("net2", "net1", "a plain ResUNet enhancer"),
+                      ("net3", "net1", "the UR-Net enhancer, not pre-trained"),
+                      ("net4", "net1", "the full UR-Net"),
+                      ("net3", "net2", "the UR-Net modifications"),
+                      ("net4", "net3", "phase-1 enhancer pre-training"))
 # config.json keys summarised under each table (their values are shared by every run of a study).
 PROTOCOL_KEYS = ("model.classifier", "model.classifier_width", "model.enhancer_width", "model.pretrained",
                  "data.image_size", "data.train_size", "data.test_fraction", "data.seed", "train.epochs",
@@ -429,7 +435,7 @@ def collect_finished_runs(results_dir: str | os.PathLike) -> list[FinishedRun]:
             raise ConfigError(str(error)) from None
         if not _has_table3_numbers(metrics):
             raise ConfigError(f"{child / 'eval' / 'metrics.json'} lacks some of classes, per_class "
-                              f"recall/precision/f1, macro, accuracy")
+                              f"recall/precision/f1, macro, accuracy, confusion_matrix")
         seed, variant = int(match["seed"]), match["data"]
         saved_seed, saved_variant = config.get("seed"), config.get("data", {}).get("variant")
         if (saved_seed, saved_variant) != (seed, variant):
@@ -447,8 +453,11 @@ def _has_table3_numbers(metrics: Any) -> bool:
 
     keys = ("recall", "precision", "f1")
     try:
+        classes, confusion = metrics["classes"], metrics["confusion_matrix"]
         return (is_number(metrics["accuracy"]) and all(is_number(metrics["macro"][k]) for k in keys)
-                and all(is_number(metrics["per_class"][name][k]) for name in metrics["classes"] for k in keys))
+                and all(is_number(metrics["per_class"][name][k]) for name in classes for k in keys)
+                and len(confusion) == len(classes)
+                and all(len(row) == len(classes) and all(map(is_number, row)) for row in confusion))
     except (KeyError, TypeError):
         return False
 
@@ -534,6 +543,83 @@ def mean_std_table(cells: Mapping[str, Sequence[FinishedRun]]) -> str:
     return "\n".join([*mean_lines[:2], *("| " + " | ".join(row) + " |" for row in rows)])
 
 
+def paired_differences(first: Sequence[FinishedRun], second: Sequence[FinishedRun],
+                       pick: Callable[[Mapping[str, Any]], float]) -> list[float]:
+    """pick(first) - pick(second) for every seed both lists have, in seed order (units of `pick`)."""
+    by_seed = {run.seed: run for run in second}
+    return [pick(run.metrics) - pick(by_seed[run.seed].metrics)
+            for run in sorted(first, key=lambda r: r.seed) if run.seed in by_seed]
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.2f}".replace("-", "−")
+
+
+def _difference_cell(differences: Sequence[float]) -> str:
+    """'+1.20 ± 0.80 (2/0/1)': mean ± sample std in percentage points, then seeds better/equal/worse."""
+    points = 100.0 * np.asarray(differences, np.float64)
+    text = _signed(float(points.mean())) + (f" ± {points.std(ddof=1):.2f}" if len(points) > 1 else "")
+    counts = (int((points > 1e-9).sum()), int((abs(points) <= 1e-9).sum()), int((points < -1e-9).sum()))
+    return f"{text} ({'/'.join(map(str, counts))})"
+
+
+def _t_interval(differences: Sequence[float], level: float = 0.95) -> str:
+    """The two-sided t-interval of the mean difference, in percentage points ('n/a' for fewer than 2)."""
+    from scipy import stats
+
+    from urnet_jax.evaluation.report import MISSING
+
+    points = 100.0 * np.asarray(differences, np.float64)
+    if len(points) < 2:
+        return MISSING
+    half = float(stats.t.ppf(0.5 + level / 2, len(points) - 1) * points.std(ddof=1) / np.sqrt(len(points)))
+    return f"[{_signed(float(points.mean()) - half)}, {_signed(float(points.mean()) + half)}]"
+
+
+def paired_table(runs: Sequence[FinishedRun], classes: Sequence[str]) -> str | None:
+    """The PAIRED_COMPARISONS of one data variant's runs as a Markdown table (None when no pair has a
+    shared seed): test accuracy and each class's recall, first model minus second, paired by seed."""
+    by_model = {model: [run for run in runs if run.model == model] for model in {run.model for run in runs}}
+    columns: list[tuple[str, Callable[[Mapping[str, Any]], float]]] = [("test accuracy", lambda m: m["accuracy"])]
+    columns += [(f"recall {name}", lambda m, name=name: m["per_class"][name]["recall"]) for name in classes]
+    rows = []
+    for first, second, measures in PAIRED_COMPARISONS:
+        accuracy = paired_differences(by_model.get(first, []), by_model.get(second, []), columns[0][1])
+        if not accuracy:
+            continue
+        cells = [_difference_cell(paired_differences(by_model[first], by_model[second], pick)) for _, pick in columns]
+        rows.append([f"{_column_header(first)} − {_column_header(second)}", measures, str(len(accuracy)),
+                     cells[0], _t_interval(accuracy), *cells[1:]])
+    if not rows:
+        return None
+    header = ["comparison", "what it measures", "seeds", "test accuracy", "95% t-interval (accuracy)",
+              *(label for label, _ in columns[1:])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def error_table(cells: Mapping[str, Sequence[FinishedRun]], classes: Sequence[str]) -> str:
+    """Test errors as 'true -> predicted' rows (every ordered pair of distinct classes), one column per
+    {header: runs}: the mean number of images over the column's runs (from the confusion matrices)."""
+    from urnet_jax.evaluation.report import MISSING
+
+    rows = []
+    for true in classes:
+        for predicted in classes:
+            if true == predicted:
+                continue
+            row = [f"{true} → {predicted}"]
+            for runs in cells.values():
+                counts = [run.metrics["confusion_matrix"][run.metrics["classes"].index(true)]
+                          [run.metrics["classes"].index(predicted)] for run in runs
+                          if true in run.metrics["classes"] and predicted in run.metrics["classes"]]
+                row.append(f"{np.mean(counts):.1f}" if counts else MISSING)
+            rows.append(row)
+    header = ["true → predicted", *cells]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def _ordered(values: Sequence[str], preferred: Sequence[str]) -> list[str]:
     """Distinct `values`, those in `preferred` first in its order, the others sorted."""
     distinct = set(values)
@@ -577,6 +663,17 @@ def results_block(results_dir: str | os.PathLike) -> str:
                   "Settings of these runs (config.json): " + ", ".join(
                       f"`{key}` {_display(_shared_value(of_variant, key))}" for key in PROTOCOL_KEYS)
                   + f"; test images per class (eval/metrics.json): {_test_images(of_variant)}.", ""]
+        classes = aggregate_metrics([run.metrics for run in of_variant])[0]["classes"]
+        paired = paired_table(of_variant, classes)
+        if paired is not None:
+            parts += [paired, "",
+                      "Paired differences in percentage points, first model minus second, over the seeds both "
+                      "have finished (same seed, same data): mean ± sample standard deviation, then how many "
+                      "of those seeds the first model was better/equal/worse. The t-interval (n − 1 degrees of "
+                      "freedom) covers only the spread over seeds, not over other test sets.", ""]
+        parts += [error_table(cells, classes), "",
+                  "Test errors by true and predicted class: images, mean over each column's finished seeds "
+                  "(from each run's confusion matrix).", ""]
     parts.append(MARKER_END.format(name=name))
     return "\n".join(parts)
 
