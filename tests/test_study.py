@@ -11,6 +11,7 @@ import statistics
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 from urnet_jax import cli, study, training
 from urnet_jax.config import base_config
@@ -400,3 +401,22 @@ def test_report_pairs_models_by_seed_and_sums_up_the_errors(results):
     assert errors["monocyte → lymphocyte"] == [f"{net1_monocyte_as_lymphocyte:.1f}", f"{net4_monocyte_as_lymphocyte:.1f}"]
     proxy = block.split("data variant `stainfree_proxy`")[1]
     assert "| comparison |" not in proxy  # one model only: nothing to pair
+
+
+def test_report_plots_the_phase2_learning_curves_of_every_finished_run(results, tmp_path, capsys):
+    folder, _ = results
+    rows = [{"phase": 1, "epoch": 1, "train_loss": 0.1, "test_loss": 0.1},
+            {"phase": 2, "epoch": 1, "test_accuracy": 0.5}, {"phase": 2, "epoch": 2, "test_accuracy": 0.75}]
+    (folder / "net4-raw-seed2" / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (folder / "net4-raw-seed3" / "metrics.jsonl").write_text(json.dumps(rows[1]) + "\n")  # unfinished: left out
+    assert study.learning_curves(folder) == {"raw": {"Net4": [[(1, 0.5), (2, 0.75)]]}}
+
+    png = tmp_path / "curves.png"
+    assert study.main(["report", str(folder), "--curves", str(png)]) == 0
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.width > 300
+    (folder / "net4-raw-seed2" / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(["report", str(folder), "--curves", str(png)])
+    assert exit_info.value.code == 2
+    assert "--curves: no finished run" in capsys.readouterr().err

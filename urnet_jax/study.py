@@ -446,6 +446,25 @@ def collect_finished_runs(results_dir: str | os.PathLike) -> list[FinishedRun]:
     return runs
 
 
+def learning_curves(results_dir: str | os.PathLike) -> dict[str, dict[str, list[list[tuple[int, float]]]]]:
+    """{data variant: {model: [[(epoch, test accuracy in [0, 1]), ...] for each finished seed]}} from the
+    phase-2 rows of each finished run's metrics.jsonl, variants and models in the report's order."""
+    from urnet_jax.data.plan import VARIANTS
+    from urnet_jax.evaluation.runner import read_metrics_rows
+
+    runs = collect_finished_runs(results_dir)
+    curves: dict[str, dict[str, list[list[tuple[int, float]]]]] = {}
+    for variant in _ordered([run.data_variant for run in runs], VARIANTS):
+        for model in _ordered([run.model for run in runs], ABLATION_MODELS):
+            for run in sorted((r for r in runs if (r.data_variant, r.model) == (variant, model)), key=lambda r: r.seed):
+                rows = read_metrics_rows(pathlib.Path(results_dir) / run.name)
+                curve = [(row["epoch"], row["test_accuracy"]) for row in rows
+                         if row.get("phase") == 2 and row.get("test_accuracy") is not None]
+                if curve:
+                    curves.setdefault(variant, {}).setdefault(_column_header(model), []).append(curve)
+    return curves
+
+
 def _has_table3_numbers(metrics: Any) -> bool:
     """Whether a parsed metrics.json holds every number of the Table-3 layout."""
     def is_number(value: Any) -> bool:
@@ -738,6 +757,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="also write the tables into FILE between its markers (e.g. docs/RESULTS.md)")
     report.add_argument("--check", action="store_true",
                         help="exit with status 1 when --out FILE's tables differ from the results (writes nothing)")
+    report.add_argument("--curves", default=None, metavar="PNG",
+                        help="also plot every run's phase-2 test accuracy per epoch (from metrics.jsonl) into PNG")
     return parser
 
 
@@ -788,6 +809,17 @@ def _report_command(args: argparse.Namespace) -> int:
         print(f"{document}: the tables of {results_dir} are up to date")
         return 0
     print(block)
+    if args.curves is not None:
+        from urnet_jax.evaluation.figures import plot_study_curves
+
+        curves = learning_curves(results_dir)
+        if not curves:
+            raise ConfigError(f"--curves: no finished run in {results_dir} has phase-2 rows in its metrics.jsonl")
+        try:
+            plot_study_curves(curves, args.curves)
+        except OSError as error:
+            raise ConfigError(f"cannot write --curves {args.curves}: {error.strerror or error}") from None
+        print(f"learning curves written to {args.curves}")
     if args.out is not None:
         document = pathlib.Path(args.out)
         try:

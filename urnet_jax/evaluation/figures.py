@@ -159,3 +159,34 @@ def plot_robustness(results: Mapping[str, Any], path: str | pathlib.Path) -> Non
     axes[0, 0].legend(fontsize=8)
     figure.suptitle(f"Accuracy under perturbations ({results['num_examples']} images)")
     _save(figure, path)
+
+
+def plot_study_curves(curves: Mapping[str, Mapping[str, Sequence[Sequence[tuple[int, float]]]]],
+                      path: str | pathlib.Path) -> None:
+    """Phase-2 test accuracy (%) per epoch of a study: one panel per data variant, one colour per model,
+    a thin line per seed and a thick line for the mean over the seeds that reached each epoch.
+
+    curves: {data variant: {model: [[(epoch, test accuracy in [0, 1]), ...] for each seed]}}.
+    """
+    figure, axes = plt.subplots(1, max(len(curves), 1), figsize=(5.5 * max(len(curves), 1), 3.8),
+                                squeeze=False, sharey=True, layout="constrained")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for axis, (variant, by_model) in zip(axes[0], curves.items()):
+        for colour, (model, seeds) in zip(colours, by_model.items()):
+            per_epoch: dict[int, list[float]] = {}
+            for seed_curve in seeds:
+                epochs, accuracy = zip(*seed_curve)
+                axis.plot(epochs, 100.0 * np.asarray(accuracy), color=colour, alpha=0.35, linewidth=0.8)
+                for epoch, value in seed_curve:
+                    per_epoch.setdefault(epoch, []).append(value)
+            epochs = sorted(per_epoch)
+            axis.plot(epochs, [100.0 * np.mean(per_epoch[e]) for e in epochs], color=colour, linewidth=2.2,
+                      label=f"{model} ({len(seeds)} seed{'s' if len(seeds) != 1 else ''})")
+        axis.set_title(f"data variant: {variant}", fontsize=10)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_xlabel("phase-2 epoch")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8, loc="lower right")
+    axes[0, 0].set_ylabel("test accuracy (%)")
+    figure.suptitle("Test accuracy after every joint-training epoch (thin: one seed; thick: mean over seeds)")
+    _save(figure, path)
