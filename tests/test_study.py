@@ -306,7 +306,8 @@ def test_report_gives_mean_and_std_over_seeds(results):
                         ("F1 average", lambda m: m["macro"]["f1"]),
                         ("test accuracy", lambda m: m["accuracy"])):
         assert raw[label] == [expected(net1, pick), expected(net4, pick)], label
-    assert len(raw) == 1 + 2 + 13 + 1  # header, description rows, the paper's 13 rows, the seed count
+    assert raw["test accuracy, last epoch (not selected)"] == ["n/a", "n/a"]  # empty metrics.jsonl files
+    assert len(raw) == 1 + 2 + 13 + 2 + 1  # header, descriptions, the paper's 13 rows, unselected accuracy, seeds
 
     proxy = table_rows(block, "stainfree_proxy")
     single = metrics["net4-stainfree_proxy-seed1"]
@@ -391,7 +392,8 @@ def test_report_pairs_models_by_seed_and_sums_up_the_errors(results):
     assert low == pytest.approx(mean - half, abs=0.006) and high == pytest.approx(mean + half, abs=0.006)
     monocyte = [100 * (metrics[f"net4-raw-seed{s}"]["per_class"]["monocyte"]["recall"]
                        - metrics[f"net1-raw-seed{s}"]["per_class"]["monocyte"]["recall"]) for s in (1, 2)]
-    assert row[6].startswith(f"{statistics.mean(monocyte):+.2f}".replace("-", "−"))
+    assert row[5] == "n/a"  # last-epoch accuracy: the hand-made runs have no metrics.jsonl rows
+    assert row[7].startswith(f"{statistics.mean(monocyte):+.2f}".replace("-", "−"))
 
     errors = {line[2:-2].split(" | ")[0]: line[2:-2].split(" | ")[1:] for line in raw.splitlines()
               if " → " in line and not line.startswith("| true")}
@@ -410,12 +412,21 @@ def test_report_plots_the_phase2_learning_curves_of_every_finished_run(results, 
     (folder / "net4-raw-seed2" / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (folder / "net4-raw-seed3" / "metrics.jsonl").write_text(json.dumps(rows[1]) + "\n")  # unfinished: left out
     assert study.learning_curves(folder) == {"raw": {"Net4": [[(1, 0.5), (2, 0.75)]]}}
+    net1_rows = [{"phase": 2, "epoch": e, "test_accuracy": a} for e, a in ((1, 0.6), (2, 0.4), (3, 0.9))]
+    (folder / "net1-raw-seed2" / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in net1_rows))
+    block = study.results_block(folder)
+    raw = table_rows(block, "raw")
+    assert raw["test accuracy, last epoch (not selected)"] == ["90.00", "75.00"]
+    assert raw["test accuracy, mean of the last 3 epochs"] == ["63.33", "62.50"]  # net4 has 2 epochs only
+    paired = next(line for line in block.splitlines() if line.startswith("| Net4 − Net1"))
+    assert paired[2:-2].split(" | ")[5] == "−15.00 (0/0/1)"  # seed 2 only: 75 - 90
 
     png = tmp_path / "curves.png"
     assert study.main(["report", str(folder), "--curves", str(png)]) == 0
     with Image.open(png) as image:
         assert image.format == "PNG" and image.width > 300
-    (folder / "net4-raw-seed2" / "metrics.jsonl").write_text("")
+    for name in ("net4-raw-seed2", "net1-raw-seed2"):
+        (folder / name / "metrics.jsonl").write_text("")
     with pytest.raises(SystemExit) as exit_info:
         study.main(["report", str(folder), "--curves", str(png)])
     assert exit_info.value.code == 2

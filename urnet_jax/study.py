@@ -411,15 +411,19 @@ class FinishedRun:
     seed: int
     config: Mapping[str, Any]
     metrics: Mapping[str, Any]
+    # (epoch, test accuracy in [0, 1]) after every phase-2 epoch, from metrics.jsonl.
+    test_accuracy_curve: tuple[tuple[int, float], ...] = ()
 
 
 def collect_finished_runs(results_dir: str | os.PathLike) -> list[FinishedRun]:
     """Every finished run (a <model>-<variant>-seed<N> folder with eval/metrics.json) of a results folder,
-    read from config.json and eval/metrics.json only. A missing folder has none.
+    read from config.json, eval/metrics.json and metrics.jsonl (the phase-2 test accuracy curve). A missing
+    folder has none.
 
     Raises ConfigError when a file does not parse or config.json disagrees with the folder's name.
     """
     from urnet_jax.evaluation.report import read_evaluated_run
+    from urnet_jax.evaluation.runner import read_metrics_rows
 
     results_dir = pathlib.Path(results_dir)
     if not results_dir.is_dir():
@@ -441,28 +445,33 @@ def collect_finished_runs(results_dir: str | os.PathLike) -> list[FinishedRun]:
         if (saved_seed, saved_variant) != (seed, variant):
             raise ConfigError(f"{child / 'config.json'} has seed {saved_seed!r} and data.variant {saved_variant!r}, "
                               f"but the folder's name says seed {seed} and {variant!r}")
+        curve = tuple((row["epoch"], row["test_accuracy"]) for row in read_metrics_rows(child)
+                      if row.get("phase") == 2 and row.get("test_accuracy") is not None)
         runs.append(FinishedRun(name=child.name, model=match["model"], data_variant=variant, seed=seed,
-                                config=config, metrics=metrics))
+                                config=config, metrics=metrics, test_accuracy_curve=curve))
     return runs
 
 
 def learning_curves(results_dir: str | os.PathLike) -> dict[str, dict[str, list[list[tuple[int, float]]]]]:
-    """{data variant: {model: [[(epoch, test accuracy in [0, 1]), ...] for each finished seed]}} from the
-    phase-2 rows of each finished run's metrics.jsonl, variants and models in the report's order."""
+    """{data variant: {model: [[(epoch, test accuracy in [0, 1]), ...] for each finished seed]}}: the
+    phase-2 curves of the finished runs that have one, variants and models in the report's order."""
     from urnet_jax.data.plan import VARIANTS
-    from urnet_jax.evaluation.runner import read_metrics_rows
 
-    runs = collect_finished_runs(results_dir)
+    runs = [run for run in collect_finished_runs(results_dir) if run.test_accuracy_curve]
     curves: dict[str, dict[str, list[list[tuple[int, float]]]]] = {}
     for variant in _ordered([run.data_variant for run in runs], VARIANTS):
         for model in _ordered([run.model for run in runs], ABLATION_MODELS):
             for run in sorted((r for r in runs if (r.data_variant, r.model) == (variant, model)), key=lambda r: r.seed):
-                rows = read_metrics_rows(pathlib.Path(results_dir) / run.name)
-                curve = [(row["epoch"], row["test_accuracy"]) for row in rows
-                         if row.get("phase") == 2 and row.get("test_accuracy") is not None]
-                if curve:
-                    curves.setdefault(variant, {}).setdefault(_column_header(model), []).append(curve)
+                curves.setdefault(variant, {}).setdefault(_column_header(model), []).append(
+                    list(run.test_accuracy_curve))
     return curves
+
+
+def unselected_accuracy(run: FinishedRun, last_epochs: int) -> float | None:
+    """The mean test accuracy (in [0, 1]) over the run's last `last_epochs` phase-2 epochs: a number not
+    selected on the test set, unlike the kept (best) checkpoint's. None without a curve."""
+    values = [accuracy for _, accuracy in run.test_accuracy_curve[-last_epochs:]]
+    return float(np.mean(values)) if values else None
 
 
 def _has_table3_numbers(metrics: Any) -> bool:
@@ -555,19 +564,34 @@ def mean_std_table(cells: Mapping[str, Sequence[FinishedRun]]) -> str:
     def describe(key: str) -> list[str]:
         return [_display(_shared_value(runs, key)) if runs else MISSING for runs in cells.values()]
 
+    def unselected(last_epochs: int) -> list[str]:
+        cells_text = []
+        for runs in cells.values():
+            values = [v for v in (unselected_accuracy(run, last_epochs) for run in runs) if v is not None]
+            points = 100.0 * np.asarray(values, np.float64)
+            cells_text.append(MISSING if not values else f"{points.mean():.2f}" + (
+                f" ± {points.std(ddof=1):.2f}" if len(values) > 1 else ""))
+        return cells_text
+
     rows = [["enhancer", *describe("model.enhancer")],
             ["enhancer pre-training epochs (phase 1)", *describe("pretrain.epochs")],
             *rows,
+            ["test accuracy, last epoch (not selected)", *unselected(1)],
+            ["test accuracy, mean of the last 3 epochs", *unselected(3)],
             ["finished seeds", *(str(len(runs)) for runs in cells.values())]]
     return "\n".join([*mean_lines[:2], *("| " + " | ".join(row) + " |" for row in rows)])
 
 
 def paired_differences(first: Sequence[FinishedRun], second: Sequence[FinishedRun],
-                       pick: Callable[[Mapping[str, Any]], float]) -> list[float]:
-    """pick(first) - pick(second) for every seed both lists have, in seed order (units of `pick`)."""
-    by_seed = {run.seed: run for run in second}
-    return [pick(run.metrics) - pick(by_seed[run.seed].metrics)
-            for run in sorted(first, key=lambda r: r.seed) if run.seed in by_seed]
+                       pick: Callable[[FinishedRun], float | None]) -> list[float]:
+    """pick(first) - pick(second) for every seed both lists have a value for, in seed order (units of `pick`)."""
+    by_seed = {run.seed: pick(run) for run in second}
+    differences = []
+    for run in sorted(first, key=lambda r: r.seed):
+        value, other = pick(run), by_seed.get(run.seed)
+        if value is not None and other is not None:
+            differences.append(value - other)
+    return differences
 
 
 def _signed(value: float) -> str:
@@ -575,7 +599,12 @@ def _signed(value: float) -> str:
 
 
 def _difference_cell(differences: Sequence[float]) -> str:
-    """'+1.20 ± 0.80 (2/0/1)': mean ± sample std in percentage points, then seeds better/equal/worse."""
+    """'+1.20 ± 0.80 (2/0/1)': mean ± sample std in percentage points, then seeds better/equal/worse
+    ('n/a' for no differences)."""
+    from urnet_jax.evaluation.report import MISSING
+
+    if not differences:
+        return MISSING
     points = 100.0 * np.asarray(differences, np.float64)
     text = _signed(float(points.mean())) + (f" ± {points.std(ddof=1):.2f}" if len(points) > 1 else "")
     counts = (int((points > 1e-9).sum()), int((abs(points) <= 1e-9).sum()), int((points < -1e-9).sum()))
@@ -599,8 +628,11 @@ def paired_table(runs: Sequence[FinishedRun], classes: Sequence[str]) -> str | N
     """The PAIRED_COMPARISONS of one data variant's runs as a Markdown table (None when no pair has a
     shared seed): test accuracy and each class's recall, first model minus second, paired by seed."""
     by_model = {model: [run for run in runs if run.model == model] for model in {run.model for run in runs}}
-    columns: list[tuple[str, Callable[[Mapping[str, Any]], float]]] = [("test accuracy", lambda m: m["accuracy"])]
-    columns += [(f"recall {name}", lambda m, name=name: m["per_class"][name]["recall"]) for name in classes]
+    columns: list[tuple[str, Callable[[FinishedRun], float | None]]] = [
+        ("test accuracy", lambda run: run.metrics["accuracy"]),
+        ("last-epoch test accuracy", lambda run: unselected_accuracy(run, 1))]
+    columns += [(f"recall {name}", lambda run, name=name: run.metrics["per_class"][name]["recall"])
+                for name in classes]
     rows = []
     for first, second, measures in PAIRED_COMPARISONS:
         accuracy = paired_differences(by_model.get(first, []), by_model.get(second, []), columns[0][1])
