@@ -409,7 +409,9 @@ def test_report_plots_the_phase2_learning_curves_of_every_finished_run(results, 
     folder, _ = results
     rows = [{"phase": 1, "epoch": 1, "train_loss": 0.1, "test_loss": 0.1},
             {"phase": 2, "epoch": 1, "test_accuracy": 0.5}, {"phase": 2, "epoch": 2, "test_accuracy": 0.75}]
-    (folder / "net4-raw-seed2" / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    malformed = ["[1, 2]", '{"phase": 2, "test_accuracy": 0.9}', '{"phase": 2, "epoch": 3, "test_accuracy": null}']
+    (folder / "net4-raw-seed2" / "metrics.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in rows) + "\n".join(malformed) + "\n")  # malformed rows: left out
     (folder / "net4-raw-seed3" / "metrics.jsonl").write_text(json.dumps(rows[1]) + "\n")  # unfinished: left out
     assert study.learning_curves(folder) == {"raw": {"Net4": [[(1, 0.5), (2, 0.75)]]}}
     net1_rows = [{"phase": 2, "epoch": e, "test_accuracy": a} for e, a in ((1, 0.6), (2, 0.4), (3, 0.9))]

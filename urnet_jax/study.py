@@ -446,7 +446,8 @@ def collect_finished_runs(results_dir: str | os.PathLike) -> list[FinishedRun]:
             raise ConfigError(f"{child / 'config.json'} has seed {saved_seed!r} and data.variant {saved_variant!r}, "
                               f"but the folder's name says seed {seed} and {variant!r}")
         curve = tuple((row["epoch"], row["test_accuracy"]) for row in read_metrics_rows(child)
-                      if row.get("phase") == 2 and row.get("test_accuracy") is not None)
+                      if isinstance(row, dict) and row.get("phase") == 2 and isinstance(row.get("epoch"), int)
+                      and isinstance(row.get("test_accuracy"), (int, float)))
         runs.append(FinishedRun(name=child.name, model=match["model"], data_variant=variant, seed=seed,
                                 config=config, metrics=metrics, test_accuracy_curve=curve))
     return runs
