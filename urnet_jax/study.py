@@ -491,10 +491,15 @@ def _has_table3_numbers(metrics: Any) -> bool:
         return False
 
 
+def _common_classes(metrics: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The classes of the first metrics.json that every one of them has, in its order."""
+    return [name for name in metrics[0]["classes"] if all(name in m["per_class"] for m in metrics)]
+
+
 def aggregate_metrics(metrics: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(mean, sample standard deviation (ddof 1)) over runs of every number the Table-3 layout shows,
     each in metrics.json's shape; a std is None for fewer than two runs, a class some run lacks is left out."""
-    classes = [name for name in metrics[0]["classes"] if all(name in m["per_class"] for m in metrics)]
+    classes = _common_classes(metrics)
 
     def stats(values: list[float]) -> tuple[float, float | None]:
         array = np.asarray(values, np.float64)
@@ -548,7 +553,7 @@ def mean_std_table(cells: Mapping[str, Sequence[FinishedRun]]) -> str:
     (seeds) of each cell. A std needs two runs (a cell of one run shows its value alone); an empty
     column shows n/a.
     """
-    from urnet_jax.evaluation.report import MISSING, table3
+    from urnet_jax.evaluation.report import MISSING, markdown_table, table3
 
     empty: dict[str, Any] = {"classes": [], "per_class": {}, "accuracy": None,
                              "macro": {"recall": None, "precision": None, "f1": None}}
@@ -566,13 +571,8 @@ def mean_std_table(cells: Mapping[str, Sequence[FinishedRun]]) -> str:
         return [_display(_shared_value(runs, key)) if runs else MISSING for runs in cells.values()]
 
     def unselected(last_epochs: int) -> list[str]:
-        cells_text = []
-        for runs in cells.values():
-            values = [v for v in (unselected_accuracy(run, last_epochs) for run in runs) if v is not None]
-            points = 100.0 * np.asarray(values, np.float64)
-            cells_text.append(MISSING if not values else f"{points.mean():.2f}" + (
-                f" ± {points.std(ddof=1):.2f}" if len(values) > 1 else ""))
-        return cells_text
+        return [_mean_std_points([v for v in (unselected_accuracy(run, last_epochs) for run in runs) if v is not None])
+                for runs in cells.values()]
 
     rows = [["enhancer", *describe("model.enhancer")],
             ["enhancer pre-training epochs (phase 1)", *describe("pretrain.epochs")],
@@ -580,7 +580,7 @@ def mean_std_table(cells: Mapping[str, Sequence[FinishedRun]]) -> str:
             ["test accuracy, last epoch (not selected)", *unselected(1)],
             ["test accuracy, mean of the last 3 epochs", *unselected(3)],
             ["finished seeds", *(str(len(runs)) for runs in cells.values())]]
-    return "\n".join([*mean_lines[:2], *("| " + " | ".join(row) + " |" for row in rows)])
+    return markdown_table(_cell_values(mean_lines[0]), rows)
 
 
 def paired_differences(first: Sequence[FinishedRun], second: Sequence[FinishedRun],
@@ -599,17 +599,26 @@ def _signed(value: float) -> str:
     return f"{value:+.2f}".replace("-", "−")
 
 
+def _mean_std_points(values: Sequence[float], signed: bool = False) -> str:
+    """'96.00 ± 1.07' (or '+0.98 ± 0.67' when signed): mean ± sample std of fractions, in percentage
+    points; the mean alone for one value, 'n/a' for none."""
+    from urnet_jax.evaluation.report import MISSING
+
+    if not values:
+        return MISSING
+    points = 100.0 * np.asarray(values, np.float64)
+    mean = _signed(float(points.mean())) if signed else f"{points.mean():.2f}"
+    return mean + (f" ± {points.std(ddof=1):.2f}" if len(points) > 1 else "")
+
+
 def _difference_cell(differences: Sequence[float]) -> str:
     """'+1.20 ± 0.80 (2/0/1)': mean ± sample std in percentage points, then seeds better/equal/worse
     ('n/a' for no differences)."""
-    from urnet_jax.evaluation.report import MISSING
-
     if not differences:
-        return MISSING
+        return _mean_std_points(differences)
     points = 100.0 * np.asarray(differences, np.float64)
-    text = _signed(float(points.mean())) + (f" ± {points.std(ddof=1):.2f}" if len(points) > 1 else "")
     counts = (int((points > 1e-9).sum()), int((abs(points) <= 1e-9).sum()), int((points < -1e-9).sum()))
-    return f"{text} ({'/'.join(map(str, counts))})"
+    return f"{_mean_std_points(differences, signed=True)} ({'/'.join(map(str, counts))})"
 
 
 def _t_interval(differences: Sequence[float], level: float = 0.95) -> str:
@@ -628,6 +637,8 @@ def _t_interval(differences: Sequence[float], level: float = 0.95) -> str:
 def paired_table(runs: Sequence[FinishedRun], classes: Sequence[str]) -> str | None:
     """The PAIRED_COMPARISONS of one data variant's runs as a Markdown table (None when no pair has a
     shared seed): test accuracy and each class's recall, first model minus second, paired by seed."""
+    from urnet_jax.evaluation.report import markdown_table
+
     by_model = {model: [run for run in runs if run.model == model] for model in {run.model for run in runs}}
     columns: list[tuple[str, Callable[[FinishedRun], float | None]]] = [
         ("test accuracy", lambda run: run.metrics["accuracy"]),
@@ -644,16 +655,14 @@ def paired_table(runs: Sequence[FinishedRun], classes: Sequence[str]) -> str | N
                      cells[0], _t_interval(accuracy), *cells[1:]])
     if not rows:
         return None
-    header = ["comparison", "what it measures", "seeds", "test accuracy", "95% t-interval (accuracy)",
-              *(label for label, _ in columns[1:])]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    return markdown_table(["comparison", "what it measures", "seeds", "test accuracy", "95% t-interval (accuracy)",
+                           *(label for label, _ in columns[1:])], rows)
 
 
 def error_table(cells: Mapping[str, Sequence[FinishedRun]], classes: Sequence[str]) -> str:
     """Test errors as 'true -> predicted' rows (every ordered pair of distinct classes), one column per
     {header: runs}: the mean number of images over the column's runs (from the confusion matrices)."""
-    from urnet_jax.evaluation.report import MISSING
+    from urnet_jax.evaluation.report import MISSING, markdown_table
 
     rows = []
     for true in classes:
@@ -667,9 +676,7 @@ def error_table(cells: Mapping[str, Sequence[FinishedRun]], classes: Sequence[st
                           if true in run.metrics["classes"] and predicted in run.metrics["classes"]]
                 row.append(f"{np.mean(counts):.1f}" if counts else MISSING)
             rows.append(row)
-    header = ["true → predicted", *cells]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    return markdown_table(["true → predicted", *cells], rows)
 
 
 def _ordered(values: Sequence[str], preferred: Sequence[str]) -> list[str]:
@@ -715,7 +722,7 @@ def results_block(results_dir: str | os.PathLike) -> str:
                   "Settings of these runs (config.json): " + ", ".join(
                       f"`{key}` {_display(_shared_value(of_variant, key))}" for key in PROTOCOL_KEYS)
                   + f"; test images per class (eval/metrics.json): {_test_images(of_variant)}.", ""]
-        classes = aggregate_metrics([run.metrics for run in of_variant])[0]["classes"]
+        classes = _common_classes([run.metrics for run in of_variant])
         paired = paired_table(of_variant, classes)
         if paired is not None:
             parts += [paired, "",

@@ -25,7 +25,8 @@ def _percent(value: float | None) -> str:
     return MISSING if value is None else f"{100.0 * value:.2f}"
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table of already formatted cells."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines.extend("| " + " | ".join(row) + " |" for row in rows)
     return "\n".join(lines)
@@ -45,7 +46,7 @@ def table3(runs: Mapping[str, Mapping[str, Any]], accuracy_label: str = "test ac
                 for metrics in runs.values()])
         rows.append([f"{label} average"] + [_percent(metrics["macro"][metric]) for metrics in runs.values()])
     rows.append([accuracy_label] + [_percent(metrics["accuracy"]) for metrics in runs.values()])
-    return _markdown_table(["", *runs], rows)
+    return markdown_table(["", *runs], rows)
 
 
 def model_names(config: Mapping[str, Any]) -> tuple[str, str]:
@@ -76,7 +77,7 @@ def table2(runs: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]]]) -> s
 
     header = ["enhancer \\ classifier", *[DISPLAY_NAMES.get(c, c) for c in classifiers]]
     rows = [[DISPLAY_NAMES.get(e, e)] + [cell((e, c)) for c in classifiers] for e in enhancers]
-    return _markdown_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def robustness_table(results: Mapping[str, Any]) -> str:
@@ -88,7 +89,7 @@ def robustness_table(results: Mapping[str, Any]) -> str:
             accuracies = [_percent(curve["accuracy"][mode][level]) for mode in modes]
             rows.append([kind, f"{level}", f"{severity:g}", *accuracies])
     units = "; ".join(f"{kind}: {curve['units']}" for kind, curve in results["perturbations"].items())
-    table = _markdown_table(["perturbation", "level", "severity", *[m.replace("_", " ") for m in modes]], rows)
+    table = markdown_table(["perturbation", "level", "severity", *[m.replace("_", " ") for m in modes]], rows)
     return f"{table}\n\nSeverity units: {units}."
 
 
