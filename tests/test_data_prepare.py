@@ -10,6 +10,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from urnet_jax.data import (DataError, eval_batches, load_image, load_info, prep
                             stainfree_proxy, steps_per_epoch, train_batches)
 from urnet_jax.data.__main__ import main as cli_main
 from urnet_jax.data.augment import apply_augmentation, class_totals
+from urnet_jax.data.prepare import exclusive_lock
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO_ROOT / "configs" / "urnet.py")
@@ -186,6 +188,18 @@ def test_prepare_is_deterministic_reuses_and_rebuilds(tree, prepared, tmp_path):
         assert load_info(fresh).summary.train_originals["lymphocyte"] == reseeded.train_originals["lymphocyte"] + 1
     finally:
         (root / "lymphocyte" / "new.png").unlink()
+
+
+def test_prepare_waits_while_another_process_prepares_then_reuses(tree, prepared):
+    """Two preparations of one directory take turns: the second blocks on the lock, then reuses."""
+    results = {}
+    waiting = threading.Thread(target=lambda: results.update(summary=prepare(_data_config(tree[0]), prepared)))
+    with exclusive_lock(prepared / ".prepare.lock"):  # another process preparing
+        waiting.start()
+        waiting.join(timeout=2.0)
+        assert waiting.is_alive() and not results
+    waiting.join(timeout=120)
+    assert results["summary"].reused
 
 
 def test_dict_class_map_assigned_in_a_config(tree, tmp_path):

@@ -7,6 +7,7 @@ import json
 import pathlib
 import re
 import statistics
+import threading
 
 import ml_collections
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 
 from urnet_jax import cli, study, training
 from urnet_jax.config import base_config
+from urnet_jax.data.prepare import exclusive_lock
 from urnet_jax.evaluation import runner
 from urnet_jax.evaluation.metrics import metrics_from_confusion
 
@@ -238,6 +240,14 @@ def test_link_subset_draws_per_class_links_once(tmp_path):
     assert (out / ".subset.json").stat().st_mtime_ns == stamp_time
     study.link_subset(source, "wbc3", 4, 0, out)
     assert len(list(out.rglob("*.jpg"))) == 4 + 4 + 2
+    # Concurrent callers take turns: a second one waits while the lock beside out_dir is held.
+    waiting = threading.Thread(target=study.link_subset, args=(source, "wbc3", 3, 0, out))
+    with exclusive_lock(tmp_path / ".subset.lock"):
+        waiting.start()
+        waiting.join(timeout=2.0)
+        assert waiting.is_alive() and len(list(out.rglob("*.jpg"))) == 4 + 4 + 2
+    waiting.join(timeout=60)
+    assert len(list(out.rglob("*.jpg"))) == 3 + 3 + 2
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -233,9 +233,11 @@ def link_subset(source: str | os.PathLike, class_map: Any, per_class: int, seed:
     out_dir/<source folder>/<file>, keeping the class folders, and returns out_dir.
 
     The choice: a permutation seeded by (seed, class index) over each class's files in path order. A
-    matching out_dir (same source, size, seed and files, recorded in out_dir/.subset.json) is reused.
+    matching out_dir (same source, size, seed and files, recorded in out_dir/.subset.json) is reused;
+    concurrent callers take turns (a lock file beside out_dir).
     """
     from urnet_jax.data.folders import resolve_class_folders, scan_class_files
+    from urnet_jax.data.prepare import exclusive_lock
 
     source = pathlib.Path(source).expanduser().resolve()
     out_dir = pathlib.Path(out_dir)
@@ -248,17 +250,18 @@ def link_subset(source: str | os.PathLike, class_map: Any, per_class: int, seed:
         chosen.extend(str(members[i].path.relative_to(source)) for i in sorted(picked))
     record = {"source": str(source), "per_class": per_class, "seed": seed, "files": chosen}
     stamp = out_dir / ".subset.json"
-    try:
-        if json.loads(stamp.read_text()) == record:
-            return out_dir
-    except (OSError, ValueError):
-        pass
-    shutil.rmtree(out_dir, ignore_errors=True)
-    for relative in chosen:
-        link = out_dir / relative
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(source / relative)
-    stamp.write_text(json.dumps(record) + "\n")
+    with exclusive_lock(out_dir.parent / f".{out_dir.name}.lock"):
+        try:
+            if json.loads(stamp.read_text()) == record:
+                return out_dir
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(out_dir, ignore_errors=True)
+        for relative in chosen:
+            link = out_dir / relative
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(source / relative)
+        stamp.write_text(json.dumps(record) + "\n")
     return out_dir
 
 

@@ -17,7 +17,6 @@ import math
 import os
 from collections.abc import Iterator
 
-import grain
 import numpy as np
 
 from urnet_jax.data.errors import DataError
@@ -25,7 +24,8 @@ from urnet_jax.data.plan import SPLITS
 from urnet_jax.data.prepare import PreparedInfo, load_info
 from urnet_jax.data.tf_runtime import import_tfds
 
-_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+READ_THREADS = 2  # grain's reader threads
+PREFETCH_BATCHES = 4  # batches grain reads ahead
 
 
 def _check_split(split: str) -> None:
@@ -77,7 +77,10 @@ def _batches(info: PreparedInfo, split: str, index_batches: np.ndarray,
             return {"image": images, "label": labels}
         return {"image": images, "label": labels, "mask": valid, "index": indices.astype(np.int64)}
 
-    return iter(grain.MapDataset.source(index_batches).map(read).to_iter_dataset(_READ_OPTIONS))
+    import grain  # here, so that importing urnet_jax.training needs no input-pipeline packages
+
+    options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
+    return iter(grain.MapDataset.source(index_batches).map(read).to_iter_dataset(options))
 
 
 def train_batches(out_dir: str | os.PathLike, batch_size: int, seed: int, epoch: int, start_step: int = 0,

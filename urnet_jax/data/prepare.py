@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
 import os
 import pathlib
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from absl import logging as absl_logging
 
@@ -174,7 +175,8 @@ def prepare(data_config, out_dir: str | os.PathLike) -> PrepareSummary:
 
     Writes out_dir/manifest.csv, out_dir/skipped.csv and the tensorflow-datasets files (see the module
     docstring). Raises DataError (one line) for a bad config or unusable data: missing directory, fewer
-    than two classes, a class without a readable image, a class_map naming a missing folder.
+    than two classes, a class without a readable image, a class_map naming a missing folder. Processes
+    preparing the same out_dir at once take turns (out_dir/.prepare.lock): the first builds, the rest reuse.
     """
     config = validate_data_config(data_config)
     out_dir = pathlib.Path(out_dir).expanduser().resolve()
@@ -186,11 +188,34 @@ def prepare(data_config, out_dir: str | os.PathLike) -> PrepareSummary:
         root, class_folders, source, listing = out_dir / "synthetic_source", None, "synthetic", None
     content_config = {key: value for key, value in config.items() if key not in _LOCATION_KEYS}
     identity = {"format": FORMAT_VERSION, "data": {**content_config, "dir": source}, "listing": listing}
-    state = _read_state(out_dir)
-    if state and state.get("identity") == identity and (out_dir / state.get("tfds_dir", "-")).is_dir():
-        return _summary_from_json(state["summary"], reused=True)
+    with exclusive_lock(out_dir / ".prepare.lock"):
+        state = _read_state(out_dir)
+        if state and state.get("identity") == identity and (out_dir / state.get("tfds_dir", "-")).is_dir():
+            return _summary_from_json(state["summary"], reused=True)
+        return _build_outputs(root, class_folders, config, source, identity, out_dir)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: str | os.PathLike) -> Iterator[None]:
+    """Holds an exclusive lock on the file lock_path (created if missing) for the `with` block.
+
+    Processes that write the same directory (two study runs started side by side, say) take turns: the
+    later ones wait, then find and reuse what the first built instead of deleting it under its feet. The
+    OS releases the lock if its holder dies. Keep lock_path outside anything the block deletes.
+    """
+    lock_path = pathlib.Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build_outputs(root: pathlib.Path, class_folders: dict | None, config: dict, source: str, identity: dict,
+                   out_dir: pathlib.Path) -> PrepareSummary:
+    """Deletes out_dir's previous outputs, builds the data set and writes manifest, skips and state."""
     for name in _OUTPUTS:
         path = out_dir / name
         if path.is_dir():
