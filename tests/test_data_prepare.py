@@ -202,6 +202,16 @@ def test_prepare_waits_while_another_process_prepares_then_reuses(tree, prepared
     assert results["summary"].reused
 
 
+def test_reading_batches_does_not_import_tensorflow(prepared):
+    """Training and evaluation read without TensorFlow (absent on the GPU machines, and never near the GPU)."""
+    code = ("import sys; from urnet_jax.data import eval_batches, train_batches; "
+            f"batch = next(train_batches({str(prepared)!r}, batch_size=4, seed=0, epoch=0)); "
+            f"rows = sum(int(b['mask'].sum()) for b in eval_batches({str(prepared)!r}, 'test', batch_size=4)); "
+            "print(batch['image'].shape[0], rows > 0, 'tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["4", "True", "False"], result.stderr[-2000:]
+
+
 def test_dict_class_map_assigned_in_a_config(tree, tmp_path):
     config = _data_config(tree[0])
     config.class_map = {"mononuclear": ["Monocyte", "LYMPHOCYTE"], "granulocyte": ["neutrophil", "eosinophil"]}

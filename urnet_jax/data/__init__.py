@@ -3,7 +3,8 @@
 `prepare(config.data, out_dir)` scans, splits (stratified, leak-free), augments the training split,
 optionally applies the stain-free proxy, and writes a tensorflow-datasets data set plus manifest.csv
 and skipped.csv; the readers (`train_batches`, `eval_batches`) read what it wrote. TensorFlow is only
-imported when building or reading, with its GPUs hidden. CLI: `python -m urnet_jax.data --help`.
+imported when building, with its GPUs hidden; reading does not import it.
+CLI: `python -m urnet_jax.data --help`.
 """
 
 from urnet_jax.data.errors import DataError

@@ -1,8 +1,8 @@
 """Readers of a prepared data set: deterministic training batches and padded evaluation batches.
 
-Both read the ArrayRecord files by index through tensorflow-datasets' random-access data source,
-batch by batch, with grain's threaded prefetching (order preserved). Batches stay uint8 on the host
-(training converts to float on the device).
+Both read the ArrayRecord files by index through tensorflow-datasets' random-access data source (which
+decodes with numpy: TensorFlow is not imported), batch by batch, with grain's threaded prefetching
+(order preserved). Batches stay uint8 on the host (training converts to float on the device).
 
 Training order: epoch e uses the permutation np.random.default_rng([seed, e]).permutation(n); step s
 of the epoch takes positions [s B, (s + 1) B) of it (B = the global batch size, the last partial batch
@@ -22,7 +22,7 @@ import numpy as np
 from urnet_jax.data.errors import DataError
 from urnet_jax.data.plan import SPLITS
 from urnet_jax.data.prepare import PreparedInfo, load_info
-from urnet_jax.data.tf_runtime import import_tfds
+from urnet_jax.data.tf_runtime import import_tfds_for_reading
 
 READ_THREADS = 2  # grain's reader threads
 PREFETCH_BATCHES = 4  # batches grain reads ahead
@@ -64,7 +64,7 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 def _batches(info: PreparedInfo, split: str, index_batches: np.ndarray,
              with_padding: bool) -> Iterator[dict[str, np.ndarray]]:
     """Batches of the records named by each row of index_batches (-1 = padding), read ahead by grain."""
-    source = import_tfds().builder_from_directory(info.tfds_dir).as_data_source(split)
+    source = import_tfds_for_reading().builder_from_directory(info.tfds_dir).as_data_source(split)
     size = info.image_size
 
     def read(indices: np.ndarray) -> dict[str, np.ndarray]:
