@@ -212,6 +212,24 @@ def test_reading_batches_does_not_import_tensorflow(prepared):
     assert result.stdout.split() == ["4", "True", "False"], result.stderr[-2000:]
 
 
+def test_prepare_without_tensorflow_writes_the_same_records(tree, prepared, tmp_path):
+    """Where TensorFlow is not installed (the GPU machines), prepare still works and writes the same data."""
+    hide_tensorflow = ("import importlib.machinery as m; find = m.PathFinder.find_spec; "
+                       "m.PathFinder.find_spec = staticmethod(lambda name, path=None, target=None: None "
+                       "if name.split('.')[0] == 'tensorflow' else find(name, path, target)); ")
+    code = hide_tensorflow + (
+        "import sys, tests.test_data_prepare as t; from urnet_jax.data import prepare; "
+        f"prepare(t._data_config({str(tree[0])!r}), {str(tmp_path)!r}); print('tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.stdout.strip() == "False", result.stderr[-2000:]
+    for split in ("train", "test"):
+        assert read_manifest(tmp_path, split) == read_manifest(prepared, split)
+        for with_tf, without_tf in zip(eval_batches(prepared, split, 8), eval_batches(tmp_path, split, 8), strict=True):
+            np.testing.assert_array_equal(with_tf["image"], without_tf["image"])
+            np.testing.assert_array_equal(with_tf["label"], without_tf["label"])
+
+
 def test_dict_class_map_assigned_in_a_config(tree, tmp_path):
     config = _data_config(tree[0])
     config.class_map = {"mononuclear": ["Monocyte", "LYMPHOCYTE"], "granulocyte": ["neutrophil", "eosinophil"]}

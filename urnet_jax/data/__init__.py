@@ -3,7 +3,8 @@
 `prepare(config.data, out_dir)` scans, splits (stratified, leak-free), augments the training split,
 optionally applies the stain-free proxy, and writes a tensorflow-datasets data set plus manifest.csv
 and skipped.csv; the readers (`train_batches`, `eval_batches`) read what it wrote. TensorFlow is only
-imported when building, with its GPUs hidden; reading does not import it.
+imported when building, if installed, with its GPUs hidden (without it the same records are
+written); reading never imports it.
 CLI: `python -m urnet_jax.data --help`.
 """
 
