@@ -131,9 +131,10 @@ def peak_tflops_for(device_name: str, override: float | None) -> float | None:
 
 
 def environment() -> dict[str, Any]:
-    """Machine and software facts recorded with every result."""
+    """Machine and software facts recorded with every result (None for a package that is not installed)."""
+    import importlib
+
     import jax
-    import torch
 
     info: dict[str, Any] = {
         "python": sys.version.split()[0],
@@ -142,17 +143,13 @@ def environment() -> dict[str, Any]:
         "cpus_allowed": len(os.sched_getaffinity(0)),
         "jax": jax.__version__,
         "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"),
-        "torch": torch.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
-    try:
-        import flax
-        import optax
-        import torchvision
-
-        info.update(flax=flax.__version__, optax=optax.__version__, torchvision=torchvision.__version__)
-    except ImportError:
-        pass
+    for name in ("flax", "optax", "torch", "torchvision"):
+        try:
+            info[name] = importlib.import_module(name).__version__
+        except ImportError:
+            info[name] = None
     return info
 
 

@@ -126,9 +126,11 @@ def test_benchmark_cli_rejects_bad_arguments_in_one_line(arguments, message):
 
 def test_benchmark_needs_no_input_pipeline_packages():
     """The GPU machines have JAX, flax, optax and torch but not TensorFlow, tensorflow-datasets or grain:
-    the models, the train step and both benchmark modules must import without them."""
-    blocked = ["grain", "tensorflow", "tensorflow_datasets"]
+    the models, the train step and the benchmark must import without them, and the benchmark's
+    environment record must not need torch either (`--skip-torch` where torch is absent)."""
+    blocked = ["grain", "tensorflow", "tensorflow_datasets", "torch", "torchvision"]
     code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); sys.path.insert(0, 'bench'); "
-            "import train_step, torch_reference; from urnet_jax import training, port, sharding; print('ok')")
+            "import common, train_step; from urnet_jax import training, port, sharding; "
+            "info = common.environment(); print(info['torch'], info['flax'] is not None)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    assert result.stdout.split() == ["None", "True"], result.stderr[-2000:]

@@ -221,6 +221,34 @@ def test_bad_study_configs_give_one_line_errors(tmp_path):
         study.plan_runs(bad_value, tmp_path)
 
 
+def test_run_command_line_overrides_change_the_study_config(tmp_path, fake_runs, capsys):
+    """`--config.KEY=VALUE` (as train.py takes them): literals are parsed, other values stay strings, and an
+    unknown key, a wrong type or a stray argument is a one-line error (exit status 2)."""
+    calls, _ = fake_runs
+    config_file = tmp_path / "study.py"
+    config_file.write_text(
+        "from urnet_jax import study\nfrom urnet_jax.config import base_config\n\n\ndef get_config():\n"
+        f"    base = study.apply_overrides(base_config(), {TINY_BASE!r})\n"
+        f"    return study.study_config(base, {TINY_MODELS!r}, data_variants=('raw',), seeds=(1, 2, 3))\n")
+    common = ["run", "--config", str(config_file), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert study.main([*common, "--config.seeds=(2,)", "--config.base.train.epochs=3",
+                       "--config.base.model.classifier=resnet34"]) == 0
+    assert calls == ["tiny-raw-seed2"]
+    written = json.loads((tmp_path / "out" / "tiny-raw-seed2" / "config.json").read_text())
+    assert (written["train"]["epochs"], written["model"]["classifier"]) == (3, "resnet34")
+    for arguments, message in (
+            (["--config.base.train.epochz=3"], "unknown config key base.train.epochz"),
+            (["--config.base.train.epochs=many"], "base.train.epochs"),
+            (["--config.base.train=3"], "base.train is a section"),
+            (["--verbose"], "unrecognized argument '--verbose'")):
+        with pytest.raises(SystemExit) as exit_info:
+            study.main([*common, *arguments])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert message in error and len(error.strip().splitlines()) == 1, error
+    assert calls == ["tiny-raw-seed2"]  # nothing ran on a bad command line
+
+
 def test_link_subset_draws_per_class_links_once(tmp_path):
     source = tmp_path / "pbc"
     for folder, count in (("neutrophil", 6), ("eosinophil", 4), ("monocyte", 5), ("lymphocyte", 2)):

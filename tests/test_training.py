@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -176,6 +177,18 @@ def test_workdir_of_another_configuration_is_refused_untouched(prepared, referen
         training.train(tiny_config(prepared, **{"model.classifier_width": 8}), reference_run, show_progress=False)
     assert sorted(str(path) for path in reference_run.rglob("*")) == before
     assert (reference_run / "metrics.jsonl").read_text() == metrics
+
+
+def test_non_finite_test_loss_stops_with_one_line_naming_the_intact_checkpoint(prepared, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "evaluate_split", lambda *args, **kwargs: (float("nan"), 0.0))
+    with pytest.raises(cli.RunError) as error:
+        training.train(tiny_config(prepared), tmp_path, show_progress=False)
+    match = re.fullmatch(r"non-finite test loss \(nan\) after phase 1 epoch 1; "
+                         r"the last checkpoint \(step (\d+)\) is intact", str(error.value))
+    assert match, str(error.value)
+    store = CheckpointStore(tmp_path / "checkpoints" / "periodic", for_writing=False)
+    assert int(match.group(1)) == max(store.steps())
+    store.close()
 
 
 def test_non_finite_loss_stops_cleanly_with_checkpoints_intact(prepared, reference_run, tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 run after another, and its results in the paper's Table 3 layout (mean +- std over seeds).
 
     python -m urnet_jax.study run --config configs/study_cpu.py --out results/study_cpu \\
-        [--only 'net4-*'] [--limit N] [--delete-checkpoints] [--prepared DIR] [--no-progress]
+        [--only 'net4-*'] [--limit N] [--delete-checkpoints] [--prepared DIR] [--no-progress] \\
+        [--config.KEY=VALUE ...]   # e.g. --config.base.train.epochs=5 --config.seeds='(1,)'
     python -m urnet_jax.study report results/study_cpu [--out docs/RESULTS.md] [--check]
 
 A study config (`get_config()` of configs/study_*.py) holds
@@ -34,6 +35,7 @@ file's tables differ from what the results give.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import dataclasses
 import fnmatch
@@ -146,6 +148,31 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
 
     assign(result, _plain(overrides), "")
     return result
+
+
+def parse_command_line_overrides(arguments: Sequence[str]) -> dict[str, Any]:
+    """`--config.KEY=VALUE` arguments -> a nested partial config for `apply_overrides`.
+
+    KEY is dotted (`base.train.epochs`); VALUE is read as a Python literal (`1`, `0.5`, `True`, `(1, 2)`)
+    and otherwise kept as a string (`resnet18`). ConfigError for any other argument.
+    """
+    overrides: dict[str, Any] = {}
+    for argument in arguments:
+        key, equals, text = argument.removeprefix("--config.").partition("=")
+        if not argument.startswith("--config.") or not equals or not key:
+            raise ConfigError(f"unrecognized argument {argument!r} (overrides are --config.KEY=VALUE)")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *sections, leaf = key.split(".")
+        node = overrides
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--config.{key}: {section} is overridden as a value and as a section")
+        node[leaf] = value
+    return overrides
 
 
 def _plain(value: Any) -> Any:
@@ -783,7 +810,9 @@ def _parser() -> argparse.ArgumentParser:
                             description="Run the reproduction study, or write its results tables.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="train and evaluate every unfinished run of a study config")
-    run.add_argument("--config", required=True, help="study config file (e.g. configs/study_cpu.py)")
+    run.add_argument("--config", required=True,
+                     help="study config file (e.g. configs/study_cpu.py); override keys with --config.KEY=VALUE "
+                          "(e.g. --config.seeds='(1,)' --config.base.train.epochs=5)")
     run.add_argument("--out", required=True, help="results folder (e.g. results/study_cpu)")
     run.add_argument("--only", action="append", default=[], metavar="PATTERN",
                      help="run only the runs whose name matches this glob (e.g. 'net4-*', '*-raw-seed1'); repeatable")
@@ -816,6 +845,7 @@ def _run_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"cannot load --config {args.config}: {_one_line(error)}") from None
     if not isinstance(study, ml_collections.ConfigDict):
         raise ConfigError(f"--config {args.config}: get_config() must return an ml_collections.ConfigDict")
+    study = apply_overrides(study, parse_command_line_overrides(args.overrides), "--config")
     out_dir = pathlib.Path(args.out)
     if not jax.config.jax_compilation_cache_dir:  # the runs of one model variant compile the same programs
         jax.config.update("jax_compilation_cache_dir", str((out_dir / "_jax_cache").resolve()))
@@ -876,7 +906,12 @@ def _report_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (2: bad command line or config, 1: failed runs or --check)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, overrides = parser.parse_known_args(argv)
+    if args.command == "run":
+        args.overrides = overrides
+    elif overrides:
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)

@@ -495,11 +495,15 @@ class _Trainer:
     def _check_finite(self, metrics: dict[str, Any], phase: int, epoch: int, step_in_epoch: int) -> None:
         if not (math.isfinite(metrics["loss"]) and metrics["finite"]):
             what = "loss" if not math.isfinite(metrics["loss"]) else "weights after a finite loss"
-            saved = (f"the last checkpoint (step {self.last_saved_step}) is intact" if self.last_saved_step is not None
-                     else "no checkpoint was written")
             raise RunError(f"non-finite {what} ({metrics['loss']}) in phase {phase} epoch {epoch + 1} step "
                            f"{step_in_epoch + 1} (global step {self.global_step(phase, epoch, step_in_epoch) + 1}); "
-                           f"{saved}")
+                           f"{self._checkpoints_left()}")
+
+    def _checkpoints_left(self) -> str:
+        """What a stopped run leaves behind, for its error message."""
+        if self.last_saved_step is None:
+            return "no checkpoint was written"
+        return f"the last checkpoint (step {self.last_saved_step}) is intact"
 
     def _train_epoch(self, state: TrainState, position: Position) -> TrainState:
         """Runs the remaining steps of position's epoch, saving every checkpoint.every_steps steps."""
@@ -561,8 +565,8 @@ class _Trainer:
         loss, accuracy = evaluate_split(self._eval_step(phase), variables, self.prepared_dir, "test",
                                         self.config.eval_batch_size, self.mesh)
         if not math.isfinite(loss):
-            raise RunError(f"non-finite test loss ({loss}) after phase {phase} epoch {epoch + 1}; the last "
-                           f"checkpoint (step {self.last_saved_step}) is intact")
+            raise RunError(f"non-finite test loss ({loss}) after phase {phase} epoch {epoch + 1}; "
+                           f"{self._checkpoints_left()}")
         return {"test_loss": loss, "test_accuracy": accuracy if phase == JOINT else None}
 
     def _finish_epoch(self, state: TrainState, position: Position) -> None:
