@@ -6,7 +6,8 @@
 #
 # Needs, beside the repository: .whl/ (the wheels of scripts/gpu_wheels.txt) and .gpu/pbc_subset/ (the
 # 1875 JPEGs of the study's 625-per-class PBC subset, as real files: `cp -rL results/study_cpu/_prepared/subset
-# .gpu/pbc_subset`), about 45 MB together. Writes to $OUT: gpu.txt (card and versions), bench.log,
+# .gpu/pbc_subset`; `python -m urnet_jax.study run --config configs/study_cpu.py --out results/study_cpu`
+# makes that folder of links, and skips the finished runs), about 45 MB together. Writes to $OUT: gpu.txt (card and versions), bench.log,
 # study.log and study_gpu.tgz (each run's config.json, metrics.jsonl, eval/metrics.json, error.log; unpack
 # it in results/study_gpu/ and run `python -m urnet_jax.study report results/study_gpu --out docs/RESULTS.md`).
 # Env: BENCH_SECONDS (240) and STUDY_SECONDS (300) limit the two parts (for `all` within one 600 s call,
