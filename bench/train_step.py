@@ -203,8 +203,8 @@ class TorchBench:
         self.optimizer.step()
         with self.torch.no_grad():
             accuracy = (logits.argmax(-1) == self.labels).float().mean()
-            # One fused multi-tensor kernel instead of two launches per parameter (they cost ~10% of a GPU
-            # step); a norm is finite iff every element is (short of overflow above ~1e19).
+            # Fused multi-tensor kernels instead of two launches per parameter (about 880 for UR-Net(64) +
+            # ResNet101); a norm is finite iff every element is (short of overflow above ~1e19).
             params_finite = self.torch.isfinite(self.torch.stack(self.torch._foreach_norm(self.params))).all()
             finite = self.torch.isfinite(loss) & params_finite
         return {"loss": loss.detach(), "accuracy": accuracy, "finite": finite}

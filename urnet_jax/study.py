@@ -677,12 +677,12 @@ def paired_table(runs: Sequence[FinishedRun], classes: Sequence[str]) -> str | N
                 for name in classes]
     rows = []
     for first, second, measures in PAIRED_COMPARISONS:
-        accuracy = paired_differences(by_model.get(first, []), by_model.get(second, []), columns[0][1])
+        accuracy, *others = [paired_differences(by_model.get(first, []), by_model.get(second, []), pick)
+                             for _, pick in columns]
         if not accuracy:
             continue
-        cells = [_difference_cell(paired_differences(by_model[first], by_model[second], pick)) for _, pick in columns]
         rows.append([f"{_column_header(first)} − {_column_header(second)}", measures, str(len(accuracy)),
-                     cells[0], _t_interval(accuracy), *cells[1:]])
+                     _difference_cell(accuracy), _t_interval(accuracy), *map(_difference_cell, others)])
     if not rows:
         return None
     return markdown_table(["comparison", "what it measures", "seeds", "test accuracy", "95% t-interval (accuracy)",
