@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_run import REPO_ROOT, subprocess_env, trained_run  # noqa: F401 (a fixture)
+from tiny_run import REPO_ROOT, lowered_programs, subprocess_env, trained_run  # noqa: F401 (a fixture)
 
 import urnet_jax.data as data_lib
 from urnet_jax.evaluation import figures
@@ -18,6 +18,7 @@ from urnet_jax.evaluation.commands import evaluate_main
 from urnet_jax.evaluation.metrics import classification_metrics
 from urnet_jax.evaluation.report import compare_report
 from urnet_jax.evaluation.robustness import SEVERITIES, gaussian_blur, perturb, robustness_curves
+from urnet_jax.evaluation.runner import evaluate_run
 
 CLASSES = ["granulocyte", "monocyte", "lymphocyte"]
 
@@ -161,6 +162,16 @@ def test_evaluate_writes_report_figures_and_robustness(evaluated, trained_run):
         assert with_enhancer[0] == pytest.approx(metrics["accuracy"], abs=1e-9)  # level 0 = clean
         assert all(0.0 <= a <= 1.0 for a in with_enhancer + curve["accuracy"]["without_enhancer"])
     assert "| brightness | 5 | 0.5 |" in report
+
+
+def test_evaluation_compiles_a_few_whole_programs(trained_run, tmp_path):
+    # Predictions, the enhanced-image figure and Grad-CAM are one program each. Applied eagerly, the
+    # enhancer alone lowered 150 programs; on a GPU each convolution among them is also autotuned.
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_run, workdir, ignore=shutil.ignore_patterns("eval"))
+    with lowered_programs() as count:
+        evaluate_run(workdir, progress=False)
+    assert count() <= 10, f"evaluation lowered {count()} XLA programs"
 
 
 def test_compare_writes_table3_and_table2(evaluated, trained_run, tmp_path):

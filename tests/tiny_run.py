@@ -7,12 +7,14 @@ shared through the persistent compilation cache (tests/conftest.py).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import os
 import pathlib
-from typing import Iterator
+from typing import Callable, Iterator
 
+import jax
 import pytest
 
 from urnet_jax import cli, training
@@ -57,6 +59,28 @@ def shared_directory(tmp_path_factory, name: str) -> Iterator[tuple[pathlib.Path
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield path, not done.exists()
         done.touch()
+
+
+_LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # once per program lowered for XLA
+_lowered = collections.Counter()
+
+
+def _count_lowering(event: str, duration: float, **kwargs) -> None:
+    if event == _LOWERING_EVENT:
+        _lowered["programs"] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_lowering)
+
+
+@contextlib.contextmanager
+def lowered_programs() -> Iterator[Callable[[], int]]:
+    """Counts the XLA programs lowered inside the block, from empty in-memory caches: every jitted function
+    and every eagerly applied operation (an XLA program of its own) counts once per shape. A persistent
+    compilation cache hit still counts: it skips the compilation, not the lowering."""
+    jax.clear_caches()
+    start = _lowered["programs"]
+    yield lambda: _lowered["programs"] - start
 
 
 @pytest.fixture(scope="session")

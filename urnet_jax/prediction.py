@@ -126,6 +126,18 @@ def class_probabilities(model: nn.Module, variables: Mapping[str, Any], images: 
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def enhanced_images(model: nn.Module, variables: Mapping[str, Any], images: jax.Array) -> jax.Array:
+    """What the classifier of `model` (an EnhanceClassify with an enhancer) sees, before ImageNet
+    normalisation: the enhancer's output (N, H, W, 3) float32 in [0, 1] for uint8 images (N, H, W, 3).
+
+    One compiled program; applied eagerly, every layer would be compiled (and, on a GPU, autotuned) on
+    its own.
+    """
+    enhanced = model.apply(variables, to_unit_range(images), train=False, method="enhance")
+    return enhanced.astype(jnp.float32)
+
+
 def batched_probabilities(model: nn.Module, variables: Mapping[str, Any], images: np.ndarray,
                           batch_size: int) -> np.ndarray:
     """`class_probabilities` over uint8 `images` (N, H, W, 3) in fixed-size batches (one compilation)."""

@@ -305,11 +305,11 @@ def abstract_state(model: nn.Module, optimizer: optax.GradientTransformation, ph
                    out_sharding: jax.sharding.Sharding) -> TrainState:
     """ShapeDtypeStructs (carrying `out_sharding`) of a phase's TrainState: a restore target."""
     variables = abstract_variables(model, PHASE_PARTS[phase], image_size)
-    abstract = jax.eval_shape(lambda: _new_state(variables, optimizer, 0, jax.random.PRNGKey(0)))
+    abstract = jax.eval_shape(functools.partial(_new_state, optimizer), variables, 0, jax.random.PRNGKey(0))
     return sharding.with_sharding(abstract, out_sharding)
 
 
-def _new_state(variables: Variables, optimizer: optax.GradientTransformation, step: int,
+def _new_state(optimizer: optax.GradientTransformation, variables: Variables, step: int | jax.Array,
                step_key: jax.Array) -> TrainState:
     return TrainState(step=jnp.asarray(step, jnp.int32), params=variables["params"],
                       batch_stats=variables["batch_stats"], opt_state=optimizer.init(variables["params"]),
@@ -411,8 +411,9 @@ class _Trainer:
                     variables[collection]["enhancer"] = trees["enhancer"]
         if phase == JOINT and self.config.model.pretrained:
             variables = self._with_pretrained_classifier(variables)
-        state = _new_state(variables, self.optimizer, self.global_step(phase, 0, 0), self.step_key)
-        return sharding.replicate(state, self.mesh)
+        # One program: eagerly, optimizer.init compiles a program per parameter shape.
+        new_state = jax.jit(functools.partial(_new_state, self.optimizer), out_shardings=self.replicated)
+        return new_state(variables, self.global_step(phase, 0, 0), self.step_key)
 
     def _with_pretrained_classifier(self, variables: Variables) -> Variables:
         from urnet_jax.port import load_pretrained  # deferred: needs torch only when used

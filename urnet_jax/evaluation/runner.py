@@ -21,7 +21,7 @@ from urnet_jax.evaluation import figures, report
 from urnet_jax.evaluation.gradcam import gradcam
 from urnet_jax.evaluation.metrics import classification_metrics
 from urnet_jax.evaluation.robustness import robustness_curves
-from urnet_jax.prediction import class_probabilities
+from urnet_jax.prediction import class_probabilities, enhanced_images
 from urnet_jax.training import Run, load_run, to_unit_range
 
 
@@ -120,8 +120,7 @@ def _figures(run: Run, out: pathlib.Path, split: str, metrics: Mapping[str, Any]
     images, labels = _example_arrays(examples)
     unit = np.asarray(to_unit_range(images))
     has_enhancer = run.config.model.enhancer != "none"
-    enhanced = (np.asarray(run.model.apply(run.variables, unit, train=False, method="enhance"))
-                if has_enhancer else None)
+    enhanced = np.asarray(enhanced_images(run.model, run.variables, images)) if has_enhancer else None
     figures.plot_image_pairs(unit, enhanced, labels, names, out / "enhanced.png", run.config.model.enhancer)
     heatmaps, explained = gradcam(run.model, run.variables, unit, return_class=True)
     figures.plot_gradcam(unit, heatmaps, labels, explained, names, out / "gradcam.png",
