@@ -80,7 +80,7 @@ class JaxBench:
         self.jax = jax
         self.model = model
         mesh = sharding.data_mesh()
-        optimizer = training.make_optimizer(base_config().optimizer)
+        optimizer = training.make_optimizer(base_config().optimizer, phase_steps=0)  # a constant lr
         params, batch_stats = variables["params"], variables.get("batch_stats", {})
         self.param_count = sum(leaf.size for leaf in jax.tree.leaves(params))
         state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,

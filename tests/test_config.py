@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from urnet_jax import cli
+from urnet_jax import cli, config as config_lib, training
+from urnet_jax.config import base_config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
@@ -52,6 +53,8 @@ def test_ablation_configs_match_the_paper(name, enhancer, pretrain_epochs):
     ("optimizer.name", "rmsprop", "optimizer.name must be one of"),
     ("optimizer.lr", 0.0, "optimizer.lr must be > 0"),
     ("optimizer.momentum", 1.0, "optimizer.momentum must be in [0, 1)"),
+    ("optimizer.schedule", "linear", "optimizer.schedule must be one of constant, cosine"),
+    ("optimizer.warmup_steps", -1, "optimizer.warmup_steps must be an integer >= 0"),
     ("checkpoint.keep", 0, "checkpoint.keep must be an integer >= 1"),
     ("data.image_size", 16, "data.image_size must be an integer >= 32"),
 ])
@@ -69,6 +72,28 @@ def test_nothing_to_train_is_rejected():
     config.train.epochs = 0
     with pytest.raises(cli.ConfigError, match="nothing to train"):
         cli.validate(config, device_count=1)
+
+
+def test_a_saved_config_without_later_keys_compares_as_their_defaults():
+    saved = base_config().to_dict()
+    del saved["optimizer"]["schedule"], saved["optimizer"]["warmup_steps"]  # a run from before they existed
+    saved["data"]["class_map"] = {"a": ["x"], "b": ["y"]}  # a dict value is one value, not a section
+    current = config_lib.saved_config(saved)
+    assert current.optimizer.schedule == "constant" and current.data.class_map == {"a": ["x"], "b": ["y"]}
+    assert config_lib.config_differences(saved, current.to_dict()) == []
+    current.optimizer.schedule = "cosine"
+    assert config_lib.config_differences(saved, current.to_dict()) == ["optimizer.schedule: 'constant' != 'cosine'"]
+    with pytest.raises(ValueError, match="saved config key model.depth=3 does not fit"):
+        config_lib.saved_config({**saved, "model": {**saved["model"], "depth": 3}})
+
+
+def test_train_epochs_may_change_on_resume_only_under_a_constant_schedule():
+    saved = base_config().to_dict()
+    longer = base_config()
+    longer.train.epochs += 10
+    assert training.config_differences(saved, longer) == []
+    longer.optimizer.schedule = saved["optimizer"]["schedule"] = "cosine"
+    assert training.config_differences(saved, longer) == ["train.epochs: 200 != 210"]
 
 
 def run_train(*args: str) -> subprocess.CompletedProcess:

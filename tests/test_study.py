@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import signal
 import statistics
 import threading
 
@@ -140,6 +141,22 @@ def test_runner_continues_after_a_failed_run_and_exits_non_zero(tmp_path, fake_r
     assert "2 run(s) failed:" in captured.err and "tiny-raw-seed2: non-finite loss" in captured.err
 
 
+def test_a_stop_signal_ends_the_study_instead_of_failing_the_run(tmp_path, fake_runs, capsys):
+    calls, fail_seeds = fake_runs
+    fail_seeds[2] = cli.TrainingStopped(signal.SIGTERM, "stopped by SIGTERM after a checkpoint at step 7: "
+                                                        "run the same command again to resume")
+    config_file = tmp_path / "study.py"
+    config_file.write_text(
+        "from urnet_jax import study\nfrom urnet_jax.config import base_config\n\n\ndef get_config():\n"
+        f"    base = study.apply_overrides(base_config(), {TINY_BASE!r})\n"
+        f"    return study.study_config(base, {TINY_MODELS!r}, data_variants=('raw',), seeds=(1, 2, 3))\n")
+    status = study.main(["run", "--config", str(config_file), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert status == 128 + signal.SIGTERM
+    assert calls == ["tiny-raw-seed1", "tiny-raw-seed2"]  # seed 3 is not started
+    assert "interrupted: stopped by SIGTERM after a checkpoint at step 7" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "tiny-raw-seed2" / "error.log").exists()
+
+
 def test_runner_only_limit_and_delete_checkpoints(tmp_path, fake_runs):
     calls, _ = fake_runs
     config = tiny_study(seeds=(1, 2, 3), models={"net1": {"model": {"enhancer": "none"}}, "net3": {}})
@@ -204,6 +221,11 @@ def test_study_cpu_composes_the_ablation_from_the_net_configs(tmp_path):
         assert run.config.model.classifier == "resnet18" and run.config.data.image_size == 96
     gpu = study.plan_runs(cli.load_config_file(str(REPO_ROOT / "configs" / "study_gpu.py")), tmp_path, str(tmp_path))
     assert len(gpu) == 24 and gpu[0].config.model.classifier == "resnet101" and gpu[0].config.data.image_size == 200
+    # The follow-up differs from study_cpu in the schedule and in running the proxy alone.
+    cosine = cli.load_config_file(str(REPO_ROOT / "configs" / "study_cpu_cosine.py"))
+    assert study.config_overrides(cosine.base.to_dict(), config.base.to_dict()) == {"optimizer": {"schedule": "cosine"}}
+    assert cosine.models.to_dict() == config.models.to_dict() and tuple(cosine.data_variants) == ("stainfree_proxy",)
+    assert (cosine.seeds, cosine.subset_per_class) == (config.seeds, config.subset_per_class)
 
 
 def test_bad_study_configs_give_one_line_errors(tmp_path):

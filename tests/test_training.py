@@ -140,6 +140,68 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(prepared, reference_ru
                               training.load_run(reference_run, checkpoint).variables)
 
 
+def signal_at_batches(monkeypatch, number: int, at: tuple[int, ...]) -> None:
+    """Makes data.train_batches send this process signal `number` as it hands out each batch index in `at`
+    (counted over all epochs from 0; an index given twice sends it twice)."""
+    original = ORIGINAL_TRAIN_BATCHES
+    taken = [0]
+
+    def batches(*args, **kwargs):
+        for batch in original(*args, **kwargs):
+            for _ in range(at.count(taken[0])):
+                signal.raise_signal(number)
+            taken[0] += 1
+            yield batch
+
+    monkeypatch.setattr(training.data_lib, "train_batches", batches)
+
+
+def test_sigterm_saves_a_checkpoint_after_the_step_and_the_resumed_run_is_identical(
+        prepared, reference_run, tmp_path, monkeypatch, capsys):
+    handler_before = signal.getsignal(signal.SIGTERM)
+    signal_at_batches(monkeypatch, signal.SIGTERM, at=(4,))  # phase 1, step 5 of 8; periodic saves every 3
+    with pytest.raises(cli.TrainingStopped, match="stopped by SIGTERM after a checkpoint at step 5:") as stop:
+        training.train(tiny_config(prepared), tmp_path, show_progress=False)
+    assert stop.value.signal_number == signal.SIGTERM
+    assert "SIGTERM: stopping after the current step" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == handler_before
+    periodic = CheckpointStore(tmp_path / "checkpoints" / "periodic", for_writing=False)
+    assert periodic.steps()[-1] == 5
+    periodic.close()
+    monkeypatch.undo()
+    training.train(tiny_config(prepared), tmp_path, show_progress=False)
+    assert rows_without_time(tmp_path) == rows_without_time(reference_run)
+    assert_same_variables(training.load_run(tmp_path, "latest").variables,
+                          training.load_run(reference_run, "latest").variables)
+
+
+def test_a_second_sigint_interrupts_at_once(prepared, tmp_path, monkeypatch):
+    signal_at_batches(monkeypatch, signal.SIGINT, at=(1, 1))
+    with pytest.raises(KeyboardInterrupt) as interrupt:
+        training.train(tiny_config(prepared), tmp_path, show_progress=False)
+    assert type(interrupt.value) is KeyboardInterrupt  # Python's own, not TrainingStopped: no checkpoint
+    assert not (tmp_path / "checkpoints" / "periodic").exists() or not any(
+        (tmp_path / "checkpoints" / "periodic").iterdir())
+
+
+def test_cosine_schedule_run_resumes_exactly_and_refuses_other_epochs(prepared, tmp_path, monkeypatch):
+    # The schedule's step count lives in the optimizer state: a resumed run must pick it up exactly.
+    changes = {"optimizer.schedule": "cosine", "optimizer.warmup_steps": 2, "pretrain.epochs": 1, "train.epochs": 1}
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    training.train(tiny_config(prepared, **changes), uninterrupted, show_progress=False)
+    interrupt_after(monkeypatch, 12)  # the last save is at step 11 (phase 2, step 3 of 8)
+    with pytest.raises(Interrupted):
+        training.train(tiny_config(prepared, **changes), resumed, show_progress=False)
+    monkeypatch.undo()
+    # The epochs set every step's learning rate under a decaying schedule, so they cannot change on resume.
+    with pytest.raises(cli.ConfigError, match="another configuration .*train.epochs: 1 != 2"):
+        training.train(tiny_config(prepared, **{**changes, "train.epochs": 2}), resumed, show_progress=False)
+    training.train(tiny_config(prepared, **changes), resumed, show_progress=False)
+    assert rows_without_time(resumed) == rows_without_time(uninterrupted)
+    assert_same_variables(training.load_run(resumed, "latest").variables,
+                          training.load_run(uninterrupted, "latest").variables)
+
+
 def test_kill_9_then_rerun_gives_the_uninterrupted_result(prepared, reference_run, tmp_path):
     overrides = [f"--config.{key}={value}" for key, value in {**TINY, "data.prepared_dir": prepared}.items()]
     command = [sys.executable, "train.py", "--config", "configs/urnet.py", "--workdir", str(tmp_path),

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from urnet_jax import sharding, training
 from urnet_jax.models.layers import BatchNorm, conv, dense, global_avg_pool
@@ -70,28 +71,32 @@ def make_batch(batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {"image": images, "label": labels}
 
 
-def optimizer_config(lr: float = 0.05) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"name": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": 0.0})
+def optimizer_config(lr: float = 0.05, **changes) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"name": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": 0.0,
+                                      "schedule": "constant", "warmup_steps": 0, **changes})
 
 
-def initial_state(model: nn.Module, phase: int, mesh: jax.sharding.Mesh, lr: float = 0.05) -> training.TrainState:
+def initial_state(model: nn.Module, phase: int, mesh: jax.sharding.Mesh,
+                  optimizer: optax.GradientTransformation) -> training.TrainState:
     dummy = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))
     kwargs = {"method": "enhance"} if phase == training.PRETRAIN else {}
     variables = model.init(jax.random.PRNGKey(0), dummy, train=False, **kwargs)
     state = training.TrainState(
         step=jnp.int32(0), params=variables["params"], batch_stats=variables["batch_stats"],
-        opt_state=training.make_optimizer(optimizer_config(lr)).init(variables["params"]),
+        opt_state=optimizer.init(variables["params"]),
         rng=jax.random.PRNGKey(1))
     return sharding.replicate(state, mesh)
 
 
 def run_steps(phase: int, steps: int, devices: list[jax.Device] | None = None, dtype: Any = None,
-              lr: float = 0.05) -> tuple[list[float], training.TrainState]:
-    """Losses of `steps` steps on one fixed batch of 8, and the final state."""
+              lr: float = 0.05, optimizer_changes: dict[str, Any] | None = None) -> tuple[list[float], training.TrainState]:
+    """Losses of `steps` steps on one fixed batch of 8, and the final state (a phase of 1 step for the
+    learning-rate schedule)."""
     mesh = sharding.data_mesh(devices)
     model = StandInModel(dtype=dtype)
-    step = training.make_train_step(model, training.make_optimizer(optimizer_config(lr)), phase, mesh)
-    state = initial_state(model, phase, mesh, lr)
+    optimizer = training.make_optimizer(optimizer_config(lr, **(optimizer_changes or {})), 1)
+    step = training.make_train_step(model, optimizer, phase, mesh)
+    state = initial_state(model, phase, mesh, optimizer)
     batch = sharding.global_batch(make_batch(8), mesh)
     losses = []
     for index in range(steps):
@@ -121,11 +126,34 @@ def test_bfloat16_compute_keeps_float32_master_weights_and_loss():
     assert losses[-1] < losses[0]
 
 
+def test_learning_rate_schedules():
+    assert training.learning_rate(optimizer_config(0.1), 100) == 0.1  # a float: no step count in the state
+    cosine = training.learning_rate(optimizer_config(0.1, schedule="cosine"), 100)
+    np.testing.assert_allclose([cosine(0), cosine(50), cosine(100)], [0.1, 0.05, 0.0], atol=1e-7)
+    warm_cosine = training.learning_rate(optimizer_config(0.1, schedule="cosine", warmup_steps=10), 110)
+    np.testing.assert_allclose([warm_cosine(0), warm_cosine(5), warm_cosine(10), warm_cosine(60), warm_cosine(110)],
+                               [0.0, 0.05, 0.1, 0.05, 0.0], atol=1e-7)
+    warm_constant = training.learning_rate(optimizer_config(0.1, warmup_steps=4), 100)
+    np.testing.assert_allclose([warm_constant(0), warm_constant(2), warm_constant(4), warm_constant(99)],
+                               [0.0, 0.05, 0.1, 0.1], atol=1e-7)
+
+
+def test_cosine_schedule_stops_updating_at_the_end_of_the_phase():
+    _, after_one = run_steps(training.JOINT, 1, optimizer_changes={"schedule": "cosine", "momentum": 0.0})
+    _, after_two = run_steps(training.JOINT, 2, optimizer_changes={"schedule": "cosine", "momentum": 0.0})
+    _, constant = run_steps(training.JOINT, 2, optimizer_changes={"momentum": 0.0})
+    # The phase has 1 step: the first step moves the weights, the second (lr 0) does not.
+    changed = lambda a, b: any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert changed(after_one.params, constant.params)  # the constant run's second step moved them further
+    assert not changed(after_one.params, after_two.params)
+
+
 def test_non_finite_update_is_flagged():
     mesh = sharding.data_mesh()
     model = StandInModel()
-    step = training.make_train_step(model, training.make_optimizer(optimizer_config(1e30)), training.JOINT, mesh)
-    state = initial_state(model, training.JOINT, mesh)
+    optimizer = training.make_optimizer(optimizer_config(1e30), 3)
+    step = training.make_train_step(model, optimizer, training.JOINT, mesh)
+    state = initial_state(model, training.JOINT, mesh, optimizer)
     batch = sharding.global_batch(make_batch(8), mesh)
     finite = []
     for index in range(3):
@@ -137,7 +165,7 @@ def test_non_finite_update_is_flagged():
 def test_eval_step_ignores_padding_rows():
     mesh = sharding.data_mesh()
     model = StandInModel()
-    variables = initial_state(model, training.JOINT, mesh).variables
+    variables = initial_state(model, training.JOINT, mesh, training.make_optimizer(optimizer_config(), 1)).variables
     evaluate = training.make_eval_step(model, training.JOINT, mesh)
     batch = make_batch(8)
     real = {**{key: value[:5] for key, value in batch.items()}, "mask": np.ones(5, bool)}

@@ -37,6 +37,7 @@ EXIT_FAILURE = 1  # the run itself failed (e.g. a non-finite loss)
 
 PRECISIONS = ("float32", "bfloat16")
 OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("constant", "cosine")
 MIN_IMAGE_SIZE = 32
 
 
@@ -46,6 +47,15 @@ class ConfigError(Exception):
 
 class RunError(Exception):
     """A run that cannot go on (non-finite loss, unusable checkpoint); the message is one line."""
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM after saving a checkpoint; the message is one line. A
+    KeyboardInterrupt, so that handlers of ordinary errors let it through."""
+
+    def __init__(self, signal_number: int, message: str):
+        super().__init__(message)
+        self.signal_number = signal_number
 
 
 def define_config_flag(name: str = "config") -> flags.FlagHolder:
@@ -206,6 +216,10 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
            f"optimizer.momentum must be in [0, 1), got {optimizer.momentum!r}")
     _check(_is_number(optimizer.weight_decay) and optimizer.weight_decay >= 0,
            f"optimizer.weight_decay must be >= 0, got {optimizer.weight_decay!r}")
+    _check(optimizer.schedule in SCHEDULES,
+           f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {optimizer.schedule!r}")
+    _check(isinstance(optimizer.warmup_steps, int) and optimizer.warmup_steps >= 0,
+           f"optimizer.warmup_steps must be an integer >= 0, got {optimizer.warmup_steps!r}")
     _check(isinstance(config.checkpoint.every_steps, int) and config.checkpoint.every_steps >= 0,
            f"checkpoint.every_steps must be an integer >= 0, got {config.checkpoint.every_steps!r}")
     _check(isinstance(config.checkpoint.keep, int) and config.checkpoint.keep >= 1,
@@ -221,7 +235,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
 def one_line_errors() -> Iterator[None]:
     """Turns the project's expected errors into `error: <one line>` on stderr and an exit status.
 
-    Configuration, data and workdir problems exit with status 2, a failed run with status 1.
+    Configuration, data and workdir problems exit with status 2, a failed run with status 1; training
+    stopped by a signal prints its message and exits with 128 + the signal's number, as the signal would.
     """
     from urnet_jax.data import DataError  # deferred: keeps `--help` fast
 
@@ -231,3 +246,6 @@ def one_line_errors() -> Iterator[None]:
         _fail(str(error), EXIT_USAGE)
     except RunError as error:
         _fail(str(error), EXIT_FAILURE)
+    except TrainingStopped as stop:
+        print(str(stop), file=sys.stderr)
+        sys.exit(128 + stop.signal_number)

@@ -6,6 +6,9 @@ entry point validates the result with `validate` before doing any work.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
 
 
@@ -47,10 +50,56 @@ def base_config() -> ml_collections.ConfigDict:
     config.optimizer.lr = 1e-4
     config.optimizer.momentum = 0.9
     config.optimizer.weight_decay = 0.0
+    config.optimizer.schedule = "constant"  # constant | cosine: lr decays to 0 over each phase (half cosine)
+    config.optimizer.warmup_steps = 0  # linear rise of the lr from 0 at the start of each phase
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 500  # periodic saves within an epoch (0: only at epoch ends)
     config.checkpoint.keep = 2  # periodic checkpoints kept (the best one is kept apart)
 
     config.log_every_steps = 50
+    return config
+
+
+def flatten(config: Mapping[str, Any]) -> dict[str, Any]:
+    """{'section.key': value} of a config (a ConfigDict's `to_dict()` or a config.json); the sections are
+    those of `base_config`, so a dict-valued key (data.class_map) stays one value."""
+    sections = {key for key, value in base_config().items() if isinstance(value, ml_collections.ConfigDict)}
+    flat = {}
+    for key, value in config.items():
+        if key in sections and isinstance(value, Mapping):
+            flat.update({f"{key}.{name}": item for name, item in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                       ignored: frozenset[str] = frozenset()) -> list[str]:
+    """'key: saved != current' for every key outside `ignored` in which two nested configs differ.
+
+    A key that `saved` (a run's config.json or checkpoint metadata) lacks was added to `base_config`
+    after it was written; the run was made with that key's default, so it is compared as the default.
+    """
+    defaults = flatten(base_config().to_dict())
+    old, new = {**defaults, **flatten(saved)}, flatten(current)
+    return [f"{key}: {old.get(key)!r} != {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
+            if key not in ignored and old.get(key) != new.get(key)]
+
+
+def saved_config(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A run's saved config (config.json) with the keys added to `base_config` since then at their defaults.
+
+    Raises ValueError (one line) for a key this version does not have or a value of the wrong type.
+    """
+    config = base_config()
+    config.lock()  # no new keys
+    for key, value in flatten(saved).items():
+        section, _, name = key.rpartition(".")
+        try:
+            (config[section] if section else config)[name] = value
+        except (AttributeError, KeyError, TypeError, ValueError) as error:  # an unknown key or a wrong type
+            raise ValueError(f"saved config key {key}={value!r} does not fit this version's config: "
+                             f"{' '.join(str(error).split())}") from None
+    config.unlock()
     return config

@@ -44,6 +44,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -54,7 +55,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from urnet_jax import cli
+from urnet_jax import cli, config as config_lib
 from urnet_jax.cli import ConfigError, RunError
 
 ABLATION_MODELS = ("net1", "net2", "net3", "net4")
@@ -79,8 +80,8 @@ PAIRED_COMPARISONS = (("net2", "net1", "a plain ResUNet enhancer"),
 # config.json keys summarised under each table (their values are shared by every run of a study).
 PROTOCOL_KEYS = ("model.classifier", "model.classifier_width", "model.enhancer_width", "model.pretrained",
                  "data.image_size", "data.train_size", "data.test_fraction", "data.seed", "train.epochs",
-                 "optimizer.name", "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay", "batch_size",
-                 "precision")
+                 "optimizer.name", "optimizer.lr", "optimizer.schedule", "optimizer.warmup_steps",
+                 "optimizer.momentum", "optimizer.weight_decay", "batch_size", "precision")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -305,18 +306,6 @@ def read_finished_metrics(workdir: str | os.PathLike) -> dict[str, Any] | None:
     return metrics if isinstance(metrics, dict) and "accuracy" in metrics else None
 
 
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """'key: saved != current' for every leaf that differs between two nested configs, outside IGNORED_KEYS."""
-    differences = []
-    for key in sorted(saved.keys() | current.keys()):
-        old, new = saved.get(key), current.get(key)
-        if isinstance(old, Mapping) and isinstance(new, Mapping):
-            differences += config_differences(old, new, f"{prefix}{key}.")
-        elif old != new and f"{prefix}{key}" not in IGNORED_KEYS:
-            differences.append(f"{prefix}{key}: {old!r} != {new!r}")
-    return differences
-
-
 def _finished_config_differences(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> list[str]:
     """How a finished run's config.json differs from the study's config of that run."""
     from urnet_jax.training import resolve_config
@@ -325,7 +314,7 @@ def _finished_config_differences(workdir: pathlib.Path, config: ml_collections.C
         saved = json.loads((workdir / "config.json").read_text())
     except (OSError, ValueError):
         return ["no readable config.json"]
-    return config_differences(saved, resolve_config(config).to_dict())
+    return config_lib.config_differences(saved, resolve_config(config).to_dict(), ignored=IGNORED_KEYS)
 
 
 def _one_line(error: BaseException) -> str:
@@ -464,14 +453,15 @@ def collect_finished_runs(results_dir: str | os.PathLike) -> list[FinishedRun]:
         if not (match and child.is_dir() and (child / "eval" / "metrics.json").is_file()):
             continue
         try:
-            config, metrics = read_evaluated_run(child)
+            saved, metrics = read_evaluated_run(child)
+            config = config_lib.saved_config(saved).to_dict()  # keys added since the run at their defaults
         except ValueError as error:
             raise ConfigError(str(error)) from None
         if not _has_table3_numbers(metrics):
             raise ConfigError(f"{child / 'eval' / 'metrics.json'} lacks some of classes, per_class "
                               f"recall/precision/f1, macro, accuracy, confusion_matrix")
         seed, variant = int(match["seed"]), match["data"]
-        saved_seed, saved_variant = config.get("seed"), config.get("data", {}).get("variant")
+        saved_seed, saved_variant = saved.get("seed"), saved.get("data", {}).get("variant")
         if (saved_seed, saved_variant) != (seed, variant):
             raise ConfigError(f"{child / 'config.json'} has seed {saved_seed!r} and data.variant {saved_variant!r}, "
                               f"but the folder's name says seed {seed} and {variant!r}")
@@ -852,9 +842,9 @@ def _run_command(args: argparse.Namespace) -> int:
     try:
         outcome = run_study(study, out_dir, args.only, args.limit, args.delete_checkpoints, args.prepared,
                             show_progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C outside training, or TrainingStopped (a checkpoint was saved)
+        print(f"interrupted: {stop or 'run the same command again to resume'}", file=sys.stderr)
+        return 128 + getattr(stop, "signal_number", signal.SIGINT)
     print(f"trained {len(outcome.trained)}, skipped {len(outcome.skipped)} finished, failed {len(outcome.failed)}"
           + (f", left for later (--limit) {len(outcome.not_started)}" if outcome.not_started else ""))
     if outcome.failed:

@@ -12,7 +12,8 @@ The run is a deterministic function of (config, position): batch k of epoch e co
 `data.train_batches(seed, epoch, start_step=k)` and step g's random key is `fold_in(key(seed), g)`. A
 periodic checkpoint stores the state with its position (phase, epoch, step in epoch), the running sums of
 the current epoch, the best metrics so far and the metrics history, so a resumed run finishes with the
-same weights and metrics as an uninterrupted one (on the same devices).
+same weights and metrics as an uninterrupted one (on the same devices). SIGINT or SIGTERM saves a checkpoint
+after the current step and stops the run (`stop_on_signals`).
 
 Workdir layout:
     config.json            the resolved configuration (paths made absolute)
@@ -31,13 +32,17 @@ Workdir layout:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import pathlib
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -52,9 +57,9 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import urnet_jax.data as data_lib
-from urnet_jax import sharding
+from urnet_jax import config as config_lib, sharding
 from urnet_jax.checkpointing import CheckpointStore, NoReadableCheckpoint
-from urnet_jax.cli import ConfigError, RunError
+from urnet_jax.cli import ConfigError, RunError, TrainingStopped
 
 PRETRAIN, JOINT = 1, 2  # the two phases
 # Keys that may change between a run and its resumption (they do not alter the computation so far).
@@ -96,11 +101,27 @@ class TrainState:
 # Pure pieces: optimizer, losses, steps.
 
 
-def make_optimizer(optimizer_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """SGD with momentum (torch.optim.SGD semantics, weight decay added to the gradient) or AdamW."""
+def learning_rate(optimizer_config: ml_collections.ConfigDict, phase_steps: int) -> float | optax.Schedule:
+    """The learning rate over one phase of `phase_steps` optimizer steps (counted from 0 in each phase):
+    optimizer.lr, after a linear rise from 0 over optimizer.warmup_steps; with schedule 'cosine' it then
+    decays to 0 at the phase's last step along a half cosine. A plain float when it is constant, so that the
+    optimizer state holds no step count."""
+    lr, warmup = float(optimizer_config.lr), int(optimizer_config.warmup_steps)
+    if optimizer_config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(phase_steps, warmup + 1), end_value=0.0)
+    if warmup:
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+    return lr
+
+
+def make_optimizer(optimizer_config: ml_collections.ConfigDict, phase_steps: int) -> optax.GradientTransformation:
+    """SGD with momentum (torch.optim.SGD semantics, weight decay added to the gradient) or AdamW, at
+    `learning_rate(optimizer_config, phase_steps)`. The optimizer state's structure does not depend on
+    `phase_steps`."""
+    lr = learning_rate(optimizer_config, phase_steps)
     if optimizer_config.name == "adamw":
-        return optax.adamw(optimizer_config.lr, weight_decay=optimizer_config.weight_decay)
-    sgd = optax.sgd(optimizer_config.lr, momentum=optimizer_config.momentum or None)
+        return optax.adamw(lr, weight_decay=optimizer_config.weight_decay)
+    sgd = optax.sgd(lr, momentum=optimizer_config.momentum or None)
     if optimizer_config.weight_decay:
         return optax.chain(optax.add_decayed_weights(optimizer_config.weight_decay), sgd)
     return sgd
@@ -212,21 +233,12 @@ def evaluate_split(eval_step: Callable[[Variables, Batch], Metrics], variables: 
 # Configuration helpers.
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'key: saved != current' for every key that differs and is not in RESUMABLE_KEYS."""
-    old, new = _flatten(saved), _flatten(current)
-    return [f"{key}: {old.get(key)!r} != {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
-            if key not in RESUMABLE_KEYS and old.get(key) != new.get(key)]
+def config_differences(saved: dict[str, Any], current: ml_collections.ConfigDict) -> list[str]:
+    """'key: saved != current' for every key in which a run's saved config differs from `current`, apart
+    from those that may change on resumption: RESUMABLE_KEYS, less train.epochs under a decaying schedule
+    (the epochs set the learning rate of every step)."""
+    resumable = RESUMABLE_KEYS if current.optimizer.schedule == "constant" else RESUMABLE_KEYS - {"train.epochs"}
+    return config_lib.config_differences(saved, current.to_dict(), ignored=resumable)
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -369,10 +381,13 @@ class _Trainer:
         self.image_size = int(self.info.image_size)
         self.mesh = sharding.data_mesh()
         self.model = build(config, self.num_classes, compute_dtype(config.precision))
-        self.optimizer = make_optimizer(config.optimizer)
         self.steps_per_epoch = data_lib.steps_per_epoch(self.prepared_dir, config.batch_size)
         has_phase1 = config.model.enhancer != "none" and config.pretrain.epochs > 0
         self.phase_epochs = {PRETRAIN: config.pretrain.epochs if has_phase1 else 0, JOINT: config.train.epochs}
+        self.learning_rates = {phase: learning_rate(config.optimizer, epochs * self.steps_per_epoch)
+                               for phase, epochs in self.phase_epochs.items()}
+        self.optimizers = {phase: make_optimizer(config.optimizer, epochs * self.steps_per_epoch)
+                           for phase, epochs in self.phase_epochs.items()}
         self.init_key, self.step_key = _init_keys(config.seed)
         checkpoints = workdir / "checkpoints"
         self.periodic = CheckpointStore(checkpoints / "periodic", max_to_keep=config.checkpoint.keep)
@@ -383,6 +398,7 @@ class _Trainer:
         self._evals: dict[int, Callable] = {}
         self._step_rng = jax.jit(jax.random.fold_in, out_shardings=self.replicated)
         self.last_saved_step: int | None = None
+        self.stop_signal: int | None = None  # set by `stop_on_signals`
         self.writer = None
 
     # -- global step and data epoch bookkeeping --------------------------------------------------------
@@ -390,12 +406,17 @@ class _Trainer:
         offset = self.phase_epochs[PRETRAIN] if phase == JOINT else 0
         return (offset + epoch) * self.steps_per_epoch + step_in_epoch
 
+    def learning_rate_at(self, phase: int, epoch: int, step_in_epoch: int) -> float:
+        """The learning rate that the step at (phase, epoch, step in epoch) applies."""
+        rate = self.learning_rates[phase]
+        return rate if isinstance(rate, float) else float(rate(epoch * self.steps_per_epoch + step_in_epoch))
+
     def data_epoch(self, phase: int, epoch: int) -> int:
         return (self.phase_epochs[PRETRAIN] if phase == JOINT else 0) + epoch
 
     # -- states ----------------------------------------------------------------------------------------
     def _abstract_state(self, phase: int) -> TrainState:
-        return abstract_state(self.model, self.optimizer, phase, self.image_size, self.replicated)
+        return abstract_state(self.model, self.optimizers[phase], phase, self.image_size, self.replicated)
 
     def _initial_state(self, phase: int) -> TrainState:
         """The state a phase starts from (phase 2: phase-1 best enhancer and pretrained classifier)."""
@@ -412,7 +433,7 @@ class _Trainer:
         if phase == JOINT and self.config.model.pretrained:
             variables = self._with_pretrained_classifier(variables)
         # One program: eagerly, optimizer.init compiles a program per parameter shape.
-        new_state = jax.jit(functools.partial(_new_state, self.optimizer), out_shardings=self.replicated)
+        new_state = jax.jit(functools.partial(_new_state, self.optimizers[phase]), out_shardings=self.replicated)
         return new_state(variables, self.global_step(phase, 0, 0), self.step_key)
 
     def _with_pretrained_classifier(self, variables: Variables) -> Variables:
@@ -433,7 +454,7 @@ class _Trainer:
 
     def _train_step(self, phase: int) -> Callable:
         if phase not in self._steps:
-            self._steps[phase] = make_train_step(self.model, self.optimizer, phase, self.mesh)
+            self._steps[phase] = make_train_step(self.model, self.optimizers[phase], phase, self.mesh)
         return self._steps[phase]
 
     def _eval_step(self, phase: int) -> Callable:
@@ -531,6 +552,8 @@ class _Trainer:
                 bar.set_postfix(loss=f"{values['loss']:.4f}")
                 if self.writer is not None:
                     self.writer.add_scalar(f"phase{phase}/step_loss", values["loss"], global_step)
+                    self.writer.add_scalar(f"phase{phase}/learning_rate",
+                                           self.learning_rate_at(phase, epoch, step_in_epoch), global_step)
 
         batches = data_lib.train_batches(
             self.prepared_dir, batch_size, self.config.seed, self.data_epoch(phase, epoch),
@@ -545,13 +568,17 @@ class _Trainer:
             if pending is not None:  # read the previous step's metrics while this one runs
                 absorb(*pending)
             pending = (step_in_epoch, metrics)
-            if every and (global_step + 1) % every == 0 and step_in_epoch + 1 < self.steps_per_epoch:
+            stop_requested = self.stop_signal is not None
+            periodic = every and (global_step + 1) % every == 0
+            if (stop_requested or periodic) and step_in_epoch + 1 < self.steps_per_epoch:
                 absorb(*pending)
                 pending = None
                 now = time.perf_counter()
                 position.partial["seconds"] += now - segment_start
                 segment_start = now
                 self._save(state, position)
+                if stop_requested:
+                    self._stop()
         if pending is not None:
             absorb(*pending)
         bar.close()
@@ -626,7 +653,15 @@ class _Trainer:
             while position.epoch < self.phase_epochs[phase]:
                 state = self._train_epoch(state, position)
                 self._finish_epoch(state, position)
+                if self.stop_signal is not None and not self._is_complete(position):
+                    self._stop()
         return position.history if position else []
+
+    def _stop(self) -> None:
+        """Ends the run after a checkpoint was saved because a stop signal arrived (see `stop_on_signals`)."""
+        raise TrainingStopped(self.stop_signal, (
+            f"stopped by {signal.Signals(self.stop_signal).name} after a checkpoint at step {self.last_saved_step}: "
+            "run the same command again to resume"))
 
     def _is_complete(self, position: Position) -> bool:
         last_phase = JOINT if self.phase_epochs[JOINT] else PRETRAIN
@@ -652,7 +687,7 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: pathlib.Pat
                 saved = store.restore_meta(step)["config"]
             except Exception:  # an unreadable step: the restore reports it, compare with an older one
                 continue
-            differences = config_differences(saved, config.to_dict())
+            differences = config_differences(saved, config)
             if differences:
                 raise ConfigError(
                     f"{workdir} holds a run of another configuration ({'; '.join(differences[:3])}"
@@ -691,9 +726,48 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     prepare_data(config, workdir)
     trainer = _Trainer(config, workdir, show_progress)
     try:
-        return trainer.run()
+        with stop_on_signals(trainer):
+            return trainer.run()
     finally:
         trainer.close()
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: _Trainer) -> Iterator[None]:
+    """While training, SIGINT (Ctrl-C) or SIGTERM (e.g. a cluster's pre-emption notice) makes the loop save
+    a checkpoint after the current step and raise TrainingStopped; a second one acts at once, as it would
+    without this. Signals that the process ignores stay ignored (e.g. SIGINT in a background job).
+
+    Only in the main thread of a single-process run: with several processes a signal reaches one of them,
+    and a checkpoint needs them all; there they act as before (the run resumes from its last checkpoint).
+    """
+    if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+        yield
+        return
+    # getsignal gives None for a handler installed outside Python: restored as the default.
+    previous = {number: signal.getsignal(number) or signal.SIG_DFL for number in STOP_SIGNALS}
+
+    def request_stop(number: int, frame: Any) -> None:
+        if trainer.stop_signal is not None:  # the second signal: what it would have done
+            signal.signal(number, previous[number])
+            signal.raise_signal(number)
+            return
+        trainer.stop_signal = number
+        if trainer.is_main:
+            print(f"{signal.Signals(number).name}: stopping after the current step, once a checkpoint is saved "
+                  "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    for number, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(number, request_stop)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -723,7 +797,10 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = "best") -> Run:
     config_file = workdir / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"{workdir} holds no training run (no config.json)")
-    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    try:
+        config = config_lib.saved_config(json.loads(config_file.read_text()))
+    except ValueError as error:  # a damaged config.json, or one of another version
+        raise ConfigError(f"{config_file}: {' '.join(str(error).split())}") from None
     prepared_dir = prepared_dir_of(config, workdir)
     class_names = list(data_lib.load_info(prepared_dir).class_names)
     model = build(config, len(class_names))
@@ -733,12 +810,14 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = "best") -> Run:
     if not store_dir.is_dir():
         raise ConfigError(f"{workdir} has no '{checkpoint}' checkpoint yet")
 
+    optimizer = make_optimizer(config.optimizer, phase_steps=0)  # only its state's structure is used
+
     def target_for(meta: dict[str, Any]) -> Any:
         if checkpoint == "best":
-            return abstract_state(model, make_optimizer(config.optimizer), JOINT, image_size, replicated).variables
+            return abstract_state(model, optimizer, JOINT, image_size, replicated).variables
         if meta["position"]["phase"] != JOINT:
             raise ConfigError(f"the latest checkpoint of {workdir} is from phase 1 (no classifier yet)")
-        return abstract_state(model, make_optimizer(config.optimizer), JOINT, image_size, replicated).to_dict()
+        return abstract_state(model, optimizer, JOINT, image_size, replicated).to_dict()
 
     store = CheckpointStore(store_dir, for_writing=False)
     try:
