@@ -22,4 +22,5 @@ def get_config(data_dir: str = ""):
     study = load_config_file(str(CONFIG_DIR / "study_cpu.py") + (f":{data_dir}" if data_dir else ""))
     study.base.optimizer.schedule = "cosine"
     study.data_variants = ("stainfree_proxy",)
+    study.baseline = "study_cpu"  # the report pairs each run with results/study_cpu/<same run name>
     return study

@@ -225,7 +225,7 @@ def test_study_cpu_composes_the_ablation_from_the_net_configs(tmp_path):
     cosine = cli.load_config_file(str(REPO_ROOT / "configs" / "study_cpu_cosine.py"))
     assert study.config_overrides(cosine.base.to_dict(), config.base.to_dict()) == {"optimizer": {"schedule": "cosine"}}
     assert cosine.models.to_dict() == config.models.to_dict() and tuple(cosine.data_variants) == ("stainfree_proxy",)
-    assert (cosine.seeds, cosine.subset_per_class) == (config.seeds, config.subset_per_class)
+    assert (cosine.seeds, cosine.subset_per_class, cosine.baseline) == (config.seeds, config.subset_per_class, "study_cpu")
 
 
 def test_bad_study_configs_give_one_line_errors(tmp_path):
@@ -463,6 +463,53 @@ def test_report_pairs_models_by_seed_and_sums_up_the_errors(results):
     assert errors["monocyte → lymphocyte"] == [f"{net1_monocyte_as_lymphocyte:.1f}", f"{net4_monocyte_as_lymphocyte:.1f}"]
     proxy = block.split("data variant `stainfree_proxy`")[1]
     assert "| comparison |" not in proxy  # one model only: nothing to pair
+
+
+def write_curve(run_dir: pathlib.Path, accuracies: list[float]) -> None:
+    rows = [{"phase": 2, "epoch": epoch, "test_accuracy": accuracy} for epoch, accuracy in enumerate(accuracies, 1)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_report_compares_each_run_with_the_same_run_of_the_baseline_study(results):
+    folder, metrics = results
+    baseline = folder.parent / "constant_lr"
+    rng = np.random.default_rng(1)
+    baseline_metrics = {name: random_metrics(rng) for name in ("net1-raw-seed1", "net1-raw-seed2", "net4-raw-seed1")}
+    for name, values in baseline_metrics.items():
+        write_run(baseline, name, values, "none" if name.startswith("net1") else "urnet", 0 if name.startswith("net1") else 3)
+        config = json.loads((baseline / name / "config.json").read_text())
+        config["optimizer"]["schedule"] = "constant"
+        (baseline / name / "config.json").write_text(json.dumps(config))
+    for name in ("net1-raw-seed1", "net1-raw-seed2", "net1-raw-seed3", "net4-raw-seed1", "net4-raw-seed2"):
+        config = json.loads((folder / name / "config.json").read_text())
+        config["optimizer"]["schedule"] = "cosine"
+        (folder / name / "config.json").write_text(json.dumps(config))
+    curves = {"net1-raw-seed1": ([0.5, 0.6, 0.7, 0.8, 0.9, 0.8], [0.5, 0.9, 0.5, 0.9, 0.5, 0.9]),
+              "net1-raw-seed2": ([0.6, 0.7, 0.8, 0.8, 0.8, 0.8], [0.7, 0.7, 0.7, 0.7, 0.7, 0.6])}
+    for name, (here, there) in curves.items():
+        write_curve(folder / name, here)
+        write_curve(baseline / name, there)
+    (folder / "study.json").write_text(json.dumps({"baseline": "constant_lr"}))
+
+    block = study.results_block(folder)
+    raw = block.split("data variant `raw`")[1].split("####")[0]
+    assert "`optimizer.schedule: 'constant' != 'cosine'` (baseline != this study)" in raw
+    rows = {line[2:-2].split(" | ")[0]: line[2:-2].split(" | ")[1:] for line in raw.split("Against")[1].splitlines()
+            if line.startswith("| Net")}
+    assert list(rows) == ["Net1", "Net4"]
+    accuracy = [100 * (metrics[f"net1-raw-seed{s}"]["accuracy"] - baseline_metrics[f"net1-raw-seed{s}"]["accuracy"])
+                for s in (1, 2)]
+    better = sum(value > 0 for value in accuracy)
+    assert rows["Net1"][:2] == ["2", f"{statistics.mean(accuracy):+.2f} ± {statistics.stdev(accuracy):.2f} "
+                                     f"({better}/0/{2 - better})".replace("-", "−")]
+    assert rows["Net1"][2] == "+5.00 ± 21.21 (1/0/1)"  # last epoch: 0.8 - 0.9 and 0.8 - 0.6
+    # Over the last 5 epochs, mean |change| in points: seed 1 10 here, 40 in the baseline; seed 2 2.5 and 2.5.
+    assert rows["Net1"][4:] == ["6.25 ± 5.30", "21.25 ± 26.52"]
+    assert rows["Net4"][:2] == ["1", f"{100 * (metrics['net4-raw-seed1']['accuracy'] - baseline_metrics['net4-raw-seed1']['accuracy']):+.2f}"
+                                .replace("-", "−") + (" (1/0/0)" if metrics["net4-raw-seed1"]["accuracy"] >
+                                                      baseline_metrics["net4-raw-seed1"]["accuracy"] else " (0/0/1)")]
+    assert rows["Net4"][2:] == ["n/a"] * 4  # the hand-made net4 runs have no curves
+    assert "Against the baseline" not in block.split("data variant `stainfree_proxy`")[1]  # no proxy baseline runs
 
 
 def test_report_plots_the_phase2_learning_curves_of_every_finished_run(results, tmp_path, capsys):

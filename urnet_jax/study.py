@@ -16,6 +16,8 @@ A study config (`get_config()` of configs/study_*.py) holds
                     augmented training images: the model variants are compared on identical data (paired);
   subset_per_class: images drawn per class from data.dir before anything else (0: every image); the
                     draw is seeded by data.seed, made once and shared by every run.
+  baseline:         optional: the name of another study's results folder beside this one (e.g.
+                    'study_cpu'); the report then compares each run with the baseline's run of the same name.
 
 Run `<model>-<data variant>-seed<seed>` (e.g. net4-stainfree_proxy-seed1) trains in OUT/<run>/
 (`training.train`) and is then evaluated on the test split with its best checkpoint
@@ -26,10 +28,11 @@ data variant of seed 1, then seed 2, ...), so a partly finished study already fi
 The runs of one data variant share the prepared data set OUT/_prepared/<variant>/; the subset is a folder
 of links, OUT/_prepared/subset/.
 
-`report` reads only each run's config.json and eval/metrics.json and writes one table per data variant
-between the markers `<!-- results:begin NAME -->` and `<!-- results:end NAME -->` (NAME: the results
-folder's name) of a Markdown file, leaving the text around them alone; `--check` exits non-zero when the
-file's tables differ from what the results give.
+`report` reads each finished run's config.json, eval/metrics.json and metrics.jsonl (and the baseline's
+name from OUT/study.json) and writes the tables of each data variant between the markers
+`<!-- results:begin NAME -->` and `<!-- results:end NAME -->` (NAME: the results folder's name) of a
+Markdown file, leaving the text around them alone; `--check` exits non-zero when the file's tables differ
+from what the results give.
 """
 
 from __future__ import annotations
@@ -117,7 +120,7 @@ def ablation_models(config_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
 def study_config(base: ml_collections.ConfigDict, models: Mapping[str, Mapping[str, Any]],
                  data_variants: Sequence[str] = ("raw", "stainfree_proxy"), seeds: Sequence[int] = (1, 2, 3),
-                 subset_per_class: int = 0) -> ml_collections.ConfigDict:
+                 subset_per_class: int = 0, baseline: str = "") -> ml_collections.ConfigDict:
     """A study config (see the module docstring) from its parts."""
     study = ml_collections.ConfigDict()
     study.base = base
@@ -125,6 +128,7 @@ def study_config(base: ml_collections.ConfigDict, models: Mapping[str, Mapping[s
     study.data_variants = tuple(data_variants)
     study.seeds = tuple(seeds)
     study.subset_per_class = subset_per_class
+    study.baseline = baseline
     return study
 
 
@@ -226,6 +230,9 @@ def check_study_config(study: ml_collections.ConfigDict) -> None:
     _check(isinstance(subset, int) and not isinstance(subset, bool) and subset >= 0,
            f"study 'subset_per_class' must be an integer >= 0, got {subset!r}")
     _check(subset == 0 or bool(study.base.data.dir), "study 'subset_per_class' needs base data.dir (an image folder)")
+    baseline = study.get("baseline", "")
+    _check(isinstance(baseline, str) and (baseline == "" or bool(NAME_PART.match(baseline))),
+           f"study 'baseline' must be the name of a sibling results folder (letters, digits, _), got {baseline!r}")
 
 
 def plan_runs(study: ml_collections.ConfigDict, prepared_root: str | os.PathLike,
@@ -495,6 +502,14 @@ def unselected_accuracy(run: FinishedRun, last_epochs: int) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def epoch_to_epoch_change(run: FinishedRun, last_epochs: int = 5) -> float | None:
+    """How much the phase-2 test accuracy jumps between consecutive epochs late in training, where it
+    should have settled: the mean absolute difference (in [0, 1]) over the last `last_epochs` epochs.
+    None with fewer than two epochs."""
+    values = np.asarray([accuracy for _, accuracy in run.test_accuracy_curve[-last_epochs:]], np.float64)
+    return float(np.abs(np.diff(values)).mean()) if len(values) > 1 else None
+
+
 def _has_table3_numbers(metrics: Any) -> bool:
     """Whether a parsed metrics.json holds every number of the Table-3 layout."""
     def is_number(value: Any) -> bool:
@@ -679,6 +694,55 @@ def paired_table(runs: Sequence[FinishedRun], classes: Sequence[str]) -> str | N
                            *(label for label, _ in columns[1:])], rows)
 
 
+def baseline_table(runs: Sequence[FinishedRun], baseline_runs: Sequence[FinishedRun]) -> str | None:
+    """Each model of one data variant against the same model of a baseline study, paired by seed (None
+    when no run has a baseline run of the same name): this study's number minus the baseline's for the
+    selected and unselected test accuracies, and each study's epoch-to-epoch change of test accuracy."""
+    from urnet_jax.evaluation.report import markdown_table
+
+    differences = [("test accuracy", lambda run: run.metrics["accuracy"]),
+                   ("last-epoch test accuracy", lambda run: unselected_accuracy(run, 1)),
+                   ("mean of the last 3 epochs", lambda run: unselected_accuracy(run, 3))]
+    rows = []
+    for model in _ordered([run.model for run in runs], ABLATION_MODELS):
+        here = [run for run in runs if run.model == model]
+        there = {run.seed: run for run in baseline_runs if run.model == model}
+        paired = [run for run in here if run.seed in there]
+        if not paired:
+            continue
+        swings = [(epoch_to_epoch_change(run), epoch_to_epoch_change(there[run.seed])) for run in paired]
+        rows.append([_column_header(model), str(len(paired)),
+                     *(_difference_cell(paired_differences(here, list(there.values()), pick)) for _, pick in differences),
+                     _mean_std_points([a for a, b in swings if a is not None and b is not None]),
+                     _mean_std_points([b for a, b in swings if a is not None and b is not None])])
+    if not rows:
+        return None
+    return markdown_table(["model", "seeds", *(f"{label}, difference" for label, _ in differences),
+                           "epoch-to-epoch change, this study", "epoch-to-epoch change, baseline"], rows)
+
+
+def _baseline_settings(runs: Sequence[FinishedRun], baseline_runs: Sequence[FinishedRun]) -> list[str]:
+    """The config differences ('key: baseline != this') between paired runs, each once (locations and
+    bookkeeping aside, as for skipping finished runs)."""
+    by_name = {run.name: run for run in baseline_runs}
+    found: list[str] = []
+    for run in runs:
+        if run.name in by_name:
+            for line in config_lib.config_differences(by_name[run.name].config, run.config, ignored=IGNORED_KEYS):
+                if line not in found:
+                    found.append(line)
+    return found
+
+
+def read_baseline(results_dir: pathlib.Path) -> str:
+    """The baseline named in a results folder's study.json ('' when there is none)."""
+    try:
+        baseline = json.loads((results_dir / "study.json").read_text()).get("baseline", "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return baseline if isinstance(baseline, str) and NAME_PART.match(baseline) else ""
+
+
 def error_table(cells: Mapping[str, Sequence[FinishedRun]], classes: Sequence[str]) -> str:
     """Test errors as 'true -> predicted' rows (every ordered pair of distinct classes), one column per
     {header: runs}: the mean number of images over the column's runs (from the confusion matrices)."""
@@ -729,6 +793,8 @@ def results_block(results_dir: str | os.PathLike) -> str:
     if not runs:
         parts += [f"No finished runs in `results/{name}` yet.", ""]
     models = _ordered([run.model for run in runs], ABLATION_MODELS)
+    baseline = read_baseline(results_dir)
+    baseline_runs = collect_finished_runs(results_dir.parent / baseline) if baseline else []
     for variant in _ordered([run.data_variant for run in runs], VARIANTS):
         of_variant = [run for run in runs if run.data_variant == variant]
         cells = {_column_header(model): sorted((r for r in of_variant if r.model == model), key=lambda r: r.seed)
@@ -753,6 +819,19 @@ def results_block(results_dir: str | os.PathLike) -> str:
         parts += [error_table(cells, classes), "",
                   "Test errors by true and predicted class: images, mean over each column's finished seeds "
                   "(from each run's confusion matrix).", ""]
+        of_baseline = [run for run in baseline_runs if run.data_variant == variant]
+        compared = baseline_table(of_variant, of_baseline)
+        if compared is not None:
+            settings = _baseline_settings(of_variant, of_baseline)
+            parts += [f"Against the baseline study `results/{baseline}`, run by run (same model, data variant and "
+                      f"seed), whose runs differ from these in: "
+                      + ("; ".join(f"`{line}`" for line in settings) or "nothing (same settings)")
+                      + " (baseline != this study).", "", compared, "",
+                      "Differences in percentage points, this study minus the baseline, over the seeds both have "
+                      "finished: mean ± sample standard deviation, then how many seeds were better/equal/worse "
+                      "here. Epoch-to-epoch change: the mean absolute change of test accuracy between "
+                      "consecutive epochs among the last 5 phase-2 epochs, in points, mean ± std over the same "
+                      "seeds.", ""]
     parts.append(MARKER_END.format(name=name))
     return "\n".join(parts)
 
