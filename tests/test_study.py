@@ -540,3 +540,7 @@ def test_report_plots_the_phase2_learning_curves_of_every_finished_run(results, 
         study.main(["report", str(folder), "--curves", str(png)])
     assert exit_info.value.code == 2
     assert "--curves: no finished run" in capsys.readouterr().err
+
+
+def test_signed_differences_never_print_minus_zero():
+    assert [study._signed(value) for value in (-0.0, -0.004, -0.006, 1.234)] == ["+0.00", "+0.00", "−0.01", "+1.23"]

@@ -631,7 +631,8 @@ def paired_differences(first: Sequence[FinishedRun], second: Sequence[FinishedRu
 
 
 def _signed(value: float) -> str:
-    return f"{value:+.2f}".replace("-", "−")
+    """'+1.25' or '−0.50' (a minus sign); values that round to zero print as '+0.00', never '−0.00'."""
+    return f"{round(value, 2) + 0.0:+.2f}".replace("-", "−")
 
 
 def _mean_std_points(values: Sequence[float], signed: bool = False) -> str:
