@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -110,19 +111,28 @@ class Interrupted(Exception):
 ORIGINAL_TRAIN_BATCHES = data_lib.train_batches
 
 
-def interrupt_after(monkeypatch, steps: int) -> None:
-    """Makes data.train_batches raise once `steps` batches have been taken (over all epochs)."""
+def before_batches(monkeypatch, action: Callable[[], None], at: tuple[int, ...]) -> None:
+    """Makes data.train_batches call `action` before it hands out each batch index in `at` (counted over
+    all epochs from 0; an index given twice calls it twice)."""
     original = ORIGINAL_TRAIN_BATCHES
     taken = [0]
 
     def batches(*args, **kwargs):
         for batch in original(*args, **kwargs):
-            if taken[0] == steps:
-                raise Interrupted
+            for _ in range(at.count(taken[0])):
+                action()
             taken[0] += 1
             yield batch
 
     monkeypatch.setattr(training.data_lib, "train_batches", batches)
+
+
+def interrupt_after(monkeypatch, steps: int) -> None:
+    """Makes data.train_batches raise Interrupted once `steps` batches have been taken (over all epochs)."""
+    def interrupt() -> None:
+        raise Interrupted
+
+    before_batches(monkeypatch, interrupt, at=(steps,))
 
 
 def test_interrupted_and_resumed_run_is_bitwise_identical(prepared, reference_run, tmp_path, monkeypatch):
@@ -140,26 +150,11 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(prepared, reference_ru
                               training.load_run(reference_run, checkpoint).variables)
 
 
-def signal_at_batches(monkeypatch, number: int, at: tuple[int, ...]) -> None:
-    """Makes data.train_batches send this process signal `number` as it hands out each batch index in `at`
-    (counted over all epochs from 0; an index given twice sends it twice)."""
-    original = ORIGINAL_TRAIN_BATCHES
-    taken = [0]
-
-    def batches(*args, **kwargs):
-        for batch in original(*args, **kwargs):
-            for _ in range(at.count(taken[0])):
-                signal.raise_signal(number)
-            taken[0] += 1
-            yield batch
-
-    monkeypatch.setattr(training.data_lib, "train_batches", batches)
-
-
 def test_sigterm_saves_a_checkpoint_after_the_step_and_the_resumed_run_is_identical(
         prepared, reference_run, tmp_path, monkeypatch, capsys):
     handler_before = signal.getsignal(signal.SIGTERM)
-    signal_at_batches(monkeypatch, signal.SIGTERM, at=(4,))  # phase 1, step 5 of 8; periodic saves every 3
+    # SIGTERM as batch 4 is handed out: phase 1, step 5 of 8 (periodic saves every 3 steps).
+    before_batches(monkeypatch, lambda: signal.raise_signal(signal.SIGTERM), at=(4,))
     with pytest.raises(cli.TrainingStopped, match="stopped by SIGTERM after a checkpoint at step 5:") as stop:
         training.train(tiny_config(prepared), tmp_path, show_progress=False)
     assert stop.value.signal_number == signal.SIGTERM
@@ -176,7 +171,7 @@ def test_sigterm_saves_a_checkpoint_after_the_step_and_the_resumed_run_is_identi
 
 
 def test_a_second_sigint_interrupts_at_once(prepared, tmp_path, monkeypatch):
-    signal_at_batches(monkeypatch, signal.SIGINT, at=(1, 1))
+    before_batches(monkeypatch, lambda: signal.raise_signal(signal.SIGINT), at=(1, 1))
     with pytest.raises(KeyboardInterrupt) as interrupt:
         training.train(tiny_config(prepared), tmp_path, show_progress=False)
     assert type(interrupt.value) is KeyboardInterrupt  # Python's own, not TrainingStopped: no checkpoint

@@ -6,6 +6,8 @@ entry point validates the result with `validate` before doing any work.
 
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,10 +63,22 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+@functools.cache
+def _sections() -> frozenset[str]:
+    """The section names of `base_config` (model, data, ...), found once."""
+    return frozenset(key for key, value in base_config().items() if isinstance(value, ml_collections.ConfigDict))
+
+
+@functools.cache
+def _flat_defaults() -> Mapping[str, Any]:
+    """`flatten(base_config())`, built once (read-only)."""
+    return types.MappingProxyType(flatten(base_config().to_dict()))
+
+
 def flatten(config: Mapping[str, Any]) -> dict[str, Any]:
     """{'section.key': value} of a config (a ConfigDict's `to_dict()` or a config.json); the sections are
     those of `base_config`, so a dict-valued key (data.class_map) stays one value."""
-    sections = {key for key, value in base_config().items() if isinstance(value, ml_collections.ConfigDict)}
+    sections = _sections()
     flat = {}
     for key, value in config.items():
         if key in sections and isinstance(value, Mapping):
@@ -81,8 +95,7 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
     A key that `saved` (a run's config.json or checkpoint metadata) lacks was added to `base_config`
     after it was written; the run was made with that key's default, so it is compared as the default.
     """
-    defaults = flatten(base_config().to_dict())
-    old, new = {**defaults, **flatten(saved)}, flatten(current)
+    old, new = {**_flat_defaults(), **flatten(saved)}, flatten(current)
     return [f"{key}: {old.get(key)!r} != {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
             if key not in ignored and old.get(key) != new.get(key)]
 

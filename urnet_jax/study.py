@@ -712,10 +712,11 @@ def baseline_table(runs: Sequence[FinishedRun], baseline_runs: Sequence[Finished
         if not paired:
             continue
         swings = [(epoch_to_epoch_change(run), epoch_to_epoch_change(there[run.seed])) for run in paired]
+        swings = [pair for pair in swings if None not in pair]
         rows.append([_column_header(model), str(len(paired)),
                      *(_difference_cell(paired_differences(here, list(there.values()), pick)) for _, pick in differences),
-                     _mean_std_points([a for a, b in swings if a is not None and b is not None]),
-                     _mean_std_points([b for a, b in swings if a is not None and b is not None])])
+                     _mean_std_points([here_swing for here_swing, _ in swings]),
+                     _mean_std_points([there_swing for _, there_swing in swings])])
     if not rows:
         return None
     return markdown_table(["model", "seeds", *(f"{label}, difference" for label, _ in differences),

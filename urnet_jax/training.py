@@ -384,8 +384,6 @@ class _Trainer:
         self.steps_per_epoch = data_lib.steps_per_epoch(self.prepared_dir, config.batch_size)
         has_phase1 = config.model.enhancer != "none" and config.pretrain.epochs > 0
         self.phase_epochs = {PRETRAIN: config.pretrain.epochs if has_phase1 else 0, JOINT: config.train.epochs}
-        self.learning_rates = {phase: learning_rate(config.optimizer, epochs * self.steps_per_epoch)
-                               for phase, epochs in self.phase_epochs.items()}
         self.optimizers = {phase: make_optimizer(config.optimizer, epochs * self.steps_per_epoch)
                            for phase, epochs in self.phase_epochs.items()}
         self.init_key, self.step_key = _init_keys(config.seed)
@@ -408,7 +406,7 @@ class _Trainer:
 
     def learning_rate_at(self, phase: int, epoch: int, step_in_epoch: int) -> float:
         """The learning rate that the step at (phase, epoch, step in epoch) applies."""
-        rate = self.learning_rates[phase]
+        rate = learning_rate(self.config.optimizer, self.phase_epochs[phase] * self.steps_per_epoch)
         return rate if isinstance(rate, float) else float(rate(epoch * self.steps_per_epoch + step_in_epoch))
 
     def data_epoch(self, phase: int, epoch: int) -> int:
