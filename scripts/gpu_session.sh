@@ -1,22 +1,31 @@
 # The GPU work of urnet_jax in one call on a bare GPU machine without network (this project's `device`
-# tool): the train-step benchmark against torch (docs/BENCHMARKS.md) and/or the first runs of the GPU
-# study (configs/study_gpu.py, docs/RESULTS.md).
+# tool): the runs of the GPU study (configs/study_gpu.py, docs/RESULTS.md) and/or the train-step benchmark
+# against torch (docs/BENCHMARKS.md).
 #
-#   bash scripts/gpu_session.sh bench|study|all      # from the repository root; `all` = bench, then study
+#   bash scripts/gpu_session.sh study|bench|all      # from the repository root; `all` = study, then bench
 #
 # Needs, beside the repository: .whl/ (the wheels of scripts/gpu_wheels.txt) and .gpu/pbc_subset/ (the
-# 1875 JPEGs of the study's 625-per-class PBC subset, as real files: `cp -rL results/study_cpu/_prepared/subset
-# .gpu/pbc_subset`; `python -m urnet_jax.study run --config configs/study_cpu.py --out results/study_cpu`
-# makes that folder of links, and skips the finished runs), about 45 MB together. Writes to $OUT: gpu.txt (card and versions), bench.log,
-# study.log and study_gpu.tgz (each run's config.json, metrics.jsonl, eval/metrics.json, error.log; unpack
-# it in results/study_gpu/ and run `python -m urnet_jax.study report results/study_gpu --out docs/RESULTS.md`).
-# Env: BENCH_SECONDS (240) and STUDY_SECONDS (300) limit the two parts (for `all` within one 600 s call,
-# STUDY_SECONDS=260 or less); STUDY_RUNS ('net1-raw-seed1 net4-raw-seed1'): the --only patterns;
-# BENCH_ARGS and STUDY_OVERRIDES (--config.KEY=VALUE ...): for tiny CPU trials of this script (with
-# --config.base.precision=float32 there: README, "Known issues").
+# 1875 JPEGs of the study's 625-per-class PBC subset, as real files: `cp -rL
+# results/study_cpu/_prepared/subset .gpu/pbc_subset`; `python -m urnet_jax.study run --config
+# configs/study_cpu.py --out results/study_cpu` makes that folder of links, and skips the finished runs),
+# about 45 MB together.
+#
+# Writes to $OUT: gpu.txt (card and versions), study.log (every study process's log), gpu_usage.csv
+# (nvidia-smi every 15 s during the study), study_gpu.tgz (each run's config.json, metrics.jsonl,
+# eval/metrics.json and error.log, and the seed-1 Net4 runs' evaluation figures: unpack it in
+# results/study_gpu/ and run `python -m urnet_jax.study report results/study_gpu --out docs/RESULTS.md`)
+# and bench.log.
+#
+# The study runs one process per --only pattern of STUDY_GROUPS, side by side on the one GPU (default: the
+# 8 cells net1..net4 x raw/stainfree_proxy; each process runs its seeds in order, so seed 1 of every cell
+# comes first). Each is stopped by SIGINT after STUDY_SECONDS (360): it saves a checkpoint and exits, and
+# a later call on the same machine resumes it. BENCH_SECONDS (150) limits the benchmark. In one 600 s
+# call, `all` fits STUDY_SECONDS=390 BENCH_SECONDS=150. BENCH_ARGS and STUDY_OVERRIDES (--config.KEY=VALUE
+# ...): for tiny CPU trials of this script (with --config.base.precision=float32 there: README, "Known
+# issues").
 set -u
 MODE=${1:-}
-case $MODE in bench | study | all) ;; *) echo "usage: bash scripts/gpu_session.sh bench|study|all" >&2; exit 2 ;; esac
+case $MODE in study | bench | all) ;; *) echo "usage: bash scripts/gpu_session.sh study|bench|all" >&2; exit 2 ;; esac
 : "${OUT:?OUT must name the folder whose files come back}"
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -34,25 +43,39 @@ print("jax devices:", jax.devices())'
 } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
+if [ "$MODE" != bench ]; then
+  start=$SECONDS
+  mkdir -p /tmp/study_logs
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 > "$OUT/gpu_usage.csv" 2>&1 &
+  monitor=$!
+  pids=()
+  set -f  # the patterns are globs for --only, not for the shell
+  for pattern in ${STUDY_GROUPS:-net1-raw-* net2-raw-* net3-raw-* net4-raw-* net1-stainfree_proxy-* \
+      net2-stainfree_proxy-* net3-stainfree_proxy-* net4-stainfree_proxy-*}; do
+    # Side by side on one GPU: each process takes memory as it needs it. SIGINT first: the runner stops
+    # between steps after a checkpoint and says how to resume.
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -s INT -k 20 "${STUDY_SECONDS:-360}" python3 -m urnet_jax.study run \
+      --config configs/study_gpu.py:.gpu/pbc_subset --out results/study_gpu --only "$pattern" --delete-checkpoints \
+      --no-progress ${STUDY_OVERRIDES:-} > "/tmp/study_logs/${#pids[@]}.log" 2>&1 &
+    pids+=($!)
+  done
+  set +f
+  wait "${pids[@]}"
+  kill "$monitor" 2>/dev/null
+  for log in /tmp/study_logs/*.log; do echo "== $log"; cat "$log"; done > "$OUT/study.log"
+  echo "study: ${#pids[@]} processes done after $((SECONDS - start)) s" >> "$OUT/study.log"
+  grep -h -E "finished in|FAILED|stopped" "$OUT/study.log"; tail -n 1 "$OUT/study.log"
+  if [ -d results/study_gpu ]; then
+    (cd results/study_gpu && find . -path ./_prepared -prune -o -type f \( -name study.json -o -name config.json \
+      -o -name metrics.jsonl -o -path '*/eval/metrics.json' -o -name error.log \
+      -o -path './net4-*-seed1/eval/*.png' \) -print | tar czf "$OUT/study_gpu.tgz" -T -)
+  fi
+fi
+
 if [ "$MODE" != study ]; then
   start=$SECONDS
-  timeout "${BENCH_SECONDS:-240}" python3 bench/train_step.py ${BENCH_ARGS:---enhancer urnet --enhancer-width 64 \
+  timeout "${BENCH_SECONDS:-150}" python3 bench/train_step.py ${BENCH_ARGS:---enhancer urnet --enhancer-width 64 \
     --classifier resnet101 --size 200 --batch 32 --precision bfloat16 --steps 10 --rounds 3} > "$OUT/bench.log" 2>&1
   echo "bench rc=$? after $((SECONDS - start)) s" >> "$OUT/bench.log"
   tail -n 12 "$OUT/bench.log"
-fi
-
-if [ "$MODE" != bench ]; then
-  only=()
-  for pattern in ${STUDY_RUNS:-net1-raw-seed1 net4-raw-seed1}; do only+=(--only "$pattern"); done
-  start=$SECONDS
-  # SIGINT first: the runner stops between steps and says how to resume.
-  timeout -s INT -k 30 "${STUDY_SECONDS:-300}" python3 -m urnet_jax.study run --config configs/study_gpu.py:.gpu/pbc_subset \
-    --out results/study_gpu "${only[@]}" --delete-checkpoints --no-progress ${STUDY_OVERRIDES:-} > "$OUT/study.log" 2>&1
-  echo "study rc=$? after $((SECONDS - start)) s" >> "$OUT/study.log"
-  tail -n 15 "$OUT/study.log"
-  if [ -d results/study_gpu ]; then
-    (cd results/study_gpu && find . -path ./_prepared -prune -o -type f \( -name study.json -o -name config.json \
-      -o -name metrics.jsonl -o -path '*/eval/metrics.json' -o -name error.log \) -print | tar czf "$OUT/study_gpu.tgz" -T -)
-  fi
 fi

@@ -111,6 +111,23 @@ def test_benchmark_cli_prints_result_and_the_two_first_steps_agree():
     assert agreement["grad_rel_err"] < 2e-2
 
 
+def test_flop_count_includes_the_convolutions():
+    """MFU divides by XLA's count of the lowered program, which counts a convolution as 2 * multiply-adds
+    on every backend (a GPU's compiled program hides its convolutions in cuDNN calls, counted as 0)."""
+    import train_step
+
+    batch, size, in_channels, out_channels, kernel = 2, 12, 3, 5, 3
+    images = jax.ShapeDtypeStruct((batch, size, size, in_channels), jnp.float32)
+    kernels = jax.ShapeDtypeStruct((kernel, kernel, in_channels, out_channels), jnp.float32)
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    flops = train_step._flops(jax.jit(conv).lower(images, kernels))
+    out_size = size - kernel + 1
+    assert flops == 2 * batch * out_size * out_size * out_channels * kernel * kernel * in_channels
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--batch", "0"], "--batch must be >= 1"),
     (["--classifier", "resnet7", "--skip-torch"], "error: unknown classifier 'resnet7'"),

@@ -141,19 +141,26 @@ def test_runner_continues_after_a_failed_run_and_exits_non_zero(tmp_path, fake_r
     assert "2 run(s) failed:" in captured.err and "tiny-raw-seed2: non-finite loss" in captured.err
 
 
-def test_a_stop_signal_ends_the_study_instead_of_failing_the_run(tmp_path, fake_runs, capsys):
+@pytest.mark.parametrize("stop, expected_status, message", [
+    (cli.TrainingStopped(signal.SIGTERM, "stopped by SIGTERM after a checkpoint at step 7: run the same "
+                                         "command again to resume"),
+     128 + signal.SIGTERM, "interrupted: stopped by SIGTERM after a checkpoint at step 7"),
+    # Ctrl-C outside the training loop (e.g. while a finished run is evaluated): no empty message.
+    (KeyboardInterrupt(), 128 + signal.SIGINT, "interrupted: run the same command again to resume"),
+])
+def test_a_stop_signal_ends_the_study_instead_of_failing_the_run(tmp_path, fake_runs, capsys, stop,
+                                                                  expected_status, message):
     calls, fail_seeds = fake_runs
-    fail_seeds[2] = cli.TrainingStopped(signal.SIGTERM, "stopped by SIGTERM after a checkpoint at step 7: "
-                                                        "run the same command again to resume")
+    fail_seeds[2] = stop
     config_file = tmp_path / "study.py"
     config_file.write_text(
         "from urnet_jax import study\nfrom urnet_jax.config import base_config\n\n\ndef get_config():\n"
         f"    base = study.apply_overrides(base_config(), {TINY_BASE!r})\n"
         f"    return study.study_config(base, {TINY_MODELS!r}, data_variants=('raw',), seeds=(1, 2, 3))\n")
     status = study.main(["run", "--config", str(config_file), "--out", str(tmp_path / "out"), "--no-progress"])
-    assert status == 128 + signal.SIGTERM
+    assert status == expected_status
     assert calls == ["tiny-raw-seed1", "tiny-raw-seed2"]  # seed 3 is not started
-    assert "interrupted: stopped by SIGTERM after a checkpoint at step 7" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "tiny-raw-seed2" / "error.log").exists()
 
 

@@ -924,7 +924,7 @@ def _run_command(args: argparse.Namespace) -> int:
         outcome = run_study(study, out_dir, args.only, args.limit, args.delete_checkpoints, args.prepared,
                             show_progress=not args.no_progress)
     except KeyboardInterrupt as stop:  # Ctrl-C outside training, or TrainingStopped (a checkpoint was saved)
-        print(f"interrupted: {stop or 'run the same command again to resume'}", file=sys.stderr)
+        print(f"interrupted: {str(stop) or 'run the same command again to resume'}", file=sys.stderr)
         return 128 + getattr(stop, "signal_number", signal.SIGINT)
     print(f"trained {len(outcome.trained)}, skipped {len(outcome.skipped)} finished, failed {len(outcome.failed)}"
           + (f", left for later (--limit) {len(outcome.not_started)}" if outcome.not_started else ""))
