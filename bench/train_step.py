@@ -12,7 +12,9 @@ scaled to [0, 1] inside the step). Both share one process and one thread count (
 torch.set_num_threads); timed blocks of `--steps` steps alternate JAX, torch, JAX, torch, ...
 (`--rounds` times), after compilation and `--warmup` untimed steps each. Both start from the same
 weights (JAX enhancer -> torch, torchvision classifier -> JAX), so the first steps' losses, gradients
-(the SGD momentum after one step) and BatchNorm statistics are compared and reported too.
+(the SGD momentum after one step) and BatchNorm statistics are compared and reported too; with
+`--against-fp32` (bf16 runs) each framework's first step is taken again in float32, to show how much of
+their gradient difference is bf16 rounding.
 
 Prints a summary and, as the last line, `RESULT {json}` with jax_img_s, torch_img_s, speedup_vs_torch
 (median torch step time / median JAX step time), the same for inference, compile seconds, peak memory,
@@ -50,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--torch-memory-format", default="contiguous", choices=("contiguous", "channels_last"))
     parser.add_argument("--skip-torch", action="store_true", help="time the JAX steps only")
     parser.add_argument("--skip-inference", action="store_true", help="time the train steps only")
+    parser.add_argument("--against-fp32", action="store_true",
+                        help="with --precision bfloat16: also take each framework's first step in float32 from "
+                             "the same weights and report how far its bf16 gradient is from its own fp32 one")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's bf16 peak for MFU (default: looked up from the device name)")
     parser.add_argument("--trace-dir", default="",
@@ -60,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 1:
         parser.error(f"--warmup must be >= 1 (the first step is checked against torch), got {args.warmup}")
+    if args.against_fp32 and (args.precision != "bfloat16" or args.skip_torch):
+        parser.error("--against-fp32 needs --precision bfloat16 and the torch side")
     return args
 
 
@@ -278,17 +285,52 @@ def _first_step_agreement(jax_bench: JaxBench, torch_bench: TorchBench, jax_metr
     import torch_reference
 
     jax_momentum, jax_batch_stats = jax_bench.momentum_and_batch_stats()
-    torch_momentum, torch_state = torch_bench.momentum_and_state()
+    _, torch_state = torch_bench.momentum_and_state()
     template = jax_bench.jax.device_get(jax_bench.state.variables)
-    torch_grads = torch_reference.jax_layout_variables(torch_momentum, template, args.classifier, args.num_classes)
     torch_stats = torch_reference.jax_layout_variables(torch_state, template, args.classifier, args.num_classes)
     jax_loss, torch_loss = float(jax_metrics["loss"]), float(torch_metrics["loss"])
     return {
+        "after_steps": int(jax_bench.jax.device_get(jax_bench.state.step)),  # 1: the first step alone
         "loss_jax": round(jax_loss, 6),
         "loss_torch": round(torch_loss, 6),
         "loss_rel_diff": abs(jax_loss - torch_loss) / max(abs(torch_loss), 1e-12),
-        "grad_rel_err": _relative_error(torch_grads["params"], jax_momentum),
+        "grad_rel_err": _relative_error(_torch_gradients_like_jax(torch_bench, jax_bench, args), jax_momentum),
         "batch_stats_rel_err": _relative_error(torch_stats["batch_stats"], jax_batch_stats),
+    }
+
+
+def _torch_gradients_like_jax(torch_bench: TorchBench, jax_bench: JaxBench, args: argparse.Namespace) -> Any:
+    """The torch side's SGD momentum (= its first gradient) as JAX-layout params."""
+    import torch_reference
+
+    momentum, _ = torch_bench.momentum_and_state()
+    template = jax_bench.jax.device_get(jax_bench.state.variables)
+    return torch_reference.jax_layout_variables(momentum, template, args.classifier, args.num_classes)["params"]
+
+
+def _bf16_against_fp32(args: argparse.Namespace, config: Any, initial_variables: Any, images: Any, labels: Any,
+                       threads: int, jax_bench: JaxBench, torch_bench: TorchBench) -> dict[str, float]:
+    """Each framework's first step again in float32 from the same weights: how far each bf16 gradient is from
+    its own fp32 one, and how far the two fp32 gradients are from each other. Call right after the bf16
+    benches' first step."""
+    import torch_reference
+    from urnet_jax import training
+
+    model = training.build(config, args.num_classes, training.compute_dtype("float32"))
+    jax_fp32 = JaxBench(model, initial_variables, images, labels)
+    torch_fp32 = TorchBench(argparse.Namespace(**{**vars(args), "precision": "float32"}), model, images, labels,
+                            threads)
+    torch_reference.share_initial_weights(initial_variables, torch_fp32.model, args.classifier, args.num_classes)
+    torch_fp32.start()
+    for bench in (jax_fp32, torch_fp32):
+        bench.synchronize(bench.run_train())
+    jax_grads = {"bf16": jax_bench.momentum_and_batch_stats()[0], "fp32": jax_fp32.momentum_and_batch_stats()[0]}
+    torch_grads = {"bf16": _torch_gradients_like_jax(torch_bench, jax_bench, args),
+                   "fp32": _torch_gradients_like_jax(torch_fp32, jax_fp32, args)}
+    return {
+        "jax_bf16_vs_fp32_grad_rel_err": _relative_error(jax_grads["fp32"], jax_grads["bf16"]),
+        "torch_bf16_vs_fp32_grad_rel_err": _relative_error(torch_grads["fp32"], torch_grads["bf16"]),
+        "fp32_grad_rel_err": _relative_error(torch_grads["fp32"], jax_grads["fp32"]),
     }
 
 
@@ -385,6 +427,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch_bench.start()
     except ValueError as error:
         sys.exit(f"error: {error}")
+    initial_variables = jax.device_get(variables) if args.against_fp32 else None  # the step donates its state
     _progress("compiling the JAX train and eval steps")
     jax_bench = JaxBench(model, variables, images, labels)
     if torch_bench is not None and torch_bench.param_count != jax_bench.param_count:
@@ -392,18 +435,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     benches: dict[str, Any] = {"jax": jax_bench} if torch_bench is None else {"jax": jax_bench, "torch": torch_bench}
     device = jax.devices()[0]
 
-    # Warm-up; the first steps of both start from the same weights, so their results must agree.
+    # The first train steps of both start from the same weights, so their results must agree: compared
+    # before any further warm-up step moves the weights and adds to the momentum.
     first_metrics, rss_growth = {}, {}
     for name, bench in benches.items():
-        _progress(f"first {name} train steps")
+        _progress(f"first {name} train step")
         with common.RssPeak() as rss:
             first_metrics[name] = bench.run_train()
             bench.synchronize(first_metrics[name])
-            for _ in range(args.warmup - 1):
-                bench.synchronize(bench.run_train())
         rss_growth[name] = rss.peak_growth_bytes
     agreement = (None if torch_bench is None else
                  _first_step_agreement(jax_bench, torch_bench, first_metrics["jax"], first_metrics["torch"], args))
+    if args.against_fp32:
+        _progress("first train steps again in float32")
+        agreement.update(_bf16_against_fp32(args, config, initial_variables, images, labels, threads, jax_bench,
+                                            torch_bench))
+    for bench in benches.values():
+        for _ in range(args.warmup - 1):
+            bench.synchronize(bench.run_train())
     top_ops = None
     if args.trace_dir:
         with jax.profiler.trace(args.trace_dir):
@@ -490,6 +539,11 @@ def _print_summary(result: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"first step, JAX vs torch from the same weights: loss {agreement['loss_jax']} vs "
               f"{agreement['loss_torch']}, gradient relative error {agreement['grad_rel_err']:.2e}, "
               f"running statistics relative error {agreement['batch_stats_rel_err']:.2e}")
+        if "fp32_grad_rel_err" in agreement:
+            print(f"gradient relative error, bf16 against fp32 of the same framework: JAX "
+                  f"{agreement['jax_bf16_vs_fp32_grad_rel_err']:.2e}, torch "
+                  f"{agreement['torch_bf16_vs_fp32_grad_rel_err']:.2e}; JAX fp32 against torch fp32 "
+                  f"{agreement['fp32_grad_rel_err']:.2e}")
     for op in result["jax_slowest_ops"] or []:
         print(f"  {op['ms_per_step']:9.2f} ms  {op['op']:30s} {op['jax_op'][-90:]}")
     print(f"load average start {result['load_avg_start']} end {result['load_avg_end']}")
