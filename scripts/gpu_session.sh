@@ -12,9 +12,9 @@
 #
 # Writes to $OUT: gpu.txt (card and versions), study.log (every study process's log), gpu_usage.csv
 # (nvidia-smi every 15 s during the study), study_gpu.tgz (each run's config.json, metrics.jsonl,
-# eval/metrics.json and error.log, and the seed-1 Net4 runs' evaluation figures: unpack it in
-# results/study_gpu/ and run `python -m urnet_jax.study report results/study_gpu --out docs/RESULTS.md`)
-# and bench.log.
+# eval/metrics.json, eval/enhancer_output.json and error.log, and the seed-1 Net4 runs' evaluation
+# figures: unpack it in results/study_gpu/ and run `python -m urnet_jax.study report results/study_gpu
+# --out docs/RESULTS.md`) and bench.log.
 #
 # The study runs one process per --only pattern of STUDY_GROUPS, side by side on the one GPU (default: the
 # 8 cells net1..net4 x raw/stainfree_proxy; each process runs its seeds in order, so seed 1 of every cell
@@ -67,7 +67,7 @@ if [ "$MODE" != bench ]; then
   grep -h -E "finished in|FAILED|stopped" "$OUT/study.log"; tail -n 1 "$OUT/study.log"
   if [ -d results/study_gpu ]; then
     (cd results/study_gpu && find . -path ./_prepared -prune -o -type f \( -name study.json -o -name config.json \
-      -o -name metrics.jsonl -o -path '*/eval/metrics.json' -o -name error.log \
+      -o -name metrics.jsonl -o -path '*/eval/metrics.json' -o -name enhancer_output.json -o -name error.log \
       -o -path './net4-*-seed1/eval/*.png' \) -print | tar czf "$OUT/study_gpu.tgz" -T -)
   fi
 fi

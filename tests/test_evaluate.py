@@ -163,6 +163,32 @@ def test_evaluate_writes_report_figures_and_robustness(evaluated, trained_run):
         assert all(0.0 <= a <= 1.0 for a in with_enhancer + curve["accuracy"]["without_enhancer"])
     assert "| brightness | 5 | 0.5 |" in report
 
+    saturation = json.loads((evaluated / "enhancer_output.json").read_text())
+    assert saturation["examples"] == 9 and saturation["margin"] == 0.01  # 3 examples per class
+    assert 0.0 <= saturation["output"] <= 1.0 and 0.0 <= saturation["input"] <= 1.0
+    assert f"{100 * saturation['output']:.1f}% of the output values shown are within 0.01 of 0 or 1" in report
+
+
+def test_saturation_tells_a_saturated_enhancer_from_a_fresh_one():
+    """A fresh enhancer's sigmoid output is mostly mid-range; with a large output bias it is all ~1."""
+    import jax
+
+    from urnet_jax import training
+    from urnet_jax.config import base_config
+    from urnet_jax.evaluation.metrics import saturated_fraction
+    from urnet_jax.prediction import enhanced_images
+
+    config = base_config()
+    config.model.update(enhancer_width=4, classifier="resnet18", classifier_width=8)
+    model = training.build(config, 3, training.compute_dtype("float32"))
+    variables = training.init_variables(model, training.PHASE_PARTS[training.JOINT], 32, jax.random.PRNGKey(0))
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert saturated_fraction(np.asarray(enhanced_images(model, variables, images))) < 0.5
+    head = variables["params"]["enhancer"]["head"]
+    saturated = {**variables, "params": {**variables["params"], "enhancer": {
+        **variables["params"]["enhancer"], "head": {**head, "bias": head["bias"] + 50.0}}}}
+    assert saturated_fraction(np.asarray(enhanced_images(model, saturated, images))) == 1.0
+
 
 def test_evaluation_compiles_a_few_whole_programs(trained_run, tmp_path):
     # Predictions, the enhanced-image figure and Grad-CAM are one program each. Applied eagerly, the

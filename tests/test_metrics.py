@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from urnet_jax.evaluation.metrics import classification_metrics, confusion_matrix
+from urnet_jax.evaluation.metrics import classification_metrics, confusion_matrix, saturated_fraction
 from urnet_jax.evaluation.report import compare_report, table2, table3
 from urnet_jax.prediction import differential_count, wilson_interval
 
@@ -115,3 +115,10 @@ def test_differential_count_sums_to_100():
     assert sum(row.percent for row in rows) == pytest.approx(100.0)
     for row in rows:
         assert row.ci_low <= row.percent <= row.ci_high
+
+
+def test_saturated_fraction_counts_values_near_0_or_1():
+    values = np.array([0.0, 0.005, 0.011, 0.5, 0.989, 0.995, 1.0, 0.3])
+    assert saturated_fraction(values, margin=0.01) == pytest.approx(4 / 8)
+    with pytest.raises(ValueError, match="no values"):
+        saturated_fraction(np.zeros((0, 3)))

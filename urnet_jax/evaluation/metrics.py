@@ -72,3 +72,15 @@ def classification_metrics(labels: Sequence[int] | np.ndarray, predictions: Sequ
                            class_names: Sequence[str]) -> dict[str, Any]:
     """metrics.json for integer `labels` and `predictions` (class indices into `class_names`)."""
     return metrics_from_confusion(confusion_matrix(labels, predictions, len(class_names)), class_names)
+
+
+def saturated_fraction(images: np.ndarray, margin: float = 0.01) -> float:
+    """The fraction of values of float `images` in [0, 1] (any shape) within `margin` of 0 or 1.
+
+    For an enhancer's sigmoid output, near 1 means the output has become a binary map: a saturated
+    sigmoid passes almost no gradient back to the enhancer.
+    """
+    values = np.asarray(images, dtype=np.float32)
+    if values.size == 0:
+        raise ValueError("no values to measure")
+    return float(np.mean((values <= margin) | (values >= 1.0 - margin)))

@@ -1,7 +1,8 @@
 """`evaluate.py`'s work: evaluate a trained run on a split and write metrics, predictions, figures, report.
 
 Outputs in <workdir>/eval/: metrics.json, predictions.csv, report.md, confusion_matrix.png, curves.png,
-enhanced.png, gradcam.png, and with `perturb=True` robustness.json and robustness.png.
+enhanced.png, gradcam.png, enhancer_output.json (runs with an enhancer: how saturated its output is on
+the figure's images), and with `perturb=True` robustness.json and robustness.png.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from tqdm import tqdm
 import urnet_jax.data as data_lib
 from urnet_jax.evaluation import figures, report
 from urnet_jax.evaluation.gradcam import gradcam
-from urnet_jax.evaluation.metrics import classification_metrics
+from urnet_jax.evaluation.metrics import classification_metrics, saturated_fraction
 from urnet_jax.evaluation.robustness import robustness_curves
 from urnet_jax.prediction import class_probabilities, enhanced_images
 from urnet_jax.training import Run, load_run, to_unit_range
+
+# Values of the enhancer's output within this distance of 0 or 1 count as saturated (enhancer_output.json).
+SATURATION_MARGIN = 0.01
 
 
 def read_metrics_rows(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
@@ -125,9 +129,15 @@ def _figures(run: Run, out: pathlib.Path, split: str, metrics: Mapping[str, Any]
     heatmaps, explained = gradcam(run.model, run.variables, unit, return_class=True)
     figures.plot_gradcam(unit, heatmaps, labels, explained, names, out / "gradcam.png",
                          f"Grad-CAM of the predicted class, {run.config.model.classifier}'s last conv stage")
-    enhanced_caption = (f"{split.capitalize()} images (left) and the enhancer's output that the classifier "
-                        "sees (right)." if has_enhancer else
-                        f"This run has no enhancer: the figure shows the raw {split} images the classifier sees.")
+    if has_enhancer:
+        saturation = _write_enhancer_saturation(unit, enhanced, out / "enhancer_output.json")
+        enhanced_caption = (
+            f"{split.capitalize()} images (left) and the enhancer's output that the classifier sees (right). "
+            f"{100 * saturation['output']:.1f}% of the output values shown are within {SATURATION_MARGIN} of 0 "
+            f"or 1 (saturated), against {100 * saturation['input']:.1f}% of the input values "
+            "(enhancer_output.json).")
+    else:
+        enhanced_caption = f"This run has no enhancer: the figure shows the raw {split} images the classifier sees."
     return [
         ("Confusion matrix", "confusion_matrix.png",
          "Rows are true classes, columns predicted classes; right: rows normalised to 100%."),
@@ -139,6 +149,16 @@ def _figures(run: Run, out: pathlib.Path, split: str, metrics: Mapping[str, Any]
          "Grad-CAM heatmaps of the predicted class over the input image (through the enhancer when there "
          "is one), from the classifier's last convolutional stage; red = strongest evidence."),
     ]
+
+
+def _write_enhancer_saturation(unit_images: np.ndarray, enhanced: np.ndarray, path: pathlib.Path) -> dict[str, Any]:
+    """Writes how saturated the enhancer's output is on the figure's example images (and, for reference,
+    the input); returns the dictionary written."""
+    saturation = {"examples": len(enhanced), "margin": SATURATION_MARGIN,
+                  "output": saturated_fraction(enhanced, SATURATION_MARGIN),
+                  "input": saturated_fraction(unit_images, SATURATION_MARGIN)}
+    path.write_text(json.dumps(saturation, indent=2) + "\n")
+    return saturation
 
 
 def measure_robustness(run: Run, split: str, num_examples: int, batch_size: int,
