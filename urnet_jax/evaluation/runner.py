@@ -117,7 +117,8 @@ def _example_arrays(examples: Mapping[int, Sequence[np.ndarray]]) -> tuple[np.nd
 
 def _figures(run: Run, out: pathlib.Path, split: str, metrics: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
              examples: Mapping[int, Sequence[np.ndarray]]) -> list[tuple[str, str, str]]:
-    """Writes the four figures; returns (heading, file name, caption) for the report."""
+    """Writes the four figures (and, with an enhancer, enhancer_output.json); returns (heading, file name,
+    caption) for the report."""
     names = run.class_names
     figures.plot_confusion_matrix(metrics["confusion_matrix"], names, out / "confusion_matrix.png")
     figures.plot_curves(rows, out / "curves.png")
