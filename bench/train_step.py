@@ -279,40 +279,37 @@ def _relative_error(reference: Any, other: Any) -> float:
 
 
 def _first_step_agreement(jax_bench: JaxBench, torch_bench: TorchBench, jax_metrics: Any, torch_metrics: Any,
-                          args: argparse.Namespace) -> dict[str, float]:
+                          template: Any, args: argparse.Namespace) -> dict[str, float]:
     """How closely the two first train steps (from the same weights, on the same batch) agree: losses,
-    gradients (the SGD momentum after one step) and updated BatchNorm running statistics."""
-    import torch_reference
-
+    gradients (the SGD momentum after one step) and updated BatchNorm running statistics. `template`: the
+    JAX variables (host copies; only their structure is used)."""
     jax_momentum, jax_batch_stats = jax_bench.momentum_and_batch_stats()
-    _, torch_state = torch_bench.momentum_and_state()
-    template = jax_bench.jax.device_get(jax_bench.state.variables)
-    torch_stats = torch_reference.jax_layout_variables(torch_state, template, args.classifier, args.num_classes)
+    torch_side = _torch_in_jax_layout(torch_bench, template, args)
     jax_loss, torch_loss = float(jax_metrics["loss"]), float(torch_metrics["loss"])
     return {
         "after_steps": int(jax_bench.jax.device_get(jax_bench.state.step)),  # 1: the first step alone
         "loss_jax": round(jax_loss, 6),
         "loss_torch": round(torch_loss, 6),
         "loss_rel_diff": abs(jax_loss - torch_loss) / max(abs(torch_loss), 1e-12),
-        "grad_rel_err": _relative_error(_torch_gradients_like_jax(torch_bench, jax_bench, args), jax_momentum),
-        "batch_stats_rel_err": _relative_error(torch_stats["batch_stats"], jax_batch_stats),
+        "grad_rel_err": _relative_error(torch_side["params"], jax_momentum),
+        "batch_stats_rel_err": _relative_error(torch_side["batch_stats"], jax_batch_stats),
     }
 
 
-def _torch_gradients_like_jax(torch_bench: TorchBench, jax_bench: JaxBench, args: argparse.Namespace) -> Any:
-    """The torch side's SGD momentum (= its first gradient) as JAX-layout params."""
+def _torch_in_jax_layout(torch_bench: TorchBench, template: Any, args: argparse.Namespace) -> dict:
+    """The torch side's SGD momentum (= its gradient after one step) as JAX-layout 'params', with its
+    BatchNorm running statistics as 'batch_stats' (the momentum dict carries the state's buffers)."""
     import torch_reference
 
     momentum, _ = torch_bench.momentum_and_state()
-    template = jax_bench.jax.device_get(jax_bench.state.variables)
-    return torch_reference.jax_layout_variables(momentum, template, args.classifier, args.num_classes)["params"]
+    return torch_reference.jax_layout_variables(momentum, template, args.classifier, args.num_classes)
 
 
 def _bf16_against_fp32(args: argparse.Namespace, config: Any, initial_variables: Any, images: Any, labels: Any,
                        threads: int, jax_bench: JaxBench, torch_bench: TorchBench) -> dict[str, float]:
-    """Each framework's first step again in float32 from the same weights: how far each bf16 gradient is from
-    its own fp32 one, and how far the two fp32 gradients are from each other. Call right after the bf16
-    benches' first step."""
+    """Each framework's first step again in float32 from the same weights (`initial_variables`, host copies):
+    how far each bf16 gradient is from its own fp32 one, and how far the two fp32 gradients are from each
+    other. Call right after the bf16 benches' first step."""
     import torch_reference
     from urnet_jax import training
 
@@ -325,8 +322,8 @@ def _bf16_against_fp32(args: argparse.Namespace, config: Any, initial_variables:
     for bench in (jax_fp32, torch_fp32):
         bench.synchronize(bench.run_train())
     jax_grads = {"bf16": jax_bench.momentum_and_batch_stats()[0], "fp32": jax_fp32.momentum_and_batch_stats()[0]}
-    torch_grads = {"bf16": _torch_gradients_like_jax(torch_bench, jax_bench, args),
-                   "fp32": _torch_gradients_like_jax(torch_fp32, jax_fp32, args)}
+    torch_grads = {"bf16": _torch_in_jax_layout(torch_bench, initial_variables, args)["params"],
+                   "fp32": _torch_in_jax_layout(torch_fp32, initial_variables, args)["params"]}
     return {
         "jax_bf16_vs_fp32_grad_rel_err": _relative_error(jax_grads["fp32"], jax_grads["bf16"]),
         "torch_bf16_vs_fp32_grad_rel_err": _relative_error(torch_grads["fp32"], torch_grads["bf16"]),
@@ -427,7 +424,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch_bench.start()
     except ValueError as error:
         sys.exit(f"error: {error}")
-    initial_variables = jax.device_get(variables) if args.against_fp32 else None  # the step donates its state
+    # Host copies of the starting weights (the train step donates its state): the layout that torch's
+    # tensors are mapped to, and the fp32 twins' start.
+    initial_variables = None if torch_bench is None else jax.device_get(variables)
     _progress("compiling the JAX train and eval steps")
     jax_bench = JaxBench(model, variables, images, labels)
     if torch_bench is not None and torch_bench.param_count != jax_bench.param_count:
@@ -445,7 +444,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bench.synchronize(first_metrics[name])
         rss_growth[name] = rss.peak_growth_bytes
     agreement = (None if torch_bench is None else
-                 _first_step_agreement(jax_bench, torch_bench, first_metrics["jax"], first_metrics["torch"], args))
+                 _first_step_agreement(jax_bench, torch_bench, first_metrics["jax"], first_metrics["torch"],
+                                       initial_variables, args))
     if args.against_fp32:
         _progress("first train steps again in float32")
         agreement.update(_bf16_against_fp32(args, config, initial_variables, images, labels, threads, jax_bench,

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_run import REPO_ROOT, lowered_programs, subprocess_env, trained_run  # noqa: F401 (a fixture)
+from tiny_run import REPO_ROOT, lowered_programs, subprocess_env, tiny_config, trained_run  # noqa: F401 (a fixture)
 
 import urnet_jax.data as data_lib
 from urnet_jax.evaluation import figures
@@ -174,15 +174,14 @@ def test_saturation_tells_a_saturated_enhancer_from_a_fresh_one():
     import jax
 
     from urnet_jax import training
-    from urnet_jax.config import base_config
     from urnet_jax.evaluation.metrics import saturated_fraction
     from urnet_jax.prediction import enhanced_images
 
-    config = base_config()
-    config.model.update(enhancer_width=4, classifier="resnet18", classifier_width=8)
-    model = training.build(config, 3, training.compute_dtype("float32"))
-    variables = training.init_variables(model, training.PHASE_PARTS[training.JOINT], 32, jax.random.PRNGKey(0))
-    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    config = tiny_config()
+    size = config.data.image_size
+    model = training.build(config, len(CLASSES))
+    variables = training.init_variables(model, training.PHASE_PARTS[training.JOINT], size, jax.random.PRNGKey(0))
+    images = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
     assert saturated_fraction(np.asarray(enhanced_images(model, variables, images))) < 0.5
     head = variables["params"]["enhancer"]["head"]
     saturated = {**variables, "params": {**variables["params"], "enhancer": {
