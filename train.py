@@ -1,6 +1,7 @@
 """Trains UR-Net (or any enhancer x classifier pair) with the paper's two-phase schedule.
 
-    python train.py --config configs/urnet.py [--workdir DIR] [--config.KEY=VALUE ...]
+    python train.py --config configs/urnet.py --config.data.dir=FOLDER [--workdir DIR] [--config.KEY=VALUE ...]
+    python train.py --config configs/demo.py   (a tiny model on synthetic cells: minutes on a CPU)
 
 The default workdir is runs/<config file name>. Running the same command again resumes the run.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from urnet_jax import cli, sharding, training
+from urnet_jax import cli, sharding
 
 _CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/<config file name>)")
@@ -19,16 +20,18 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar")
 
 
 def main(argv: list[str]) -> None:
+    from urnet_jax import config as config_lib, steps, trainer  # here: keeps --help instant
+
     logging.set_verbosity(logging.WARNING)
     with cli.one_line_errors():
         cli.reject_positional_args(argv)
         config = cli.config_value(_CONFIG)
         sharding.initialize_distributed(_MULTIHOST.value)
-        cli.validate(config)
+        config_lib.validate(config)
         workdir = _WORKDIR.value or f"runs/{cli.config_path(_CONFIG).stem}"
-        history = training.train(config, workdir, show_progress=_PROGRESS.value)
+        history = trainer.train_and_evaluate(config, workdir, show_progress=_PROGRESS.value)
         if sharding.is_main_process():
-            joint = [row for row in history if row["phase"] == training.JOINT]
+            joint = [row for row in history if row["phase"] == steps.JOINT]
             if joint:
                 best = max(joint, key=lambda row: row["test_accuracy"])
                 print(f"best test accuracy {best['test_accuracy']:.4f} (phase 2 epoch {best['epoch']}); "

@@ -3,8 +3,8 @@
   python bench/train_step.py --enhancer urnet --enhancer-width 32 --classifier resnet18 --size 128 \
       --batch 16 [--precision float32|bfloat16] [--steps 3] [--rounds 3] [--warmup 2] [--threads N]
 
-JAX side: the library's own jitted steps (`training.make_train_step`: forward, softmax cross-entropy,
-backward, SGD-momentum update, donated state; `training.make_eval_step` for inference) on a batch
+JAX side: the library's own jitted steps (`steps.make_train_step`: forward, softmax cross-entropy,
+backward, SGD-momentum update, donated state; `steps.make_eval_step` for inference) on a batch
 already on the device. Torch side: `bench/torch_reference.py`, the same network layer by layer with
 torchvision's classifier, the same loss and `torch.optim.SGD(momentum, dampening=0)` (= optax's sgd
 with momentum), the same metrics (loss, accuracy, all-finite check) and the same input (uint8 images
@@ -33,7 +33,9 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (bench/ is not a package; common must come before JAX and torch)
 
-ENHANCERS = ("none", "unet", "unetpp", "resunet", "urnet")
+from urnet_jax.models import registry  # noqa: E402  (imports no JAX)
+
+ENHANCERS = (registry.NO_ENHANCER, *registry.ENHANCER_NAMES)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,33 +81,29 @@ class JaxBench:
 
     def __init__(self, model: Any, variables: dict, images_nhwc: Any, labels: Any):
         import jax
-        import jax.numpy as jnp
 
-        from urnet_jax import sharding, training
+        from urnet_jax import sharding, steps, train_state
         from urnet_jax.config import base_config
 
         self.jax = jax
         self.model = model
         mesh = sharding.data_mesh()
-        optimizer = training.make_optimizer(base_config().optimizer, phase_steps=0)  # a constant lr
-        params, batch_stats = variables["params"], variables.get("batch_stats", {})
-        self.param_count = sum(leaf.size for leaf in jax.tree.leaves(params))
-        state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                                    opt_state=jax.jit(optimizer.init)(params), rng=jax.random.PRNGKey(0))
-        self.state = sharding.replicate(state, mesh)
+        optimizer = train_state.make_optimizer(base_config().optimizer, phase_steps=0)  # a constant lr
+        variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+        self.param_count = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+        self.state = train_state.new_state(model, steps.JOINT, optimizer, variables, 0, jax.random.PRNGKey(0),
+                                           sharding.replicated(mesh))
         self.rng = sharding.replicate(jax.random.PRNGKey(1), mesh)
         self.batch = sharding.global_batch({"image": images_nhwc, "label": labels}, mesh)
         self.eval_batch = sharding.global_batch(
             {"image": images_nhwc, "label": labels, "mask": labels >= 0}, mesh)
 
         started = time.perf_counter()
-        train_lowered = training.make_train_step(model, optimizer, training.JOINT, mesh).lower(
-            self.state, self.batch, self.rng)
+        train_lowered = steps.make_train_step(steps.JOINT, mesh).lower(self.state, self.batch, self.rng)
         self.train_step = train_lowered.compile()
         self.train_compile_s = time.perf_counter() - started
         started = time.perf_counter()
-        eval_lowered = training.make_eval_step(model, training.JOINT, mesh).lower(self.state.variables,
-                                                                                   self.eval_batch)
+        eval_lowered = steps.make_eval_step(model, steps.JOINT, mesh).lower(self.state.variables, self.eval_batch)
         self.eval_step = eval_lowered.compile()
         self.eval_compile_s = time.perf_counter() - started
         self.train_flops = _flops(train_lowered)
@@ -311,9 +309,9 @@ def _bf16_against_fp32(args: argparse.Namespace, config: Any, initial_variables:
     how far each bf16 gradient is from its own fp32 one, and how far the two fp32 gradients are from each
     other. Call right after the bf16 benches' first step."""
     import torch_reference
-    from urnet_jax import training
+    from urnet_jax import steps, train_state
 
-    model = training.build(config, args.num_classes, training.compute_dtype("float32"))
+    model = train_state.build(config, args.num_classes, steps.compute_dtype("float32"))
     jax_fp32 = JaxBench(model, initial_variables, images, labels)
     torch_fp32 = TorchBench(argparse.Namespace(**{**vars(args), "precision": "float32"}), model, images, labels,
                             threads)
@@ -393,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    from urnet_jax import training
+    from urnet_jax import steps, train_state
     from urnet_jax.config import base_config
 
     load_at_start = common.load_average()
@@ -407,11 +405,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config.model.classifier = args.classifier
     config.model.classifier_width = 0
     try:  # unknown model names, images too small for the enhancer's depth, ...: one line, no traceback
-        model = training.build(config, args.num_classes, training.compute_dtype(args.precision))
+        model = train_state.build(config, args.num_classes, steps.compute_dtype(args.precision))
         # One compiled initialisation: an eager `model.init` compiles every op on its own, which takes
         # minutes on a GPU (each convolution is autotuned) for UR-Net(64) + ResNet101.
         _progress("initialising the JAX model")
-        variables = training.init_variables(model, training.PHASE_PARTS[training.JOINT], args.size,
+        variables = train_state.init_variables(model, train_state.PHASE_PARTS[steps.JOINT], args.size,
                                             jax.random.PRNGKey(0))
         torch_bench = None
         if not args.skip_torch:

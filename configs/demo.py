@@ -17,6 +17,7 @@ def get_config():
     config.model.enhancer_width = 8
     config.model.classifier = "resnet18"
     config.model.classifier_width = 8
+    config.data.allow_synthetic = True  # data.dir stays empty: the built-in synthetic cells
     config.data.image_size = 96
     config.data.synthetic_per_class = 80
     config.data.train_size = 480

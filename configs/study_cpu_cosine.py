@@ -12,14 +12,15 @@ follow-up covers one data variant.
 """
 
 import pathlib
+import runpy
 
-from urnet_jax.cli import load_config_file
+import ml_collections
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent
+STUDY_CPU = runpy.run_path(str(pathlib.Path(__file__).resolve().with_name("study_cpu.py")))
 
 
-def get_config(data_dir: str = ""):
-    study = load_config_file(str(CONFIG_DIR / "study_cpu.py") + (f":{data_dir}" if data_dir else ""))
+def get_config(data_dir: str = "") -> ml_collections.ConfigDict:
+    study = STUDY_CPU["get_config"](data_dir)
     study.base.optimizer.schedule = "cosine"
     study.data_variants = ("stainfree_proxy",)
     study.baseline = "study_cpu"  # the report pairs each run with results/study_cpu/<same run name>

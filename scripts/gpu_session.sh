@@ -1,8 +1,8 @@
-# The GPU work of urnet_jax in one call on a bare GPU machine without network (this project's `device`
-# tool): the runs of the GPU study (configs/study_gpu.py, docs/RESULTS.md) and/or the train-step benchmark
-# against torch (docs/BENCHMARKS.md).
+# The GPU work of urnet_jax in one command on a bare GPU machine without network access: the runs of the
+# GPU study (configs/study_gpu.py, docs/RESULTS.md) and/or the train-step benchmark against torch
+# (docs/BENCHMARKS.md).
 #
-#   bash scripts/gpu_session.sh study|bench|all      # from the repository root; `all` = study, then bench
+#   OUT=/path/to/output bash scripts/gpu_session.sh study|bench|all   # from the repository root; all = both
 #
 # Needs, beside the repository: .whl/ (the wheels of scripts/gpu_wheels.txt) and .gpu/pbc_subset/ (the
 # 1875 JPEGs of the study's 625-per-class PBC subset, as real files: `cp -rL
@@ -19,14 +19,14 @@
 # The study runs one process per --only pattern of STUDY_GROUPS, side by side on the one GPU (default: the
 # 8 cells net1..net4 x raw/stainfree_proxy; each process runs its seeds in order, so seed 1 of every cell
 # comes first). Each is stopped by SIGINT after STUDY_SECONDS (360): it saves a checkpoint and exits, and
-# a later call on the same machine resumes it. BENCH_SECONDS (150) limits the benchmark. In one 600 s
-# call, `all` fits STUDY_SECONDS=390 BENCH_SECONDS=150. BENCH_ARGS and STUDY_OVERRIDES (--config.KEY=VALUE
-# ...): for tiny CPU trials of this script (with --config.base.precision=float32 there: README, "Known
-# issues").
+# a later call on the same machine resumes it. BENCH_SECONDS (150) limits the benchmark; within 600 s,
+# `all` fits STUDY_SECONDS=390 BENCH_SECONDS=150. BENCH_ARGS and STUDY_OVERRIDES (--config.KEY=VALUE ...)
+# serve tiny trials of this script on a CPU (there with --config.base.precision=float32: XLA:CPU of
+# jaxlib 0.11 computes the bfloat16 forward pass wrongly, and bfloat16 brings no speed on a CPU).
 set -u
 MODE=${1:-}
 case $MODE in study | bench | all) ;; *) echo "usage: bash scripts/gpu_session.sh study|bench|all" >&2; exit 2 ;; esac
-: "${OUT:?OUT must name the folder whose files come back}"
+: "${OUT:?OUT must name the folder for the logs and results}"
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
@@ -56,7 +56,7 @@ if [ "$MODE" != bench ]; then
     # between steps after a checkpoint and says how to resume.
     XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -s INT -k 20 "${STUDY_SECONDS:-360}" python3 -m urnet_jax.study run \
       --config configs/study_gpu.py:.gpu/pbc_subset --out results/study_gpu --only "$pattern" --delete-checkpoints \
-      --no-progress ${STUDY_OVERRIDES:-} > "/tmp/study_logs/${#pids[@]}.log" 2>&1 &
+      --noprogress ${STUDY_OVERRIDES:-} > "/tmp/study_logs/${#pids[@]}.log" 2>&1 &
     pids+=($!)
   done
   set +f

@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,9 +50,8 @@ def test_torch_enhancer_mirror_matches_jax(name):
         np.testing.assert_allclose(got, np.asarray(expected), atol=2e-5)
     # Back to JAX layout: the parameters unchanged, the running statistics updated alike by the train step.
     back = torch_reference.enhancer_variables_from_torch(mirror.state_dict(), variables)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), variables["params"], back["params"])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, np.asarray(a), rtol=1e-5, atol=1e-6),
-                 updates["batch_stats"], back["batch_stats"])
+    chex.assert_trees_all_equal(back["params"], variables["params"])
+    chex.assert_trees_all_close(back["batch_stats"], updates["batch_stats"], rtol=1e-5, atol=1e-6)
     moved = jax.tree.map(lambda a, b: not np.allclose(a, b), back["batch_stats"], variables["batch_stats"])
     assert all(jax.tree.leaves(moved))
 
@@ -167,7 +167,7 @@ def test_benchmark_needs_no_input_pipeline_packages():
     environment record must not need torch either (`--skip-torch` where torch is absent)."""
     blocked = ["grain", "tensorflow", "tensorflow_datasets", "torch", "torchvision"]
     code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); sys.path.insert(0, 'bench'); "
-            "import common, train_step; from urnet_jax import training, port, sharding; "
+            "import common, train_step; from urnet_jax import port, sharding, steps, train_state, trainer, workdir; "
             "info = common.environment(); print(info['torch'], info['flax'] is not None)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.stdout.split() == ["None", "True"], result.stderr[-2000:]

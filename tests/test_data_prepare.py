@@ -19,7 +19,6 @@ from PIL import Image
 from urnet_jax.config import base_config
 from urnet_jax.data import (DataError, eval_batches, load_image, load_info, prepare, read_manifest,
                             stainfree_proxy, steps_per_epoch, train_batches)
-from urnet_jax.data.__main__ import main as cli_main
 from urnet_jax.data.augment import apply_augmentation, class_totals
 from urnet_jax.data.prepare import exclusive_lock
 
@@ -389,7 +388,7 @@ def test_reader_errors(synthetic, call, message):
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "urnet_jax.data", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "urnet_jax.data", *map(str, args)], capture_output=True, text=True,
                           cwd=REPO_ROOT, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
@@ -407,51 +406,51 @@ def test_cli_prepare_prints_counts_and_skips(tree, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_cli_error_in_a_subprocess_is_one_line(tmp_path):
-    result = _run_cli("prepare", "--config", CONFIG, f"--config.data.dir={tmp_path / 'missing'}", "--out",
-                      str(tmp_path / "out"))
-    assert result.returncode == 1
-    assert result.stderr.strip() == f"error: data directory not found: {tmp_path / 'missing'}"
-
-
-@pytest.mark.parametrize("extra, status, message", [
-    (["--config.data.colour=red"], 2, "error: unknown config key in a --config.* override: --config.data.colour"),
-    (["--config.data.image_size=big"], 2, "error: flag --config.data.image_size=big"),
-    (["--config.data.class_map=folders", "--config.data.dir={only_one}"], 1, "error: need at least two classes"),
-    (["--config.data.dir={tree}", "--config.data.class_map=unknown"], 1, "error: data.class_map must be"),
-    (["--config.data.dir={no_readable}"], 1, "error: class 'lymphocyte' has no readable image"),
+@pytest.mark.parametrize("extra, message", [
+    (["--config.data.dir={missing}"], "error: data directory not found: {missing}"),
+    (["--config.data.colour=red"], "error: unknown config key 'data.colour'"),
+    (["--config.data.image_size=big"], "error: flag --config.data.image_size=big"),
+    (["--config.data.class_map=folders", "--config.data.dir={only_one}"], "error: need at least two classes"),
+    (["--config.data.dir={tree}", "--config.data.class_map=unknown"], "error: data.class_map must be"),
+    (["--config.data.dir={no_readable}"], "error: class 'lymphocyte' has no readable image"),
+    (["--cells_per_class=1"], "error: Unknown command line flag 'cells_per_class'"),
 ])
-def test_cli_errors_are_one_line(tree, tmp_path, capsys, extra, status, message):
+def test_cli_errors_are_one_line(tree, tmp_path, extra, message):
+    """Config, flag and data problems: one `error:` line, exit status 2."""
     _write(tmp_path / "only_one" / "a" / "x.png", _cell_image(1))
     for folder in ("neutrophil", "monocyte", "lymphocyte"):
         (tmp_path / "no_readable" / folder).mkdir(parents=True)
         (tmp_path / "no_readable" / folder / "x.jpg").write_bytes(b"" if folder == "lymphocyte" else b"x")
         if folder != "lymphocyte":
             _write(tmp_path / "no_readable" / folder / "y.png", _cell_image(len(folder)))
-    paths = {"only_one": tmp_path / "only_one", "tree": tree[0], "no_readable": tmp_path / "no_readable"}
-    argv = ["prog", "prepare", "--config", CONFIG, *[arg.format(**paths) for arg in extra], "--out",
-            str(tmp_path / "out")]
-    assert cli_main(argv) == status
-    captured = capsys.readouterr()
-    assert captured.err.startswith(message) and captured.err.count("\n") == 1, captured.err
+    paths = {"only_one": tmp_path / "only_one", "tree": tree[0], "no_readable": tmp_path / "no_readable",
+             "missing": tmp_path / "missing"}
+    result = _run_cli("prepare", "--config", CONFIG, *[arg.format(**paths) for arg in extra], "--out",
+                      tmp_path / "out")
+    assert result.returncode == 2
+    assert result.stderr.startswith(message.format(**paths)) and result.stderr.count("\n") == 1, result.stderr
 
 
-def test_cli_usage_errors(capsys, tmp_path):
-    assert cli_main(["prog", "prepare", "--out", str(tmp_path)]) == 2
-    assert cli_main(["prog", "--config", CONFIG, "--out", str(tmp_path)]) == 2
-    assert cli_main(["prog", "prepare", "--config", str(tmp_path / "no_config.py"), "--out", str(tmp_path)]) == 2
-    errors = capsys.readouterr().err.splitlines()
-    assert errors[0] == "error: --config is required"
-    assert errors[1].startswith("error: expected one command, prepare or examples (got none)")
-    assert errors[2].startswith("error: cannot load the config")
-    assert len(errors) == 3
+@pytest.mark.parametrize("args, message", [
+    (["prepare", "--out", "{tmp}"], "error: --config is required"),
+    (["--config", CONFIG, "--out", "{tmp}"], "error: expected one command, prepare or examples (got none)"),
+    (["prepare", "--config", "{tmp}/no_config.py", "--out", "{tmp}"],
+     "error: config file '{tmp}/no_config.py' not found"),
+    (["examples", "--config", CONFIG], "error: --out FIGURE.png is required"),
+    (["prepare", "--config", CONFIG, "--out"], "error: Missing value for flag --out"),
+])
+def test_cli_usage_errors(tmp_path, args, message):
+    result = _run_cli(*[arg.format(tmp=tmp_path) for arg in args])
+    assert result.returncode == 2
+    assert result.stderr.startswith(message.format(tmp=tmp_path)) and result.stderr.count("\n") == 1, result.stderr
 
 
-def test_cli_examples_figure(tree, tmp_path, capsys):
+def test_cli_examples_figure(tree, tmp_path):
     figure = tmp_path / "figure" / "proxy.png"
-    assert cli_main(["prog", "examples", "--config", CONFIG, f"--config.data.dir={tree[0]}",
-                     "--config.data.image_size=48", "--cells_per_class=1", "--out", str(figure)]) == 0
-    assert capsys.readouterr().out.strip() == f"wrote {figure}"
+    result = _run_cli("examples", "--config", CONFIG, f"--config.data.dir={tree[0]}", "--config.data.image_size=48",
+                      "--cells-per-class=1", "--out", figure)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote {figure}"
     with Image.open(figure) as image:
         assert image.format == "PNG" and image.width > image.height > 100
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from urnet_jax.data import augment, split
-from urnet_jax.data.errors import DataError
+from urnet_jax.errors import DataError
 from urnet_jax.data.folders import SourceFile, resolve_class_folders, scan_class_files
 from urnet_jax.data.images import decode_image, is_image_name, load_image
 from urnet_jax.data.stainfree import stainfree_proxy

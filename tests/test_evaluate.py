@@ -14,7 +14,6 @@ from tiny_run import REPO_ROOT, lowered_programs, subprocess_env, tiny_config, t
 
 import urnet_jax.data as data_lib
 from urnet_jax.evaluation import figures
-from urnet_jax.evaluation.commands import evaluate_main
 from urnet_jax.evaluation.metrics import classification_metrics
 from urnet_jax.evaluation.report import compare_report
 from urnet_jax.evaluation.robustness import SEVERITIES, gaussian_blur, perturb, robustness_curves
@@ -105,9 +104,20 @@ def test_robustness_curves_count_correct_predictions():
 
 
 
+def run_evaluate(*args):
+    return subprocess.run([sys.executable, "evaluate.py", *map(str, args)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, env=subprocess_env(), timeout=300)
+
+
 @pytest.fixture(scope="module")
 def evaluated(trained_run):
-    evaluate_main(["--workdir", str(trained_run), "--perturb", "--no-progress"])
+    result = run_evaluate("--workdir", trained_run, "--perturb", "--noprogress")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((trained_run / "eval" / "metrics.json").read_text())
+    assert result.stdout == (f"test accuracy {100 * metrics['accuracy']:.2f}%, "
+                             f"macro F1 {100 * metrics['macro']['f1']:.2f}% "
+                             f"({sum(map(sum, metrics['confusion_matrix']))} images); "
+                             f"report: {trained_run / 'eval' / 'report.md'}\n")
     return trained_run / "eval"
 
 
@@ -124,13 +134,13 @@ def test_evaluate_writes_consistent_metrics_and_predictions(evaluated, trained_r
     assert list(metrics["macro"]) == ["recall", "precision", "f1"]
 
     rows = read_predictions(evaluated / "predictions.csv")
-    assert list(rows[0]) == ["path", "true_label", "predicted_label", *[f"prob_{c}" for c in CLASSES]]
+    assert list(rows[0]) == ["path", "true_label", "predicted_label", *[f"prob_{c}" for c in CLASSES], "error"]
     test_split_size = len(data_lib.read_manifest(trained_run / "data", "test"))
     assert len(rows) == sum(map(sum, metrics["confusion_matrix"])) == test_split_size
     for row in rows:
         probs = np.array([float(row[f"prob_{c}"]) for c in CLASSES])
         assert probs.sum() == pytest.approx(1.0, abs=1e-4)
-        assert row["predicted_label"] == CLASSES[int(probs.argmax())]
+        assert row["predicted_label"] == CLASSES[int(probs.argmax())] and row["error"] == ""
         assert (trained_run / "data").resolve() in pathlib.Path(row["path"]).resolve().parents
     index = {c: i for i, c in enumerate(CLASSES)}
     recomputed = classification_metrics([index[r["true_label"]] for r in rows],
@@ -173,14 +183,15 @@ def test_saturation_tells_a_saturated_enhancer_from_a_fresh_one():
     """A fresh enhancer's sigmoid output is mostly mid-range; with a large output bias it is all ~1."""
     import jax
 
-    from urnet_jax import training
+    from urnet_jax import train_state
     from urnet_jax.evaluation.metrics import saturated_fraction
-    from urnet_jax.prediction import enhanced_images
+    from urnet_jax.inference import enhanced_images
 
     config = tiny_config()
     size = config.data.image_size
-    model = training.build(config, len(CLASSES))
-    variables = training.init_variables(model, training.PHASE_PARTS[training.JOINT], size, jax.random.PRNGKey(0))
+    model = train_state.build(config, len(CLASSES))
+    variables = train_state.init_variables(model, train_state.PHASE_PARTS[train_state.JOINT], size,
+                                           jax.random.PRNGKey(0))
     images = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
     assert saturated_fraction(np.asarray(enhanced_images(model, variables, images))) < 0.5
     head = variables["params"]["enhancer"]["head"]
@@ -207,9 +218,7 @@ def test_compare_writes_table3_and_table2(evaluated, trained_run, tmp_path):
     config["model"]["enhancer"] = "none"
     (other / "config.json").write_text(json.dumps(config))
     out = tmp_path / "compare.md"
-    result = subprocess.run([sys.executable, "evaluate.py", "--compare", str(trained_run), str(other),
-                             "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
-                            env=subprocess_env(), timeout=300)
+    result = run_evaluate("--compare", trained_run, other, "--out", out)
     assert result.returncode == 0, result.stderr
     text = out.read_text()
     assert text in result.stdout
@@ -219,18 +228,37 @@ def test_compare_writes_table3_and_table2(evaluated, trained_run, tmp_path):
     assert "| enhancer \\ classifier | ResNet18 |" in text
     assert f"| UR-Net | {accuracy} |" in text and f"| none | {accuracy} |" in text
     assert text == compare_report([trained_run, other])
+    unwritable = run_evaluate("--compare", trained_run, other, "--out", tmp_path / "missing" / "compare.md")
+    assert unwritable.returncode == 2
+    unwritable_path = tmp_path / "missing" / "compare.md"
+    assert unwritable.stderr == f"error: cannot write --out {unwritable_path}: No such file or directory\n"
 
 
-def test_evaluate_errors_are_one_line(tmp_path, capsys):
-    result = subprocess.run([sys.executable, "evaluate.py", "--workdir", str(tmp_path / "missing")], cwd=REPO_ROOT,
-                            capture_output=True, text=True, env=subprocess_env(), timeout=300)
+def test_evaluate_errors_are_one_line(tmp_path):
+    result = run_evaluate("--workdir", tmp_path / "missing")
     assert result.returncode == 2
     assert result.stderr == f"error: {tmp_path / 'missing'} holds no training run (no config.json)\n"
-    for args, message in ((["--compare", str(tmp_path)], "metrics.json not found"),
+    for args, message in ((["--compare", tmp_path], "metrics.json not found"),
+                          (["--compare"], "--compare needs at least one evaluated run directory"),
                           ([], "exactly one of --workdir"),
-                          (["--workdir", str(tmp_path), "--checkpoint", "first"], "invalid choice")):
-        with pytest.raises(SystemExit) as exit_info:
-            evaluate_main(args)
-        assert exit_info.value.code == 2
-        stderr = capsys.readouterr().err
-        assert stderr.startswith("error: ") and stderr.count("\n") == 1 and message in stderr, stderr
+                          (["--workdir", tmp_path, "--compare", tmp_path], "exactly one of --workdir"),
+                          (["--workdir", tmp_path, "--checkpoint", "first"], "checkpoint must be one of"),
+                          (["--workdir", tmp_path, "extra"], "unexpected argument(s): extra"),
+                          (["--workdir"], "Missing value for flag --workdir"),
+                          (["--workdir", tmp_path, "--examples-per-class=0"], "0 is not a positive integer"),
+                          (["--workdir", tmp_path, "--no-progress"], "Unknown command line flag 'no-progress'")):
+        result = run_evaluate(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("command", [["evaluate.py"], ["predict.py"], ["-m", "urnet_jax.data"]])
+def test_help_is_instant(command):
+    """`--help` lists the entry point's own flags without importing JAX or TensorFlow."""
+    result = subprocess.run([sys.executable, "-X", "importtime", *command, "--help"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr  # absl's --help exits with status 1
+    assert "--batch-size" in result.stdout or "--cells-per-class" in result.stdout
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & {"jax", "tensorflow", "flax"}, imported & {"jax", "tensorflow", "flax"}

@@ -1,12 +1,22 @@
-"""Metrics against scikit-learn, confusion-matrix orientation, the Table-3/Table-2 reports, Wilson intervals."""
+"""Metrics against scikit-learn and a hand computation, confusion-matrix orientation, the committed
+results, the Table-3/Table-2 reports, Wilson intervals."""
+
+import json
+import math
+import pathlib
+import statistics
 
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from urnet_jax.evaluation.metrics import classification_metrics, confusion_matrix, saturated_fraction
+from urnet_jax.differential_count import differential_count, wilson_interval
+from urnet_jax.errors import ConfigError
+from urnet_jax.evaluation.metrics import (classification_metrics, confusion_matrix, metrics_from_confusion,
+                                          saturated_fraction)
 from urnet_jax.evaluation.report import compare_report, table2, table3
-from urnet_jax.prediction import differential_count, wilson_interval
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 CLASSES = ["granulocyte", "monocyte", "lymphocyte", "rare"]
 
@@ -37,6 +47,59 @@ def test_metrics_equal_sklearn(seed):
     np.testing.assert_array_equal(result["confusion_matrix"],
                                   skm.confusion_matrix(labels, predictions, labels=range(4)))
     assert list(result) == ["classes", "accuracy", "per_class", "macro", "confusion_matrix"]
+
+
+def hand_metrics(matrix):
+    """Recall, precision and F1 (K,) and accuracy of a confusion matrix, by their definitions (0 where a
+    denominator is 0; F1 = 2 P R / (P + R))."""
+    matrix = np.asarray(matrix, np.float64)
+    true_positives, support, predicted = np.diag(matrix), matrix.sum(axis=1), matrix.sum(axis=0)
+
+    def divide(a, b):
+        return np.divide(a, b, out=np.zeros_like(a), where=b != 0)
+
+    recall, precision = divide(true_positives, support), divide(true_positives, predicted)
+    return recall, precision, divide(2 * precision * recall, precision + recall), true_positives.sum() / matrix.sum()
+
+
+def test_metrics_equal_the_hand_computation_on_a_fixed_confusion_matrix():
+    # Every corner case at once: a class never predicted (3), one never present (2), ordinary ones.
+    matrix = np.array([[50, 3, 0, 0], [7, 31, 5, 0], [0, 0, 0, 0], [4, 2, 9, 0]])
+    result = metrics_from_confusion(matrix, CLASSES)
+    recall, precision, f1, accuracy = hand_metrics(matrix)
+    got = {key: [result["per_class"][name][key] for name in CLASSES] for key in ("recall", "precision", "f1")}
+    np.testing.assert_allclose(got["recall"], recall, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(got["precision"], precision, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(got["f1"], f1, rtol=0, atol=1e-15)  # scikit-learn: 2 TP / (2 TP + FP + FN)
+    assert got["precision"][3] == 0.0 and got["recall"][2] == 0.0 and got["f1"][2] == got["f1"][3] == 0.0
+    assert [result["macro"][key] for key in ("recall", "precision", "f1")] == pytest.approx(
+        [recall.mean(), precision.mean(), f1.mean()], rel=0, abs=1e-15)
+    assert result["accuracy"] == accuracy == 81 / 111
+    assert [result["per_class"][name]["support"] for name in CLASSES] == [53, 43, 0, 15]
+    assert result["confusion_matrix"] == matrix.tolist()
+    assert table3({"run": result}) == table3({"run": {**result, "per_class": {
+        name: {"recall": recall[i], "precision": precision[i], "f1": f1[i]} for i, name in enumerate(CLASSES)},
+        "macro": {"recall": recall.mean(), "precision": precision.mean(), "f1": f1.mean()}}})
+
+
+COMMITTED_METRICS = [*sorted(REPO_ROOT.glob("results/*/*/eval/metrics.json")), REPO_ROOT / "docs/demo_eval/metrics.json"]
+
+
+@pytest.mark.parametrize("path", COMMITTED_METRICS, ids=lambda path: str(path.relative_to(REPO_ROOT)))
+def test_committed_metrics_recompute_from_their_confusion_matrix(path):
+    """Every committed metrics.json (written before the metrics used scikit-learn) is what the current code
+    computes from its confusion matrix: counts and accuracy exactly, rates to the last bit or two, and
+    every percentage of the reports unchanged."""
+    committed = json.loads(path.read_text())
+    recomputed = metrics_from_confusion(np.array(committed["confusion_matrix"]), committed["classes"])
+    assert recomputed["confusion_matrix"] == committed["confusion_matrix"]
+    assert recomputed["accuracy"] == committed["accuracy"]
+    for name, values in committed["per_class"].items():
+        assert recomputed["per_class"][name]["support"] == values["support"]
+        for key in ("recall", "precision", "f1"):
+            assert recomputed["per_class"][name][key] == pytest.approx(values[key], rel=0, abs=3e-16)
+    assert recomputed["macro"] == pytest.approx(committed["macro"], rel=0, abs=3e-16)
+    assert table3({"run": recomputed}) == table3({"run": committed})
 
 
 def test_confusion_matrix_orientation_rows_are_truth():
@@ -90,8 +153,26 @@ def test_table2_grid_and_compare(tmp_path):
     assert "|  | run1 | run2 |" in report
     assert "| UNet | 75.00 |" in report
     assert "Not in Table 2 (no config.json): run2." in report
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(ConfigError, match="not found"):
         compare_report([tmp_path / "missing"])
+
+
+def closed_form_wilson(count, total, confidence=0.95):
+    """The Wilson score interval by its closed form (Wilson 1927)."""
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = count / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def test_wilson_interval_equals_its_closed_form():
+    for total in (1, 2, 7, 50, 333):
+        for count in range(total + 1):
+            for confidence in (0.9, 0.95, 0.99):
+                assert wilson_interval(count, total, confidence) == pytest.approx(
+                    closed_form_wilson(count, total, confidence), rel=0, abs=1e-14)
 
 
 def test_wilson_interval_known_values_and_bounds():

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from urnet_jax import models, port
+from urnet_jax import errors, models, port
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -43,7 +43,7 @@ def test_every_problem_is_listed_in_one_error(resnet18_state_dict):
     del state_dict["layer2.1.bn2.running_var"]
     state_dict["layer5.0.conv1.weight"] = torch.zeros(3)
     state_dict["fc.weight"] = torch.zeros(10, 512)
-    with pytest.raises(port.PortError) as error:
+    with pytest.raises(errors.PortError) as error:
         port.from_torchvision("resnet18", state_dict)
     message = str(error.value)
     assert "\n" not in message
@@ -72,7 +72,7 @@ def test_hash_prefix_in_file_name_is_checked(resnet18_pth, tmp_path):
     assert port.load_torchvision_file(resnet18_pth).keys() == torch.load(resnet18_pth, weights_only=True).keys()
     wrong = tmp_path / "resnet18-00000000.pth"
     shutil.copy(resnet18_pth, wrong)
-    with pytest.raises(port.PortError, match="does not match the prefix '00000000'"):
+    with pytest.raises(errors.PortError, match="does not match the prefix '00000000'"):
         port.load_torchvision_file(wrong)
     unhashed = tmp_path / "resnet18_finetuned.pth"  # no '-<hex>' suffix: nothing to check
     shutil.copy(resnet18_pth, unhashed)
@@ -82,16 +82,16 @@ def test_hash_prefix_in_file_name_is_checked(resnet18_pth, tmp_path):
 def test_unreadable_pth_files_give_one_line_errors(tmp_path, monkeypatch):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a torch file")
-    with pytest.raises(port.PortError, match="not a readable torch .pth"):
+    with pytest.raises(errors.PortError, match="not a readable torch .pth"):
         port.load_torchvision_file(garbage)
-    with pytest.raises(port.PortError, match="no such file"):
+    with pytest.raises(errors.PortError, match="no such file"):
         port.load_torchvision_file(tmp_path / "missing.pth")
     tensor_file = tmp_path / "tensor.pth"
     torch.save(torch.zeros(3), tensor_file)
-    with pytest.raises(port.PortError, match="not a state_dict"):
+    with pytest.raises(errors.PortError, match="not a state_dict"):
         port.load_torchvision_file(tensor_file)
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails as if not installed
-    with pytest.raises(port.PortError, match=r"pip install -e \.\[torch\]"):
+    with pytest.raises(errors.PortError, match=r"pip install -e \.\[torch\]"):
         port.load_torchvision_file(tensor_file)
 
 
@@ -128,43 +128,48 @@ def test_load_pretrained_from_pth_and_converted_checkpoint(resnet18_pth, resnet1
 
 def test_load_pretrained_rejects_another_architecture(resnet18_pth, resnet18_state_dict, tmp_path):
     rng = jax.random.key(0)
-    with pytest.raises(port.PortError, match=r"holds resnet18 weights, not resnet34$"):
+    with pytest.raises(errors.PortError, match=r"holds resnet18 weights, not resnet34$"):
         port.load_pretrained(resnet18_pth, "resnet34", 3, rng)
     converted = tmp_path / "resnet18.msgpack"
     port.save_converted(converted, "resnet18", port.from_torchvision("resnet18", resnet18_state_dict))
-    with pytest.raises(port.PortError, match=r"is a resnet18 checkpoint, not resnet50$"):
+    with pytest.raises(errors.PortError, match=r"is a resnet18 checkpoint, not resnet50$"):
         port.load_pretrained(converted, "resnet50", 3, rng)
     other = tmp_path / "notes.txt"
     other.write_text("hello")
-    with pytest.raises(port.PortError, match="neither a torch .pth file nor a converted checkpoint"):
+    with pytest.raises(errors.PortError, match="neither a torch .pth file nor a converted checkpoint"):
         port.load_pretrained(other, "resnet18", 3, rng)
 
 
 def test_download_errors_and_hash_check(resnet18_pth, tmp_path, monkeypatch):
     """No network here: file:// URLs stand in for download.pytorch.org."""
-    assert port.TORCHVISION_URLS["resnet101"]["IMAGENET1K_V1"].startswith("https://download.pytorch.org/")
+    assert port.torchvision_layout("resnet101").weights["IMAGENET1K_V1"].startswith("https://download.pytorch.org/")
     dest = tmp_path / "weights"
-    monkeypatch.setitem(port.TORCHVISION_URLS, "resnet18", {"IMAGENET1K_V1": (tmp_path / "absent.pth").as_uri()})
-    with pytest.raises(port.PortError, match="could not download"):
+    served = port.torchvision_layout("resnet18").weights
+    monkeypatch.setitem(served, "IMAGENET1K_V1", (tmp_path / "absent.pth").as_uri())
+    with pytest.raises(errors.PortError, match="could not download"):
         port.download_torchvision("resnet18", dest)
     corrupt = tmp_path / "served" / "resnet18-00000000.pth"  # its name promises another sha256
     corrupt.parent.mkdir()
     shutil.copy(resnet18_pth, corrupt)
-    monkeypatch.setitem(port.TORCHVISION_URLS, "resnet18", {"IMAGENET1K_V1": corrupt.as_uri()})
-    with pytest.raises(port.PortError, match="does not match the prefix"):
+    monkeypatch.setitem(served, "IMAGENET1K_V1", corrupt.as_uri())
+    with pytest.raises(errors.PortError, match="does not match the prefix"):
         port.download_torchvision("resnet18", dest)
     assert list(dest.iterdir()) == []  # nothing half-written left behind
-    monkeypatch.setitem(port.TORCHVISION_URLS, "resnet18", {"IMAGENET1K_V1": resnet18_pth.as_uri()})
+    monkeypatch.setitem(served, "IMAGENET1K_V1", resnet18_pth.as_uri())
     downloaded = port.download_torchvision("resnet18", dest)
     assert downloaded == dest / resnet18_pth.name and downloaded.read_bytes() == resnet18_pth.read_bytes()
-    with pytest.raises(port.PortError, match="no 'IMAGENET1K_V9' weights"):
+    with pytest.raises(errors.PortError, match="no 'IMAGENET1K_V9' weights"):
         port.download_torchvision("resnet18", dest, weights="IMAGENET1K_V9")
+
+
+def run_port_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "urnet_jax.port", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_cli_converts_a_pth(resnet18_pth, resnet18_state_dict, tmp_path):
     out = tmp_path / "out" / "resnet18.msgpack"
-    result = subprocess.run([sys.executable, "-m", "urnet_jax.port", "resnet18", str(resnet18_pth), str(out)],
-                            capture_output=True, text=True, timeout=300)
+    result = run_port_cli("--architecture", "resnet18", "--source", resnet18_pth, "--out", out)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"resnet18: 11,689,512 parameters, 1000 classes, {resnet18_pth} -> {out}"
     architecture, variables = port.load_converted(out)
@@ -173,23 +178,28 @@ def test_cli_converts_a_pth(resnet18_pth, resnet18_state_dict, tmp_path):
 
 
 def test_cli_bad_input_is_one_line_without_traceback(resnet18_pth, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "urnet_jax.port", "resnet34", str(resnet18_pth), str(tmp_path / "out.msgpack")],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 1
-    assert result.stderr.strip() == f"error: {resnet18_pth} holds resnet18 weights, not resnet34"
+    result = run_port_cli("--architecture", "resnet34", "--source", resnet18_pth, "--out", tmp_path / "out.msgpack")
+    assert result.returncode == 2
+    assert result.stderr == f"error: {resnet18_pth} holds resnet18 weights, not resnet34\n"
     assert not (tmp_path / "out.msgpack").exists()
 
 
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["resnet7", "x.pth", "out"], "error: unknown classifier 'resnet7'"),
-        (["resnet18", "missing.pth", "out"], "error: missing.pth: no such file"),
+        (["--architecture", "resnet7", "--source", "x.pth", "--out", "out"],
+         "error: flag --architecture=resnet7: value should be one of <resnet18|"),
+        (["--architecture", "resnet18", "--source", "missing.pth", "--out", "out"], "error: missing.pth: no such file"),
+        (["--architecture", "resnet18", "--source", "x.pth"], "error: flag --out=None: Flag --out must have a value"),
+        (["--architecture", "resnet18", "--source"], "error: Missing value for flag --source"),
+        (["--arch", "resnet18"], "error: Unknown command line flag 'arch'"),
+        (["--architecture", "resnet18", "--source", "x.pth", "--out", "out", "extra"],
+         "error: unexpected argument(s): extra"),
     ],
 )
-def test_cli_errors_in_process(arguments, message, capsys):
-    assert port.main(arguments) == 1
-    captured = capsys.readouterr()
-    assert captured.err.startswith(message) and captured.err.count("\n") == 1
+def test_cli_errors_are_one_line(arguments, message, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "urnet_jax.port", *arguments], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "out").exists()

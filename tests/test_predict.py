@@ -1,4 +1,5 @@
-"""predict.py: folder discovery, differential count output, and the command on a folder with a corrupt file."""
+"""predict.py: folder discovery, the predictions CSV, differential count output, and the command on a folder
+with corrupt files."""
 
 import csv
 import json
@@ -11,9 +12,8 @@ import numpy as np
 import pytest
 from tiny_run import REPO_ROOT, subprocess_env, trained_run  # noqa: F401 (a fixture)
 
-from urnet_jax.evaluation.commands import predict_main
-from urnet_jax.prediction import (FolderPredictions, differential_count, find_images,
-                                  format_differential_count, write_predictions_csv)
+from urnet_jax.differential_count import differential_count, format_differential_count
+from urnet_jax.inference import FolderPredictions, find_images, write_predictions_csv
 
 CLASSES = ["granulocyte", "monocyte", "lymphocyte"]
 
@@ -28,21 +28,42 @@ def test_find_images_is_recursive_and_skips_hidden_and_non_images(tmp_path):
     assert found == ["a.png", "sub/b.JPG", "sub/deeper/c.tiff", "sub/e.jpeg"]
 
 
+def read_csv(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
 def test_predictions_csv_and_count_include_unreadable_files(tmp_path):
     result = FolderPredictions(
         class_names=CLASSES, paths=[tmp_path / "a.png", tmp_path / "b.png"],
         probabilities=np.array([[0.1, 0.7, 0.2], [0.8, 0.1, 0.1]], np.float32),
         unreadable=[(str(tmp_path / "bad.png"), "corrupt or truncated image")])
     np.testing.assert_array_equal(result.predicted, [1, 0])
-    write_predictions_csv(tmp_path / "preds.csv", result)
-    with open(tmp_path / "preds.csv") as handle:
-        rows = list(csv.DictReader(handle))
+    write_predictions_csv(tmp_path / "preds.csv", result.paths, result.probabilities, CLASSES,
+                          unreadable=result.unreadable)
+    rows = read_csv(tmp_path / "preds.csv")
+    assert list(rows[0]) == ["path", "true_label", "predicted_label", *[f"prob_{c}" for c in CLASSES], "error"]
+    assert [row["path"] for row in rows] == [str(tmp_path / name) for name in ("a.png", "b.png", "bad.png")]
     assert [row["predicted_label"] for row in rows] == ["monocyte", "granulocyte", ""]
-    assert rows[0]["prob_monocyte"] == "0.700000" and rows[2]["error"] == "corrupt or truncated image"
+    assert [row["true_label"] for row in rows] == ["", "", ""]  # unknown for a folder of images
+    assert rows[0]["prob_monocyte"] == "0.700000" and rows[2]["prob_monocyte"] == ""
+    assert [row["error"] for row in rows] == ["", "", "corrupt or truncated image"]
     text = format_differential_count(differential_count(result.predicted, CLASSES), result.unreadable)
     assert "Differential count of 2 classified image(s)" in text
     assert "monocyte          1    50.00%  [9.45%, 90.55%]" in text
     assert "Unreadable files: 1" in text and "bad.png: corrupt or truncated image" in text
+
+
+def test_predictions_csv_with_true_labels(tmp_path):
+    """The schema evaluate.py writes for a labelled split: the same columns, true_label filled in."""
+    probabilities = np.array([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    write_predictions_csv(tmp_path / "preds.csv", ["x.png", "y.png"], probabilities, CLASSES, true_labels=[2, 1])
+    rows = read_csv(tmp_path / "preds.csv")
+    assert [(row["true_label"], row["predicted_label"], row["error"]) for row in rows] == [
+        ("lymphocyte", "lymphocyte", ""), ("monocyte", "granulocyte", "")]
+    assert [float(rows[1][f"prob_{c}"]) for c in CLASSES] == [0.6, 0.3, 0.1]
+    with pytest.raises(ValueError):  # one true label per file
+        write_predictions_csv(tmp_path / "bad.csv", ["x.png", "y.png"], probabilities, CLASSES, true_labels=[2])
 
 
 def test_empty_count_is_well_defined():
@@ -61,8 +82,8 @@ def run_predict(*args):
 
 def test_predict_counts_a_folder_with_corrupt_files(trained_run, tmp_path):
     import urnet_jax.data as data_lib
-    from urnet_jax.prediction import batched_probabilities
-    from urnet_jax.training import load_run
+    from urnet_jax.inference import batched_probabilities
+    from urnet_jax.workdir import load_run
 
     run = load_run(trained_run)
     manifest = data_lib.read_manifest(run.prepared_dir, "test")
@@ -79,7 +100,7 @@ def test_predict_counts_a_folder_with_corrupt_files(trained_run, tmp_path):
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "preds.csv"
 
-    result = run_predict("--workdir", trained_run, "--images", folder, "--out", out, "--no-progress")
+    result = run_predict("--workdir", trained_run, "--images", folder, "--out", out, "--noprogress")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stdout.splitlines()
@@ -92,7 +113,7 @@ def test_predict_counts_a_folder_with_corrupt_files(trained_run, tmp_path):
     assert f"  {folder / 'slide0' / 'broken.png'}: not an image (format not recognised)" in lines
     assert f"  {folder / 'empty.jpg'}: empty file" in lines
 
-    rows = {pathlib.Path(row["path"]).name: row for row in csv.DictReader(open(out))}
+    rows = {pathlib.Path(row["path"]).name: row for row in read_csv(out)}
     assert set(rows) == {path.name for path in copies} | {"broken.png", "empty.jpg"}
     assert rows["broken.png"]["predicted_label"] == "" and rows["broken.png"]["error"]
     # Files decoded by predict.py get the probabilities of the prepared test split's pixels.
@@ -103,18 +124,27 @@ def test_predict_counts_a_folder_with_corrupt_files(trained_run, tmp_path):
         np.testing.assert_allclose(got, expected[i], atol=2e-5)
 
 
-def test_predict_errors_are_one_line(trained_run, tmp_path, capsys):
+def test_predict_errors_are_one_line(trained_run, tmp_path):
     no_checkpoint = tmp_path / "run"
     no_checkpoint.mkdir()
     config = json.loads((trained_run / "config.json").read_text())
     config["data"]["prepared_dir"] = str(trained_run / "data")
     (no_checkpoint / "config.json").write_text(json.dumps(config))
-    for workdir, images, message in ((tmp_path / "missing", tmp_path, "holds no training run"),
-                                     (no_checkpoint, tmp_path, "no 'best' checkpoint"),
-                                     (trained_run, tmp_path / "nowhere", "is not a directory"),
-                                     (trained_run, tmp_path, "no image files")):
-        with pytest.raises(SystemExit) as exit_info:
-            predict_main(["--workdir", str(workdir), "--images", str(images)])
-        assert exit_info.value.code == 2
-        stderr = capsys.readouterr().err
-        assert stderr.startswith("error: ") and stderr.count("\n") == 1 and message in stderr, stderr
+    images = tmp_path / "images"
+    images.mkdir()
+    for args, message in (
+            (["--workdir", tmp_path / "missing", "--images", images], "holds no training run"),
+            (["--workdir", no_checkpoint, "--images", images], "no 'best' checkpoint"),
+            (["--workdir", trained_run, "--images", tmp_path / "nowhere"], "is not a directory"),
+            (["--workdir", trained_run, "--images", images], "no image files"),
+            (["--workdir", trained_run, "--images", images, "--checkpoint", "first"], "checkpoint must be one of"),
+            (["--workdir", trained_run, "--images", images, "--batch-size", "0"], "0 is not a positive integer"),
+            (["--workdir", trained_run], "Flag --images must have a value"),
+            (["--workdir", trained_run, "--images"], "Missing value for flag --images"),
+            (["--workdir", trained_run, "--images", images, "--no-progress"],
+             "Unknown command line flag 'no-progress'"),
+            (["--workdir", trained_run, "--images", images, "extra"], "unexpected argument(s): extra")):
+        result = run_predict(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr, result.stderr

@@ -3,11 +3,14 @@ results tables (mean +- std over seeds, written between markers, --check)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import pathlib
 import re
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 
 import ml_collections
@@ -15,11 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from urnet_jax import cli, study, training
+from urnet_jax import cli, config as config_lib, errors, trainer
 from urnet_jax.config import base_config
 from urnet_jax.data.prepare import exclusive_lock
 from urnet_jax.evaluation import runner
 from urnet_jax.evaluation.metrics import metrics_from_confusion
+from urnet_jax.study import __main__ as study_cli, report, results as study_results, run as study_run, sweep
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLASSES = ["granulocyte", "monocyte", "lymphocyte"]
@@ -27,7 +31,7 @@ CLASSES = ["granulocyte", "monocyte", "lymphocyte"]
 # and train), one epoch.
 TINY_BASE = {
     "model": {"enhancer_width": 4, "classifier": "resnet18", "classifier_width": 4},
-    "data": {"image_size": 96, "synthetic_per_class": 10, "train_size": 32},
+    "data": {"allow_synthetic": True, "image_size": 96, "synthetic_per_class": 10, "train_size": 32},
     "pretrain": {"epochs": 0}, "train": {"epochs": 1}, "batch_size": 8, "eval_batch_size": 8,
     "optimizer": {"lr": 0.05}, "checkpoint": {"every_steps": 0, "keep": 1}, "log_every_steps": 1,
 }
@@ -35,8 +39,20 @@ TINY_MODELS = {"tiny": {"model": {"enhancer": "none"}}}
 
 
 def tiny_study(seeds=(1, 2), models=None) -> ml_collections.ConfigDict:
-    base = study.apply_overrides(base_config(), TINY_BASE)
-    return study.study_config(base, models or TINY_MODELS, data_variants=("raw",), seeds=seeds)
+    return ml_collections.ConfigDict({"base": sweep.with_overrides(base_config(), TINY_BASE),
+                                      "models": models or TINY_MODELS, "data_variants": ("raw",), "seeds": seeds,
+                                      "subset_per_class": 0, "baseline": ""})
+
+
+def write_tiny_study_file(folder: pathlib.Path, seeds: tuple[int, ...]) -> str:
+    """A study config file of the tiny study (data only, as configs/study_*.py)."""
+    path = folder / "study.py"
+    path.write_text(
+        "import ml_collections\nfrom urnet_jax.config import base_config\n\n\ndef get_config():\n"
+        f"    base = base_config()\n    base.update({TINY_BASE!r})\n"
+        f"    return ml_collections.ConfigDict({{'base': base, 'models': {TINY_MODELS!r}, 'data_variants': ('raw',),\n"
+        f"                                      'seeds': {seeds!r}, 'subset_per_class': 0, 'baseline': ''}})\n")
+    return str(path)
 
 
 class Spy:
@@ -58,33 +74,35 @@ class Spy:
 
 def test_runner_skips_finished_runs_and_reruns_only_an_unfinished_one(tmp_path, monkeypatch):
     out = tmp_path / "results" / "tiny"
-    train_spy, evaluate_spy = Spy(training.train), Spy(runner.evaluate_run)
-    monkeypatch.setattr(training, "train", train_spy)
+    train_spy, evaluate_spy = Spy(trainer.train_and_evaluate), Spy(runner.evaluate_run)
+    monkeypatch.setattr(trainer, "train_and_evaluate", train_spy)
     monkeypatch.setattr(runner, "evaluate_run", evaluate_spy)
 
-    first = study.run_study(tiny_study(), out, show_progress=False)
+    first = study_run.run_study(tiny_study(), out, show_progress=False)
     names = ["tiny-raw-seed1", "tiny-raw-seed2"]
     assert first.trained == names and not first.failed and not first.skipped
     for name in names:
         for path in ("config.json", "metrics.jsonl", "eval/metrics.json", "checkpoints/best"):
             assert (out / name / path).exists(), (name, path)
         assert json.loads((out / name / "config.json").read_text())["seed"] == int(name[-1])
-    # One prepared data set for both runs, at OUT/_prepared/<variant>.
+    # One prepared data set for both runs, at OUT/_prepared/<variant>; config.json names it relative to the
+    # working directory.
     assert sorted(p.name for p in (out / "_prepared").iterdir()) == ["raw"]
-    assert {json.loads((out / n / "config.json").read_text())["data"]["prepared_dir"] for n in names} == {
-        str((out / "_prepared" / "raw").resolve())}
+    prepared = {json.loads((out / n / "config.json").read_text())["data"]["prepared_dir"] for n in names}
+    assert len(prepared) == 1 and not pathlib.Path(*prepared).is_absolute()
+    assert pathlib.Path(*prepared).resolve() == (out / "_prepared" / "raw").resolve()
 
-    second = study.run_study(tiny_study(), out, show_progress=False)
+    second = study_run.run_study(tiny_study(), out, show_progress=False)
     assert second.skipped == names and not second.trained
     assert train_spy.workdirs == names and evaluate_spy.workdirs == names  # nothing ran again
 
     rows_before = (out / names[1] / "metrics.jsonl").read_text()
     (out / names[1] / "eval" / "metrics.json").unlink()
-    third = study.run_study(tiny_study(), out, show_progress=False)
+    third = study_run.run_study(tiny_study(), out, show_progress=False)
     assert third.skipped == names[:1] and third.trained == names[1:]
     assert train_spy.workdirs == [*names, names[1]] and evaluate_spy.workdirs == [*names, names[1]]
     assert (out / names[1] / "metrics.jsonl").read_text() == rows_before  # resumed at its end: no new epoch
-    assert study.read_finished_metrics(out / names[1]) is not None
+    assert study_run.read_finished_metrics(out / names[1]) is not None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -93,7 +111,7 @@ def test_runner_skips_finished_runs_and_reruns_only_an_unfinished_one(tmp_path, 
 
 @pytest.fixture
 def fake_runs(monkeypatch):
-    """training.train / evaluate_run stand-ins: they write config.json and eval/metrics.json at once;
+    """trainer.train_and_evaluate / evaluate_run stand-ins: they write config.json and eval/metrics.json at once;
     a run whose seed is in `fail_seeds` raises the given error from training."""
     calls: list[str] = []
     fail_seeds: dict[int, Exception] = {}
@@ -104,7 +122,7 @@ def fake_runs(monkeypatch):
         if config.seed in fail_seeds:
             raise fail_seeds[config.seed]
         (workdir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(training.resolve_config(config).to_dict()))
+        (workdir / "config.json").write_text(json.dumps(config_lib.resolve_config(config).to_dict()))
         return []
 
     def fake_evaluate(workdir, checkpoint="best", split="test", **kwargs):
@@ -113,16 +131,16 @@ def fake_runs(monkeypatch):
         (pathlib.Path(workdir) / "eval" / "metrics.json").write_text(json.dumps(metrics))
         return metrics
 
-    monkeypatch.setattr(training, "train", fake_train)
+    monkeypatch.setattr(trainer, "train_and_evaluate", fake_train)
     monkeypatch.setattr(runner, "evaluate_run", fake_evaluate)
     return calls, fail_seeds
 
 
 def test_runner_continues_after_a_failed_run_and_exits_non_zero(tmp_path, fake_runs, capsys):
     calls, fail_seeds = fake_runs
-    fail_seeds[2] = cli.RunError("non-finite loss (nan) in phase 2 epoch 1 step 3")
+    fail_seeds[2] = errors.RunError("non-finite loss (nan) in phase 2 epoch 1 step 3")
     fail_seeds[3] = KeyError("boom")
-    outcome = study.run_study(tiny_study(seeds=(1, 2, 3, 4)), tmp_path, show_progress=False)
+    outcome = study_run.run_study(tiny_study(seeds=(1, 2, 3, 4)), tmp_path, show_progress=False)
     assert outcome.trained == ["tiny-raw-seed1", "tiny-raw-seed4"]
     assert outcome.failed[0] == "tiny-raw-seed2: non-finite loss (nan) in phase 2 epoch 1 step 3"
     assert outcome.failed[1].startswith("tiny-raw-seed3: KeyError: 'boom' (traceback in ")
@@ -130,19 +148,15 @@ def test_runner_continues_after_a_failed_run_and_exits_non_zero(tmp_path, fake_r
     output = capsys.readouterr().out
     assert "[2/4] tiny-raw-seed2: FAILED after" in output and "[4/4] tiny-raw-seed4: finished in" in output
 
-    config_file = tmp_path / "study.py"
-    config_file.write_text(
-        "from urnet_jax import study\nfrom urnet_jax.config import base_config\n\n\ndef get_config():\n"
-        f"    base = study.apply_overrides(base_config(), {TINY_BASE!r})\n"
-        f"    return study.study_config(base, {TINY_MODELS!r}, data_variants=('raw',), seeds=(1, 2, 3, 4))\n")
-    assert study.main(["run", "--config", str(config_file), "--out", str(tmp_path), "--no-progress"]) == 1
+    config_file = write_tiny_study_file(tmp_path, (1, 2, 3, 4))
+    assert study_cli.main(["study", "run", "--config", config_file, "--out", str(tmp_path), "--noprogress"]) == 1
     captured = capsys.readouterr()
     assert "tiny-raw-seed1: finished already, skipped" in captured.out
     assert "2 run(s) failed:" in captured.err and "tiny-raw-seed2: non-finite loss" in captured.err
 
 
 @pytest.mark.parametrize("stop, expected_status, message", [
-    (cli.TrainingStopped(signal.SIGTERM, "stopped by SIGTERM after a checkpoint at step 7: run the same "
+    (errors.TrainingStopped(signal.SIGTERM, "stopped by SIGTERM after a checkpoint at step 7: run the same "
                                          "command again to resume"),
      128 + signal.SIGTERM, "interrupted: stopped by SIGTERM after a checkpoint at step 7"),
     # Ctrl-C outside the training loop (e.g. while a finished run is evaluated): no empty message.
@@ -152,12 +166,8 @@ def test_a_stop_signal_ends_the_study_instead_of_failing_the_run(tmp_path, fake_
                                                                   expected_status, message):
     calls, fail_seeds = fake_runs
     fail_seeds[2] = stop
-    config_file = tmp_path / "study.py"
-    config_file.write_text(
-        "from urnet_jax import study\nfrom urnet_jax.config import base_config\n\n\ndef get_config():\n"
-        f"    base = study.apply_overrides(base_config(), {TINY_BASE!r})\n"
-        f"    return study.study_config(base, {TINY_MODELS!r}, data_variants=('raw',), seeds=(1, 2, 3))\n")
-    status = study.main(["run", "--config", str(config_file), "--out", str(tmp_path / "out"), "--no-progress"])
+    config_file = write_tiny_study_file(tmp_path, (1, 2, 3))
+    status = study_cli.main(["study", "run", "--config", config_file, "--out", str(tmp_path / "out"), "--noprogress"])
     assert status == expected_status
     assert calls == ["tiny-raw-seed1", "tiny-raw-seed2"]  # seed 3 is not started
     assert message in capsys.readouterr().err
@@ -167,25 +177,25 @@ def test_a_stop_signal_ends_the_study_instead_of_failing_the_run(tmp_path, fake_
 def test_runner_only_limit_and_delete_checkpoints(tmp_path, fake_runs):
     calls, _ = fake_runs
     config = tiny_study(seeds=(1, 2, 3), models={"net1": {"model": {"enhancer": "none"}}, "net3": {}})
-    outcome = study.run_study(config, tmp_path, only=["net3-*"], limit=2, show_progress=False)
+    outcome = study_run.run_study(config, tmp_path, only=["net3-*"], limit=2, show_progress=False)
     assert outcome.trained == ["net3-raw-seed1", "net3-raw-seed2"] and outcome.not_started == ["net3-raw-seed3"]
-    outcome = study.run_study(config, tmp_path, limit=2, delete_checkpoints=True, show_progress=False)
+    outcome = study_run.run_study(config, tmp_path, limit=2, delete_checkpoints=True, show_progress=False)
     assert outcome.skipped == ["net3-raw-seed1", "net3-raw-seed2"]
     assert outcome.trained == ["net1-raw-seed1", "net1-raw-seed2"]  # seed by seed, then model by model
     assert outcome.not_started == ["net1-raw-seed3", "net3-raw-seed3"]
     assert (tmp_path / "net3-raw-seed1" / "checkpoints").is_dir()  # kept by default
     assert not (tmp_path / "net1-raw-seed1" / "checkpoints").exists()
     assert (tmp_path / "net1-raw-seed1" / "eval" / "metrics.json").is_file()
-    with pytest.raises(cli.ConfigError, match="matches none of the 6 runs"):
-        study.run_study(config, tmp_path, only=["net9-*"], show_progress=False)
+    with pytest.raises(errors.ConfigError, match="matches none of the 6 runs"):
+        study_run.run_study(config, tmp_path, only=["net9-*"], show_progress=False)
 
 
 def test_a_finished_run_of_another_configuration_is_reported_not_skipped(tmp_path, fake_runs):
     calls, _ = fake_runs
-    study.run_study(tiny_study(seeds=(1,)), tmp_path, show_progress=False)
+    study_run.run_study(tiny_study(seeds=(1,)), tmp_path, show_progress=False)
     changed = tiny_study(seeds=(1,))
     changed.base.train.epochs = 5
-    outcome = study.run_study(changed, tmp_path, show_progress=False)
+    outcome = study_run.run_study(changed, tmp_path, show_progress=False)
     assert outcome.failed == ["tiny-raw-seed1: finished with another configuration (train.epochs: 1 != 5)"]
     assert calls == ["tiny-raw-seed1"]
 
@@ -202,12 +212,12 @@ def test_study_cpu_composes_the_ablation_from_the_net_configs(tmp_path):
         "net3": {"pretrain": {"epochs": 0}},
         "net4": {},
     }
-    for name in study.ABLATION_MODELS:  # the overrides over base_config() give back configs/netK.py
-        rebuilt = study.apply_overrides(base_config(), config.models[name])
+    for name in sweep.ABLATION_MODELS:  # the overrides over base_config() give back configs/netK.py
+        rebuilt = sweep.with_overrides(base_config(), config.models[name])
         assert rebuilt.to_dict() == cli.load_config_file(str(REPO_ROOT / "configs" / f"{name}.py")).to_dict()
     assert config.base.data.dir == str(REPO_ROOT.parent / "shared" / "data" / "pbc")
 
-    runs = study.plan_runs(config, tmp_path / "prepared", data_dir=str(tmp_path))
+    runs = sweep.plan_runs(config, tmp_path / "prepared", data_dir=str(tmp_path))
     assert len(runs) == 24
     assert [run.name for run in runs[:9]] == [
         "net1-raw-seed1", "net2-raw-seed1", "net3-raw-seed1", "net4-raw-seed1", "net1-stainfree_proxy-seed1",
@@ -222,60 +232,96 @@ def test_study_cpu_composes_the_ablation_from_the_net_configs(tmp_path):
     assert net4.pretrain.epochs > 0
     assert net4.data.prepared_dir == str((tmp_path / "prepared" / "stainfree_proxy").resolve())
     assert {run.config.data.seed for run in runs} == {config.base.data.seed}  # one split for every run
-    for run in runs:  # one protocol: runs differ only in the model variant's keys, seed and data variant
-        assert study.config_overrides(run.config.to_dict(), config.base.to_dict()).keys() <= {
-            "model", "pretrain", "seed", "data"}
+    for run in runs:  # one protocol: runs differ only in the model variant's keys, seed, data variant and folders
+        assert {line.split(":")[0] for line in config_lib.config_differences(config.base.to_dict(), run.config.to_dict())
+                } <= {"model.enhancer", "pretrain.epochs", "seed", "data.variant", "data.dir", "data.prepared_dir"}
         assert run.config.model.classifier == "resnet18" and run.config.data.image_size == 96
-    gpu = study.plan_runs(cli.load_config_file(str(REPO_ROOT / "configs" / "study_gpu.py")), tmp_path, str(tmp_path))
+    gpu = sweep.plan_runs(cli.load_config_file(str(REPO_ROOT / "configs" / "study_gpu.py")), tmp_path, str(tmp_path))
     assert len(gpu) == 24 and gpu[0].config.model.classifier == "resnet101" and gpu[0].config.data.image_size == 200
     # The follow-up differs from study_cpu in the schedule and in running the proxy alone.
     cosine = cli.load_config_file(str(REPO_ROOT / "configs" / "study_cpu_cosine.py"))
-    assert study.config_overrides(cosine.base.to_dict(), config.base.to_dict()) == {"optimizer": {"schedule": "cosine"}}
+    assert config_lib.config_differences(config.base.to_dict(), cosine.base.to_dict()) == [
+        "optimizer.schedule: 'constant' != 'cosine'"]
     assert cosine.models.to_dict() == config.models.to_dict() and tuple(cosine.data_variants) == ("stainfree_proxy",)
     assert (cosine.seeds, cosine.subset_per_class, cosine.baseline) == (config.seeds, config.subset_per_class, "study_cpu")
 
 
 def test_bad_study_configs_give_one_line_errors(tmp_path):
     bad_key = tiny_study(models={"net1": {"model": {"enhancerr": "none"}}})
-    with pytest.raises(cli.ConfigError, match="model variant net1: unknown config key model.enhancerr"):
-        study.plan_runs(bad_key, tmp_path)
+    with pytest.raises(errors.ConfigError, match="model variant net1: unknown config key model.enhancerr"):
+        sweep.plan_runs(bad_key, tmp_path)
     bad_variant = tiny_study()
     bad_variant.data_variants = ("raw", "stain-free")
-    with pytest.raises(cli.ConfigError, match="unknown data variant 'stain-free'"):
-        study.plan_runs(bad_variant, tmp_path)
-    with pytest.raises(cli.ConfigError, match="seeds' must be distinct"):
-        study.plan_runs(tiny_study(seeds=(1, 1)), tmp_path)
+    with pytest.raises(errors.ConfigError, match="unknown data variant 'stain-free'"):
+        sweep.plan_runs(bad_variant, tmp_path)
+    with pytest.raises(errors.ConfigError, match="seeds' must be distinct"):
+        sweep.plan_runs(tiny_study(seeds=(1, 1)), tmp_path)
     bad_value = tiny_study(models={"net1": {"train": {"epochs": -1}}})
-    with pytest.raises(cli.ConfigError, match="run net1-raw-seed1: train.epochs must be an integer >= 0"):
-        study.plan_runs(bad_value, tmp_path)
+    with pytest.raises(errors.ConfigError, match="run net1-raw-seed1: train.epochs must be an integer >= 0"):
+        sweep.plan_runs(bad_value, tmp_path)
+
+
+def test_study_configs_are_data(tmp_path):
+    """configs/study_*.py import nothing from urnet_jax, and loading one loads no code that trains,
+    evaluates or reports (only the config schema, through configs/net4.py)."""
+    files = sorted((REPO_ROOT / "configs").glob("study_*.py"))
+    assert len(files) == 3
+    for path in files:
+        imported = [alias.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Import)
+                    for alias in node.names]
+        imported += [node.module or "" for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.ImportFrom)]
+        assert not [name for name in imported if name.split(".")[0] == "urnet_jax"], (path.name, imported)
+    code = ("import runpy, sys\n"
+            f"for path in {[str(path) for path in files]!r}:\n"
+            "    assert runpy.run_path(path)['get_config']().models\n"
+            "print(' '.join(sorted(name for name in sys.modules if name.startswith('urnet_jax'))))\n")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                            timeout=120).stdout.split()
+    running = ("urnet_jax.study", "urnet_jax.trainer", "urnet_jax.evaluation", "urnet_jax.data",
+               "urnet_jax.steps", "urnet_jax.workdir")
+    assert "urnet_jax.config" in loaded and not [name for name in loaded if name.startswith(running)], loaded
 
 
 def test_run_command_line_overrides_change_the_study_config(tmp_path, fake_runs, capsys):
-    """`--config.KEY=VALUE` (as train.py takes them): literals are parsed, other values stay strings, and an
-    unknown key, a wrong type or a stray argument is a one-line error (exit status 2)."""
+    """`--config.KEY=VALUE` through ml_collections' config_flags (as train.py takes them), the nested run
+    config `base` included; an unknown key, a wrong type, a stray flag or command is one line on stderr and
+    exit status 2, and nothing runs."""
     calls, _ = fake_runs
-    config_file = tmp_path / "study.py"
-    config_file.write_text(
-        "from urnet_jax import study\nfrom urnet_jax.config import base_config\n\n\ndef get_config():\n"
-        f"    base = study.apply_overrides(base_config(), {TINY_BASE!r})\n"
-        f"    return study.study_config(base, {TINY_MODELS!r}, data_variants=('raw',), seeds=(1, 2, 3))\n")
-    common = ["run", "--config", str(config_file), "--out", str(tmp_path / "out"), "--no-progress"]
-    assert study.main([*common, "--config.seeds=(2,)", "--config.base.train.epochs=3",
-                       "--config.base.model.classifier=resnet34"]) == 0
+    common = ["study", "run", "--config", write_tiny_study_file(tmp_path, (1, 2, 3)), "--out", str(tmp_path / "out"),
+              "--noprogress"]
+    assert study_cli.main([*common, "--config.seeds=(2,)", "--config.base.train.epochs=3",
+                           "--config.base.model.classifier=resnet34"]) == 0
     assert calls == ["tiny-raw-seed2"]
     written = json.loads((tmp_path / "out" / "tiny-raw-seed2" / "config.json").read_text())
     assert (written["train"]["epochs"], written["model"]["classifier"]) == (3, "resnet34")
+    assert study_cli.main([*common, "--config.seeds=(3,)", "--config.models.tiny.model.enhancer=unet"]) == 0
+    written = json.loads((tmp_path / "out" / "tiny-raw-seed3" / "config.json").read_text())
+    assert written["model"]["enhancer"] == "unet"  # a model variant's override, from the command line
+    calls.clear()
     for arguments, message in (
-            (["--config.base.train.epochz=3"], "unknown config key base.train.epochz"),
-            (["--config.base.train.epochs=many"], "base.train.epochs"),
-            (["--config.base.train=3"], "base.train is a section"),
-            (["--verbose"], "unrecognized argument '--verbose'")):
+            (["--config.base.train.epochz=3"], "error: unknown config key base.train.epochz"),
+            (["--config.base.train.epochs=many"], "base.train.epochs=many"),
+            (["--config.base.train=3"], "--config.base.train=3"),
+            (["--limit=0"], "--limit=0"),
+            (["--verbose"], "Unknown command line flag 'verbose'"),
+            (["extra"], "unexpected argument(s): extra")):
         with pytest.raises(SystemExit) as exit_info:
-            study.main([*common, *arguments])
+            study_cli.main([*common, *arguments])
         assert exit_info.value.code == 2
         error = capsys.readouterr().err
         assert message in error and len(error.strip().splitlines()) == 1, error
-    assert calls == ["tiny-raw-seed2"]  # nothing ran on a bad command line
+    for argv, message in ((["study", "train"], "expected the command run or report, got train"),
+                          (["study", "run", "--out", "x"], "--config must have a value")):
+        with pytest.raises(SystemExit) as exit_info:
+            study_cli.main(argv)
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error and error.count("\n") == 1, error
+    assert calls == []  # nothing ran on a bad command line
+    assert study_cli.main(["study", "run", "--help"]) == 0
+    shown = capsys.readouterr().out
+    assert "--[no]delete-checkpoints" in shown and "--only" in shown and "flags of report" not in shown
 
 
 def test_link_subset_draws_per_class_links_once(tmp_path):
@@ -284,7 +330,7 @@ def test_link_subset_draws_per_class_links_once(tmp_path):
         (source / folder).mkdir(parents=True)
         for i in range(count):
             (source / folder / f"{folder}_{i}.jpg").write_bytes(f"{folder}{i}".encode())
-    out = study.link_subset(source, "wbc3", 3, 0, tmp_path / "subset")
+    out = study_run.link_subset(source, "wbc3", 3, 0, tmp_path / "subset")
     links = sorted(p.relative_to(out) for p in out.rglob("*.jpg"))
     by_class = {name: [p for p in links if p.parts[0] in folders] for name, folders in
                 {"granulocyte": ("neutrophil", "eosinophil"), "monocyte": ("monocyte",),
@@ -293,12 +339,12 @@ def test_link_subset_draws_per_class_links_once(tmp_path):
     for link in links:
         assert (out / link).is_symlink() and (out / link).resolve() == (source / link).resolve()
     stamp_time = (out / ".subset.json").stat().st_mtime_ns
-    assert study.link_subset(source, "wbc3", 3, 0, out) == out  # reused as it is
+    assert study_run.link_subset(source, "wbc3", 3, 0, out) == out  # reused as it is
     assert (out / ".subset.json").stat().st_mtime_ns == stamp_time
-    study.link_subset(source, "wbc3", 4, 0, out)
+    study_run.link_subset(source, "wbc3", 4, 0, out)
     assert len(list(out.rglob("*.jpg"))) == 4 + 4 + 2
     # Concurrent callers take turns: a second one waits while the lock beside out_dir is held.
-    waiting = threading.Thread(target=study.link_subset, args=(source, "wbc3", 3, 0, out))
+    waiting = threading.Thread(target=study_run.link_subset, args=(source, "wbc3", 3, 0, out))
     with exclusive_lock(tmp_path / ".subset.lock"):
         waiting.start()
         waiting.join(timeout=2.0)
@@ -353,7 +399,7 @@ def results(tmp_path) -> tuple[pathlib.Path, dict[str, dict]]:
 
 def test_report_gives_mean_and_std_over_seeds(results):
     folder, metrics = results
-    block = study.results_block(folder)
+    block = report.results_block(folder)
     assert block.startswith("<!-- results:begin hand_made -->") and block.endswith("<!-- results:end hand_made -->")
     raw = table_rows(block, "raw")
     assert raw[""] == ["Net1", "Net4"]
@@ -388,21 +434,21 @@ def test_report_writes_between_markers_and_check_detects_tampering(results, tmp_
     document = tmp_path / "RESULTS.md"
     document.write_text("# Results\n\nhand-written intro\n\n<!-- results:begin hand_made -->\nold tables\n"
                         "<!-- results:end hand_made -->\n\nhand-written reading\n")
-    assert study.main(["report", str(folder), "--out", str(document)]) == 0
+    assert study_cli.main(["study", "report", str(folder), "--out", str(document)]) == 0
     text = document.read_text()
     assert text.startswith("# Results\n\nhand-written intro\n\n<!-- results:begin hand_made -->")
     assert text.endswith("<!-- results:end hand_made -->\n\nhand-written reading\n")
-    assert "old tables" not in text and study.results_block(folder) in text
-    assert study.results_block(folder) in capsys.readouterr().out
+    assert "old tables" not in text and report.results_block(folder) in text
+    assert report.results_block(folder) in capsys.readouterr().out
 
-    assert study.main(["report", str(folder), "--out", str(document), "--check"]) == 0
+    assert study_cli.main(["study", "report", str(folder), "--out", str(document), "--check"]) == 0
     accuracy_row = next(line for line in text.splitlines() if line.startswith("| test accuracy"))
     tampered = accuracy_row.replace(accuracy_row.split(" | ")[1], "99.99 ± 0.01")
     document.write_text(text.replace(accuracy_row, tampered))
-    assert study.main(["report", str(folder), "--out", str(document), "--check"]) == 1
+    assert study_cli.main(["study", "report", str(folder), "--out", str(document), "--check"]) == 1
     assert "out of date" in capsys.readouterr().err
     document.write_text("# Results without markers\n")
-    assert study.main(["report", str(folder), "--out", str(document), "--check"]) == 1
+    assert study_cli.main(["study", "report", str(folder), "--out", str(document), "--check"]) == 1
 
 
 def test_report_rejects_a_run_whose_config_disagrees_with_its_name(results):
@@ -411,29 +457,48 @@ def test_report_rejects_a_run_whose_config_disagrees_with_its_name(results):
     config = json.loads((folder / "net4-raw-seed7" / "config.json").read_text())
     config["seed"] = 8
     (folder / "net4-raw-seed7" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(cli.ConfigError, match="seed 8 .* the folder's name says seed 7"):
-        study.results_block(folder)
+    with pytest.raises(errors.ConfigError, match="seed 8 .* the folder's name says seed 7"):
+        report.results_block(folder)
 
 
 def test_results_md_tables_are_recomputed_from_the_committed_results():
     """Every generated block of docs/RESULTS.md equals what its results/NAME folder gives."""
     document = REPO_ROOT / "docs" / "RESULTS.md"
     text = document.read_text()
-    names = study.block_names(text)
+    names = report.block_names(text)
     assert names, "docs/RESULTS.md has no results markers"
     for name in names:
-        assert study.check_document(text, REPO_ROOT / "results" / name), (
+        assert report.check_document(text, REPO_ROOT / "results" / name), (
             f"docs/RESULTS.md is out of date: python -m urnet_jax.study report results/{name} --out docs/RESULTS.md")
+
+
+def test_committed_runs_hold_relative_paths_and_count_as_finished(tmp_path):
+    """Committed config.json / study.json files name their folders relative to the repository root, and the
+    runner still recognises each committed run as a finished run of its study config (nothing would rerun)."""
+    files = sorted((REPO_ROOT / "results").glob("*/*/config.json")) + sorted((REPO_ROOT / "results").glob("*/study.json"))
+    assert len(files) > 50
+    for path in files:
+        saved = json.loads(path.read_text())
+        for section in (saved, saved.get("base", {})):
+            for location in (section.get("data", {}).get("dir"), section.get("data", {}).get("prepared_dir")):
+                assert location is None or not pathlib.Path(location).is_absolute(), (path, location)
+    for name, prepared in (("study_cpu", "study_cpu"), ("study_cpu_cosine", "study_cpu"), ("study_gpu", "study_gpu")):
+        config = cli.load_config_file(str(REPO_ROOT / "configs" / f"{name}.py"))
+        runs = sweep.plan_runs(config, REPO_ROOT / "results" / prepared / "_prepared", data_dir=str(tmp_path))
+        finished = [run for run in runs if study_run.read_finished_metrics(REPO_ROOT / "results" / name / run.name)]
+        assert len(finished) >= 12, name
+        for run in finished:
+            assert study_run.finished_config_differences(REPO_ROOT / "results" / name / run.name, run.config) == [], run.name
 
 
 def test_report_rejects_an_incomplete_metrics_file(results, capsys):
     folder, _ = results
     (folder / "net1-raw-seed2" / "eval" / "metrics.json").write_text(json.dumps({"accuracy": 0.5}))
-    with pytest.raises(cli.ConfigError, match="net1-raw-seed2/eval/metrics.json lacks some of"):
-        study.results_block(folder)
+    with pytest.raises(errors.ConfigError, match="net1-raw-seed2/eval/metrics.json lacks some of"):
+        report.results_block(folder)
     (folder / "net1-raw-seed2" / "eval" / "metrics.json").write_text("{not json")
     with pytest.raises(SystemExit) as exit_info:
-        study.main(["report", str(folder)])
+        study_cli.main(["study", "report", str(folder)])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith("error: cannot read ") and "net1-raw-seed2" in error and error.count("\n") == 1
@@ -441,7 +506,7 @@ def test_report_rejects_an_incomplete_metrics_file(results, capsys):
 
 def test_report_pairs_models_by_seed_and_sums_up_the_errors(results):
     folder, metrics = results
-    block = study.results_block(folder)
+    block = report.results_block(folder)
     raw = block.split("data variant `raw`")[1].split("####")[0]
     paired = {line.split(" | ")[0][2:]: line[2:-2].split(" | ") for line in raw.splitlines()
               if line.startswith("| Net")}
@@ -498,7 +563,7 @@ def test_report_compares_each_run_with_the_same_run_of_the_baseline_study(result
         write_curve(baseline / name, there)
     (folder / "study.json").write_text(json.dumps({"baseline": "constant_lr"}))
 
-    block = study.results_block(folder)
+    block = report.results_block(folder)
     raw = block.split("data variant `raw`")[1].split("####")[0]
     assert "`optimizer.schedule: 'constant' != 'cosine'` (baseline != this study)" in raw
     rows = {line[2:-2].split(" | ")[0]: line[2:-2].split(" | ")[1:] for line in raw.split("Against")[1].splitlines()
@@ -527,10 +592,10 @@ def test_report_plots_the_phase2_learning_curves_of_every_finished_run(results, 
     (folder / "net4-raw-seed2" / "metrics.jsonl").write_text(
         "".join(json.dumps(row) + "\n" for row in rows) + "\n".join(malformed) + "\n")  # malformed rows: left out
     (folder / "net4-raw-seed3" / "metrics.jsonl").write_text(json.dumps(rows[1]) + "\n")  # unfinished: left out
-    assert study.learning_curves(folder) == {"raw": {"Net4": [[(1, 0.5), (2, 0.75)]]}}
+    assert study_results.learning_curves(folder) == {"raw": {"Net4": [[(1, 0.5), (2, 0.75)]]}}
     net1_rows = [{"phase": 2, "epoch": e, "test_accuracy": a} for e, a in ((1, 0.6), (2, 0.4), (3, 0.9))]
     (folder / "net1-raw-seed2" / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in net1_rows))
-    block = study.results_block(folder)
+    block = report.results_block(folder)
     raw = table_rows(block, "raw")
     assert raw["test accuracy, last epoch (not selected)"] == ["90.00", "75.00"]
     assert raw["test accuracy, mean of the last 3 epochs"] == ["63.33", "62.50"]  # net4 has 2 epochs only
@@ -538,16 +603,16 @@ def test_report_plots_the_phase2_learning_curves_of_every_finished_run(results, 
     assert paired[2:-2].split(" | ")[5] == "−15.00 (0/0/1)"  # seed 2 only: 75 - 90
 
     png = tmp_path / "curves.png"
-    assert study.main(["report", str(folder), "--curves", str(png)]) == 0
+    assert study_cli.main(["study", "report", str(folder), "--curves", str(png)]) == 0
     with Image.open(png) as image:
         assert image.format == "PNG" and image.width > 300
     for name in ("net4-raw-seed2", "net1-raw-seed2"):
         (folder / name / "metrics.jsonl").write_text("")
     with pytest.raises(SystemExit) as exit_info:
-        study.main(["report", str(folder), "--curves", str(png)])
+        study_cli.main(["study", "report", str(folder), "--curves", str(png)])
     assert exit_info.value.code == 2
     assert "--curves: no finished run" in capsys.readouterr().err
 
 
 def test_signed_differences_never_print_minus_zero():
-    assert [study._signed(value) for value in (-0.0, -0.004, -0.006, 1.234)] == ["+0.00", "+0.00", "−0.01", "+1.23"]
+    assert [report._signed(value) for value in (-0.0, -0.004, -0.006, 1.234)] == ["+0.00", "+0.00", "−0.01", "+1.23"]

@@ -12,12 +12,13 @@ import sys
 import time
 from collections.abc import Callable
 
+import chex
 import jax
 import numpy as np
 import pytest
 
 import urnet_jax.data as data_lib
-from urnet_jax import cli, sharding, training
+from urnet_jax import errors, sharding, steps, train_state, trainer, workdir as workdir_lib
 from urnet_jax.checkpointing import CheckpointStore
 from tiny_run import REPO_ROOT, TINY, lowered_programs, shared_directory, subprocess_env, tiny_config
 
@@ -25,12 +26,6 @@ from tiny_run import REPO_ROOT, TINY, lowered_programs, shared_directory, subpro
 def rows_without_time(workdir: pathlib.Path) -> list[dict]:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
-
-
-def assert_same_variables(a: dict, b: dict) -> None:
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for left, right in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(left), np.asarray(right))
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +42,7 @@ def reference_run(prepared, tmp_path_factory) -> pathlib.Path:
     """An uninterrupted run of the tiny config: the reference that resumed runs must reproduce."""
     with shared_directory(tmp_path_factory, "reference_run") as (workdir, to_build):
         if to_build:
-            training.train(tiny_config(prepared), workdir, show_progress=False)
+            trainer.train_and_evaluate(tiny_config(prepared), workdir, show_progress=False)
     return workdir
 
 
@@ -66,41 +61,47 @@ def test_training_lowers_the_losses_and_writes_the_workdir(reference_run):
         assert any((reference_run / "checkpoints" / name).iterdir()), name
 
 
-def test_training_compiles_a_few_whole_programs(prepared, tmp_path):
+def test_training_compiles_a_few_whole_programs_and_estimates_each_phase(prepared, tmp_path, capsys):
     # Per phase: initial weights, initial state, train step and eval step, one program each. An eager
     # optimizer.init lowered a program per parameter shape (49 here, hundreds for ResNet101 + UR-Net).
     config = tiny_config(prepared, **{"pretrain.epochs": 1, "train.epochs": 1})
     with lowered_programs() as count:
-        training.train(config, tmp_path, show_progress=False)
+        trainer.train_and_evaluate(config, tmp_path, show_progress=False)
     assert count() <= 16, f"training lowered {count()} XLA programs"
+    # After the first few steps of each phase: the estimated time per epoch and for the whole phase.
+    estimates = re.findall(r"^phase (\d): ([\d.e-]+) s/step, about (\d+) s per epoch, (\d+) s for its 1 "
+                           r"epoch\(s\) \(without evaluation\)$", capsys.readouterr().out, re.MULTILINE)
+    assert [phase for phase, *_ in estimates] == ["1", "2"]
+    for _, per_step, per_epoch, per_phase in estimates:
+        assert abs(int(per_epoch) - 8 * float(per_step)) <= 1 and per_phase == per_epoch  # 8 steps per epoch
 
 
 def test_phase1_keeps_the_enhancer_with_the_lowest_reconstruction_error(reference_run, prepared):
     config, mesh = tiny_config(prepared), sharding.data_mesh()
     replicated = sharding.replicated(mesh)
-    model = training.build(config, 3)
-    evaluate = training.make_eval_step(model, training.PRETRAIN, mesh)
-    target = sharding.with_sharding(training.abstract_variables(model, ("enhancer",), 96), replicated)
+    model = train_state.build(config, 3)
+    evaluate = steps.make_eval_step(model, steps.PRETRAIN, mesh)
+    target = sharding.with_sharding(train_state.abstract_variables(model, ("enhancer",), 96), replicated)
     store = CheckpointStore(reference_run / "checkpoints" / "pretrain_best", for_writing=False)
     best = store.restore_latest(lambda meta: target)
     store.close()
-    untrained = training.init_variables(model, ("enhancer",), 96, jax.random.PRNGKey(config.seed), replicated)
-    untrained_mse, _ = training.evaluate_split(evaluate, untrained, prepared, "test", 8, mesh)
-    best_mse, _ = training.evaluate_split(evaluate, best.state, prepared, "test", 8, mesh)
+    untrained = train_state.init_variables(model, ("enhancer",), 96, jax.random.PRNGKey(config.seed), replicated)
+    untrained_mse, _ = steps.evaluate_split(evaluate, untrained, prepared, "test", 8, mesh)
+    best_mse, _ = steps.evaluate_split(evaluate, best.state, prepared, "test", 8, mesh)
     recorded = [row["test_loss"] for row in rows_without_time(reference_run) if row["phase"] == 1]
     assert best_mse == min(recorded)
     assert best_mse < 0.5 * untrained_mse
 
 
 def test_load_run_best_reproduces_the_recorded_test_accuracy(reference_run):
-    run = training.load_run(reference_run, "best")
+    run = workdir_lib.load_run(reference_run, "best")
     assert run.class_names == list(data_lib.load_info(run.prepared_dir).class_names)
     best_row = [row for row in rows_without_time(reference_run) if row["phase"] == 2 and row["best"]][-1]
     mesh = sharding.data_mesh()
-    evaluate = training.make_eval_step(run.model, training.JOINT, mesh)
-    loss, accuracy = training.evaluate_split(evaluate, run.variables, run.prepared_dir, "test", 8, mesh)
+    evaluate = steps.make_eval_step(run.model, steps.JOINT, mesh)
+    loss, accuracy = steps.evaluate_split(evaluate, run.variables, run.prepared_dir, "test", 8, mesh)
     assert (loss, accuracy) == (best_row["test_loss"], best_row["test_accuracy"])
-    latest = training.load_run(reference_run, "latest")
+    latest = workdir_lib.load_run(reference_run, "latest")
     assert set(latest.variables["params"]) == {"enhancer", "classifier"}
 
 
@@ -124,7 +125,7 @@ def before_batches(monkeypatch, action: Callable[[], None], at: tuple[int, ...])
             taken[0] += 1
             yield batch
 
-    monkeypatch.setattr(training.data_lib, "train_batches", batches)
+    monkeypatch.setattr(trainer.data_lib, "train_batches", batches)
 
 
 def interrupt_after(monkeypatch, steps: int) -> None:
@@ -138,16 +139,16 @@ def interrupt_after(monkeypatch, steps: int) -> None:
 def test_interrupted_and_resumed_run_is_bitwise_identical(prepared, reference_run, tmp_path, monkeypatch):
     # 8 steps/epoch, saves every 3 steps and at epoch ends. Resume points: step 16 (the end of phase 1:
     # phase 2 starts in the resumed process), then step 21 (phase 2, mid-epoch; steps 22, 23 redone).
-    for steps in (16, 7):
-        interrupt_after(monkeypatch, steps)
+    for batches_before_interrupt in (16, 7):
+        interrupt_after(monkeypatch, batches_before_interrupt)
         with pytest.raises(Interrupted):
-            training.train(tiny_config(prepared), tmp_path, show_progress=False)
+            trainer.train_and_evaluate(tiny_config(prepared), tmp_path, show_progress=False)
     monkeypatch.undo()
-    training.train(tiny_config(prepared), tmp_path, show_progress=False)
+    trainer.train_and_evaluate(tiny_config(prepared), tmp_path, show_progress=False)
     assert rows_without_time(tmp_path) == rows_without_time(reference_run)
     for checkpoint in ("latest", "best"):
-        assert_same_variables(training.load_run(tmp_path, checkpoint).variables,
-                              training.load_run(reference_run, checkpoint).variables)
+        chex.assert_trees_all_equal(workdir_lib.load_run(tmp_path, checkpoint).variables,
+                              workdir_lib.load_run(reference_run, checkpoint).variables)
 
 
 def test_sigterm_saves_a_checkpoint_after_the_step_and_the_resumed_run_is_identical(
@@ -155,8 +156,8 @@ def test_sigterm_saves_a_checkpoint_after_the_step_and_the_resumed_run_is_identi
     handler_before = signal.getsignal(signal.SIGTERM)
     # SIGTERM as batch 4 is handed out: phase 1, step 5 of 8 (periodic saves every 3 steps).
     before_batches(monkeypatch, lambda: signal.raise_signal(signal.SIGTERM), at=(4,))
-    with pytest.raises(cli.TrainingStopped, match="stopped by SIGTERM after a checkpoint at step 5:") as stop:
-        training.train(tiny_config(prepared), tmp_path, show_progress=False)
+    with pytest.raises(errors.TrainingStopped, match="stopped by SIGTERM after a checkpoint at step 5:") as stop:
+        trainer.train_and_evaluate(tiny_config(prepared), tmp_path, show_progress=False)
     assert stop.value.signal_number == signal.SIGTERM
     assert "SIGTERM: stopping after the current step" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == handler_before
@@ -164,16 +165,16 @@ def test_sigterm_saves_a_checkpoint_after_the_step_and_the_resumed_run_is_identi
     assert periodic.steps()[-1] == 5
     periodic.close()
     monkeypatch.undo()
-    training.train(tiny_config(prepared), tmp_path, show_progress=False)
+    trainer.train_and_evaluate(tiny_config(prepared), tmp_path, show_progress=False)
     assert rows_without_time(tmp_path) == rows_without_time(reference_run)
-    assert_same_variables(training.load_run(tmp_path, "latest").variables,
-                          training.load_run(reference_run, "latest").variables)
+    chex.assert_trees_all_equal(workdir_lib.load_run(tmp_path, "latest").variables,
+                          workdir_lib.load_run(reference_run, "latest").variables)
 
 
 def test_a_second_sigint_interrupts_at_once(prepared, tmp_path, monkeypatch):
     before_batches(monkeypatch, lambda: signal.raise_signal(signal.SIGINT), at=(1, 1))
     with pytest.raises(KeyboardInterrupt) as interrupt:
-        training.train(tiny_config(prepared), tmp_path, show_progress=False)
+        trainer.train_and_evaluate(tiny_config(prepared), tmp_path, show_progress=False)
     assert type(interrupt.value) is KeyboardInterrupt  # Python's own, not TrainingStopped: no checkpoint
     assert not (tmp_path / "checkpoints" / "periodic").exists() or not any(
         (tmp_path / "checkpoints" / "periodic").iterdir())
@@ -183,18 +184,18 @@ def test_cosine_schedule_run_resumes_exactly_and_refuses_other_epochs(prepared, 
     # The schedule's step count lives in the optimizer state: a resumed run must pick it up exactly.
     changes = {"optimizer.schedule": "cosine", "optimizer.warmup_steps": 2, "pretrain.epochs": 1, "train.epochs": 1}
     uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
-    training.train(tiny_config(prepared, **changes), uninterrupted, show_progress=False)
+    trainer.train_and_evaluate(tiny_config(prepared, **changes), uninterrupted, show_progress=False)
     interrupt_after(monkeypatch, 12)  # the last save is at step 11 (phase 2, step 3 of 8)
     with pytest.raises(Interrupted):
-        training.train(tiny_config(prepared, **changes), resumed, show_progress=False)
+        trainer.train_and_evaluate(tiny_config(prepared, **changes), resumed, show_progress=False)
     monkeypatch.undo()
     # The epochs set every step's learning rate under a decaying schedule, so they cannot change on resume.
-    with pytest.raises(cli.ConfigError, match="another configuration .*train.epochs: 1 != 2"):
-        training.train(tiny_config(prepared, **{**changes, "train.epochs": 2}), resumed, show_progress=False)
-    training.train(tiny_config(prepared, **changes), resumed, show_progress=False)
+    with pytest.raises(errors.ConfigError, match="another configuration .*train.epochs: 1 != 2"):
+        trainer.train_and_evaluate(tiny_config(prepared, **{**changes, "train.epochs": 2}), resumed, show_progress=False)
+    trainer.train_and_evaluate(tiny_config(prepared, **changes), resumed, show_progress=False)
     assert rows_without_time(resumed) == rows_without_time(uninterrupted)
-    assert_same_variables(training.load_run(resumed, "latest").variables,
-                          training.load_run(uninterrupted, "latest").variables)
+    chex.assert_trees_all_equal(workdir_lib.load_run(resumed, "latest").variables,
+                          workdir_lib.load_run(uninterrupted, "latest").variables)
 
 
 def test_kill_9_then_rerun_gives_the_uninterrupted_result(prepared, reference_run, tmp_path):
@@ -217,8 +218,8 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(prepared, reference_ru
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "resuming from checkpoint step" in rerun.stdout
     assert rows_without_time(tmp_path) == rows_without_time(reference_run)
-    assert_same_variables(training.load_run(tmp_path, "best").variables,
-                          training.load_run(reference_run, "best").variables)
+    chex.assert_trees_all_equal(workdir_lib.load_run(tmp_path, "best").variables,
+                          workdir_lib.load_run(reference_run, "best").variables)
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(prepared, reference_run, tmp_path, caplog):
@@ -229,27 +230,27 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(prepared, refe
     for path in (periodic / str(latest) / "state").rglob("*"):
         if path.is_file() and path.stat().st_size > 0:
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    training.train(tiny_config(prepared), workdir, show_progress=False)
+    trainer.train_and_evaluate(tiny_config(prepared), workdir, show_progress=False)
     assert "is unreadable" in caplog.text
     assert list((workdir / "checkpoints" / "corrupt").iterdir())  # moved aside, not deleted
     assert rows_without_time(workdir) == rows_without_time(reference_run)
-    assert_same_variables(training.load_run(workdir, "latest").variables,
-                          training.load_run(reference_run, "latest").variables)
+    chex.assert_trees_all_equal(workdir_lib.load_run(workdir, "latest").variables,
+                          workdir_lib.load_run(reference_run, "latest").variables)
 
 
 def test_workdir_of_another_configuration_is_refused_untouched(prepared, reference_run):
     before = sorted(str(path) for path in reference_run.rglob("*"))
     metrics = (reference_run / "metrics.jsonl").read_text()
-    with pytest.raises(cli.ConfigError, match="another configuration .*model.classifier_width: 4 != 8"):
-        training.train(tiny_config(prepared, **{"model.classifier_width": 8}), reference_run, show_progress=False)
+    with pytest.raises(errors.ConfigError, match="another configuration .*model.classifier_width: 4 != 8"):
+        trainer.train_and_evaluate(tiny_config(prepared, **{"model.classifier_width": 8}), reference_run, show_progress=False)
     assert sorted(str(path) for path in reference_run.rglob("*")) == before
     assert (reference_run / "metrics.jsonl").read_text() == metrics
 
 
 def test_non_finite_test_loss_stops_with_one_line_naming_the_intact_checkpoint(prepared, tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "evaluate_split", lambda *args, **kwargs: (float("nan"), 0.0))
-    with pytest.raises(cli.RunError) as error:
-        training.train(tiny_config(prepared), tmp_path, show_progress=False)
+    monkeypatch.setattr(trainer, "evaluate_split", lambda *args, **kwargs: (float("nan"), 0.0))
+    with pytest.raises(errors.RunError) as error:
+        trainer.train_and_evaluate(tiny_config(prepared), tmp_path, show_progress=False)
     match = re.fullmatch(r"non-finite test loss \(nan\) after phase 1 epoch 1; "
                          r"the last checkpoint \(step (\d+)\) is intact", str(error.value))
     assert match, str(error.value)
@@ -260,7 +261,7 @@ def test_non_finite_test_loss_stops_with_one_line_naming_the_intact_checkpoint(p
 
 def test_non_finite_loss_stops_cleanly_with_checkpoints_intact(prepared, reference_run, tmp_path, monkeypatch):
     poisoned_step = 13  # phase 1, epoch 2 (8 steps/epoch), step 5
-    make_train_step = training.make_train_step
+    make_train_step = trainer.make_train_step
 
     def make_poisoned_step(*args):
         step = make_train_step(*args)
@@ -273,9 +274,9 @@ def test_non_finite_loss_stops_cleanly_with_checkpoints_intact(prepared, referen
 
         return poisoned
 
-    monkeypatch.setattr(training, "make_train_step", make_poisoned_step)
-    with pytest.raises(cli.RunError) as error:
-        training.train(tiny_config(prepared), tmp_path, show_progress=False)
+    monkeypatch.setattr(trainer, "make_train_step", make_poisoned_step)
+    with pytest.raises(errors.RunError) as error:
+        trainer.train_and_evaluate(tiny_config(prepared), tmp_path, show_progress=False)
     message = str(error.value)
     assert "non-finite loss (nan) in phase 1 epoch 2 step 5 (global step 13)" in message and "\n" not in message
     store = CheckpointStore(tmp_path / "checkpoints" / "periodic", for_writing=False)

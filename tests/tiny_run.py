@@ -17,14 +17,13 @@ from typing import Callable, Iterator
 import jax
 import pytest
 
-from urnet_jax import cli, training
-from urnet_jax.config import base_config
+from urnet_jax import config as config_lib, trainer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Keys that differ from the paper's protocol: a tiny UR-Net (the deepest ResNet map stays 3x3 at 96 px).
 TINY = {
     "model.enhancer_width": 4, "model.classifier": "resnet18", "model.classifier_width": 4,
-    "data.image_size": 96, "data.synthetic_per_class": 16, "data.train_size": 64,
+    "data.allow_synthetic": True, "data.image_size": 96, "data.synthetic_per_class": 16, "data.train_size": 64,
     "pretrain.epochs": 2, "train.epochs": 2, "batch_size": 8, "eval_batch_size": 8,
     "optimizer.lr": 0.02, "checkpoint.every_steps": 3, "checkpoint.keep": 2, "log_every_steps": 1,
 }
@@ -32,13 +31,13 @@ TINY = {
 
 def tiny_config(prepared_dir: pathlib.Path | None = None, **changes):
     """The validated tiny config, with `changes` ({"section.key": value}) applied."""
-    config = base_config()
+    config = config_lib.base_config()
     if prepared_dir is not None:
         changes = {"data.prepared_dir": str(prepared_dir), **changes}
     for key, value in {**TINY, **changes}.items():
         section, _, name = key.rpartition(".")
         (config[section] if section else config)[name] = value
-    return cli.validate(config)
+    return config_lib.validate(config)
 
 
 def subprocess_env() -> dict[str, str]:
@@ -88,5 +87,5 @@ def trained_run(tmp_path_factory) -> pathlib.Path:
     """A finished tiny run (no pre-training, 2 joint epochs on 64 synthetic 96 px images)."""
     with shared_directory(tmp_path_factory, "tiny_trained_run") as (workdir, to_build):
         if to_build:
-            training.train(tiny_config(**{"pretrain.epochs": 0}), workdir, show_progress=False)
+            trainer.train_and_evaluate(tiny_config(**{"pretrain.epochs": 0}), workdir, show_progress=False)
     return workdir

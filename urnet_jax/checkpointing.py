@@ -1,6 +1,6 @@
 """Checkpoints on disk: orbax `CheckpointManager`s holding, per step, a pytree and a small JSON record.
 
-A training run keeps three of them side by side under `<workdir>/checkpoints/` (see `training`):
+A training run keeps three of them side by side under `<workdir>/checkpoints/` (see `workdir`):
 `periodic/` (rotating, the resume point), `best/` and `pretrain_best/` (kept apart, so rotation never
 removes them). Saves are synchronous and orbax writes each step to a temporary directory that it renames
 once complete, so a process killed mid-save leaves the previous steps intact and no half-written step
@@ -22,6 +22,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from urnet_jax.errors import NoReadableCheckpoint
+
 _STATE = "state"
 _META = "meta"
 QUARANTINE_DIR = "corrupt"
@@ -34,10 +36,6 @@ class Restored:
     step: int
     state: Any
     meta: dict[str, Any]
-
-
-class NoReadableCheckpoint(Exception):
-    """Every step of a non-empty checkpoint directory failed to restore (message: one line)."""
 
 
 def _first_line(error: BaseException) -> str:
@@ -84,18 +82,24 @@ class CheckpointStore:
         """The JSON record of `step` alone (cheap: no arrays are read)."""
         return self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
 
-    def restore(self, step: int, target: Any) -> Restored:
-        """Reads `step` into the structure, dtypes and shardings of `target` (a pytree of ShapeDtypeStruct)."""
+    def restore(self, step: int, target: Any, partial: bool = False) -> Restored:
+        """Reads `step` into the structure, dtypes and shardings of `target` (a pytree of ShapeDtypeStruct).
+
+        `partial`: `target` may hold a subset of the saved tree's top-level keys (e.g. only 'params' and
+        'batch_stats' of a train state); only those are read. A store reads either partially or fully
+        (orbax binds the state's reader on first use)."""
+        state_args = (ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                             restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+                      if partial else ocp.args.StandardRestore(target))
         restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target), _META: ocp.args.JsonRestore()}),
-        )
+            step, args=ocp.args.Composite(**{_STATE: state_args, _META: ocp.args.JsonRestore()}))
         # orbax may return plain containers for custom nodes; put the leaves back into target's structure.
         state = jax.tree.unflatten(jax.tree.structure(target), jax.tree.leaves(restored[_STATE]))
         return Restored(step, state, restored[_META])
 
-    def restore_latest(self, target_for: Callable[[dict[str, Any]], Any]) -> Restored | None:
-        """The newest step that reads back completely; None when the directory holds no step.
+    def restore_latest(self, target_for: Callable[[dict[str, Any]], Any], partial: bool = False) -> Restored | None:
+        """The newest step that reads back completely (`partial`: see `restore`); None when the directory
+        holds no step.
 
         `target_for(meta)` gives the restore target of a step from its JSON record (it may raise to reject
         a step, e.g. for a configuration mismatch: that error propagates and nothing is touched). Steps
@@ -116,7 +120,7 @@ class CheckpointStore:
                 continue
             target = target_for(meta)
             try:
-                restored = self.restore(step, target)
+                restored = self.restore(step, target, partial)
             except Exception as error:
                 last_error = _first_line(error)
                 unreadable.append(step)

@@ -1,16 +1,19 @@
-"""Shared pieces of the command-line entry points (train.py, evaluate.py, predict.py).
+"""Shared pieces of the command-line entry points (train.py, evaluate.py, predict.py, `python -m
+urnet_jax.data`, `python -m urnet_jax.study`, `python -m urnet_jax.port`).
 
-Every entry point parses `--config path/to/config.py [--config.key=value ...]` with ml_collections'
-`config_flags` through `parse_flags`, validates the result with `validate`, and runs its work inside
+Every entry point defines absl flags (multi-word names with dashes: `--batch-size`; booleans as
+`--progress` / `--noprogress`), parses them through `parse_flags`, and runs its work inside
 `one_line_errors()`: a bad command line, config value, data folder or checkpoint ends the program with
-one line on stderr (`error: ...`) and a non-zero exit status, never a traceback.
+one line on stderr (`error: ...`) and a non-zero exit status, never a traceback. A config is a
+`--config path/to/config.py [--config.key=value ...]` flag of ml_collections' `config_flags`
+(`define_config_flag`). Heavy imports (JAX, TensorFlow) happen inside main(), so `--help` is instant.
 
     _CONFIG = cli.define_config_flag()
 
     def main(argv):
         with cli.one_line_errors():
             cli.reject_positional_args(argv)
-            config = cli.validate(cli.config_value(_CONFIG))
+            config = cli.config_value(_CONFIG)
             ...
 
     if __name__ == "__main__":
@@ -20,8 +23,8 @@ one line on stderr (`error: ...`) and a non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
-import math
 import pathlib
 import sys
 from collections.abc import Iterator, Sequence
@@ -30,32 +33,34 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from urnet_jax.models import CLASSIFIERS, ENHANCERS
+from urnet_jax.errors import ConfigError, DataError, PortError, RunError, TrainingStopped
 
 EXIT_USAGE = 2  # bad command line, config value, data folder, or a workdir of another configuration
 EXIT_FAILURE = 1  # the run itself failed (e.g. a non-finite loss)
 
-PRECISIONS = ("float32", "bfloat16")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("constant", "cosine")
-MIN_IMAGE_SIZE = 32
+# The flags that the helpers below define belong to the calling entry point (its `--help` lists them).
+flags.disclaim_key_flags()
 
 
-class ConfigError(Exception):
-    """An invalid command line or configuration value; the message is one line."""
+@dataclasses.dataclass(frozen=True)
+class RunFlags:
+    """The flags of the commands that read a trained run (evaluate.py, predict.py)."""
+
+    workdir: flags.FlagHolder
+    checkpoint: flags.FlagHolder
+    batch_size: flags.FlagHolder
+    progress: flags.FlagHolder
 
 
-class RunError(Exception):
-    """A run that cannot go on (non-finite loss, unusable checkpoint); the message is one line."""
-
-
-class TrainingStopped(KeyboardInterrupt):
-    """Training stopped on SIGINT or SIGTERM after saving a checkpoint; the message is one line. A
-    KeyboardInterrupt, so that handlers of ordinary errors let it through."""
-
-    def __init__(self, signal_number: int, message: str):
-        super().__init__(message)
-        self.signal_number = signal_number
+def define_run_flags() -> RunFlags:
+    """Defines `--workdir DIR`, `--checkpoint best|latest`, `--batch-size N` and `--[no]progress`."""
+    return RunFlags(
+        workdir=flags.DEFINE_string("workdir", None, "the training run's directory"),
+        checkpoint=flags.DEFINE_string(
+            "checkpoint", "best", "best: the weights of the highest test accuracy; latest: the last checkpoint"),
+        batch_size=flags.DEFINE_integer("batch-size", None, "images per batch (default: the run's eval_batch_size)",
+                                        lower_bound=1),
+        progress=flags.DEFINE_bool("progress", True, "show progress bars"))
 
 
 def define_config_flag(name: str = "config") -> flags.FlagHolder:
@@ -108,16 +113,25 @@ def _has_key(config: ml_collections.ConfigDict, dotted: str) -> bool:
     return True
 
 
-def _unknown_override(argv: Sequence[str]) -> str | None:
-    """The first --config.KEY of argv that the config file does not define (None if all exist)."""
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _config_problem(argv: Sequence[str]) -> str | None:
+    """Why the config file of argv does not load, or the first --config.KEY it does not define (None if
+    neither)."""
     path = _config_file_argument(argv)
     if path is None:
         return None
     try:
         config = load_config_file(path)
-    except Exception:  # the flag parser reports the file's own problem
-        return None
-    return next((key for key in _override_keys(argv) if not _has_key(config, key)), None)
+    except ConfigError as error:
+        return str(error)
+    except Exception as error:  # a config file runs arbitrary code
+        return f"cannot load the config file {path}: {type(error).__name__}: {_first_line(error)}"
+    unknown = next((key for key in _override_keys(argv) if not _has_key(config, key)), None)
+    return None if unknown is None else f"unknown config key {unknown!r} (see urnet_jax/config.py for every key)"
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -125,12 +139,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
-        _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
-    except (AttributeError, KeyError, TypeError, ValueError) as error:
-        unknown = _unknown_override(argv)
-        if unknown is not None:
-            _fail(f"unknown config key {unknown!r} (see urnet_jax/config.py for every key)")
-        _fail(f"invalid config override: {str(error).strip() or type(error).__name__}")
+        _fail(_first_line(error))
+    except Exception as error:  # the config file's own failure, or an override that does not fit the config
+        _fail(_config_problem(argv) or f"invalid config override: {_first_line(error)}")
     return []
 
 
@@ -142,7 +153,9 @@ def config_value(holder: flags.FlagHolder) -> ml_collections.ConfigDict:
         config = holder.value
         config.get("seed")  # an unloadable file yields a placeholder that raises on first access
     except Exception as error:
-        raise ConfigError(f"cannot load --{holder.name}: {str(error).strip().splitlines()[0]}") from None
+        path = config_flags.get_config_filename(flags.FLAGS[holder.name])
+        raise ConfigError(_config_problem([f"--config={path}"]) or f"cannot load --{holder.name}: "
+                          f"{_first_line(error)}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"--{holder.name}: get_config() must return an ml_collections.ConfigDict")
     return config
@@ -159,90 +172,17 @@ def reject_positional_args(argv: Sequence[str]) -> None:
         raise ConfigError(f"unexpected argument(s): {' '.join(argv[1:])}")
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> ml_collections.ConfigDict:
-    """Checks every key that training reads; raises ConfigError naming the first bad one. Returns config.
-
-    `device_count` (default: `jax.device_count()`) must divide both batch sizes. Data-set keys that only
-    the data package interprets (class_map, variant, ...) are checked by `urnet_jax.data.prepare`.
-    """
-    if device_count is None:
-        import jax  # deferred: a multi-host launch initialises JAX's distributed runtime first
-
-        device_count = jax.device_count()
-    model = config.model
-    _check(config.precision in PRECISIONS,
-           f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
-    _check(model.enhancer in ("none", *ENHANCERS),
-           f"model.enhancer must be one of none, {', '.join(ENHANCERS)}, got {model.enhancer!r}")
-    _check(model.classifier in CLASSIFIERS,
-           f"model.classifier must be one of {', '.join(CLASSIFIERS)}, got {model.classifier!r}")
-    for key in ("enhancer_width", "classifier_width"):
-        value = model[key]
-        _check(isinstance(value, int) and value >= 0, f"model.{key} must be an integer >= 0 (0: default), got {value!r}")
-    if model.pretrained:
-        _check(pathlib.Path(model.pretrained).is_file(), f"model.pretrained file {model.pretrained!r} not found")
-        _check(model.classifier_width == 0,
-               "model.pretrained needs the classifier's standard width (model.classifier_width=0)")
-    if config.data.dir:
-        _check(pathlib.Path(config.data.dir).is_dir(), f"data.dir {config.data.dir!r} is not a directory")
-    _check(isinstance(config.data.image_size, int) and config.data.image_size >= MIN_IMAGE_SIZE,
-           f"data.image_size must be an integer >= {MIN_IMAGE_SIZE}, got {config.data.image_size!r}")
-    _check(_is_number(config.data.test_fraction) and 0 < config.data.test_fraction < 1,
-           f"data.test_fraction must be in (0, 1), got {config.data.test_fraction!r}")
-    for key in ("pretrain", "train"):
-        epochs = config[key].epochs
-        _check(isinstance(epochs, int) and epochs >= 0, f"{key}.epochs must be an integer >= 0, got {epochs!r}")
-    pretrains = model.enhancer != "none" and config.pretrain.epochs > 0
-    _check(pretrains or config.train.epochs > 0, "nothing to train: train.epochs is 0 and there is no phase 1")
-    for key in ("batch_size", "eval_batch_size"):
-        size = config[key]
-        _check(isinstance(size, int) and size >= 1, f"{key} must be an integer >= 1, got {size!r}")
-        _check(size % device_count == 0,
-               f"{key} {size} is not divisible by the number of devices ({device_count})")
-    optimizer = config.optimizer
-    _check(optimizer.name in OPTIMIZERS,
-           f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, got {optimizer.name!r}")
-    _check(_is_number(optimizer.lr) and optimizer.lr > 0, f"optimizer.lr must be > 0, got {optimizer.lr!r}")
-    _check(_is_number(optimizer.momentum) and 0 <= optimizer.momentum < 1,
-           f"optimizer.momentum must be in [0, 1), got {optimizer.momentum!r}")
-    _check(_is_number(optimizer.weight_decay) and optimizer.weight_decay >= 0,
-           f"optimizer.weight_decay must be >= 0, got {optimizer.weight_decay!r}")
-    _check(optimizer.schedule in SCHEDULES,
-           f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {optimizer.schedule!r}")
-    _check(isinstance(optimizer.warmup_steps, int) and optimizer.warmup_steps >= 0,
-           f"optimizer.warmup_steps must be an integer >= 0, got {optimizer.warmup_steps!r}")
-    _check(isinstance(config.checkpoint.every_steps, int) and config.checkpoint.every_steps >= 0,
-           f"checkpoint.every_steps must be an integer >= 0, got {config.checkpoint.every_steps!r}")
-    _check(isinstance(config.checkpoint.keep, int) and config.checkpoint.keep >= 1,
-           f"checkpoint.keep must be an integer >= 1, got {config.checkpoint.keep!r}")
-    _check(isinstance(config.log_every_steps, int) and config.log_every_steps >= 1,
-           f"log_every_steps must be an integer >= 1, got {config.log_every_steps!r}")
-    _check(isinstance(config.seed, int) and 0 <= config.seed < 2**32,
-           f"seed must be an integer in [0, 2**32), got {config.seed!r}")
-    return config
-
-
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
     """Turns the project's expected errors into `error: <one line>` on stderr and an exit status.
 
-    Configuration, data and workdir problems exit with status 2, a failed run with status 1; training
-    stopped by a signal prints its message and exits with 128 + the signal's number, as the signal would.
+    Configuration, data, weights-file and workdir problems exit with status 2, a failed run with status 1;
+    training stopped by a signal prints its message and exits with 128 + the signal's number, as the
+    signal would.
     """
-    from urnet_jax.data import DataError  # deferred: keeps `--help` fast
-
     try:
         yield
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, PortError) as error:
         _fail(str(error), EXIT_USAGE)
     except RunError as error:
         _fail(str(error), EXIT_FAILURE)

@@ -1,17 +1,27 @@
 """The one place that lists every configuration key, its default and what it means.
 
-Config files in `configs/` start from `base_config()` and override what differs; the training
-entry point validates the result with `validate` before doing any work.
+Config files in `configs/` start from `base_config()` and override what differs; every entry point
+that trains validates the result with `validate` before doing any work.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import pathlib
 import types
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+
+from urnet_jax.errors import ConfigError
+from urnet_jax.models import CLASSIFIERS, ENHANCERS
+
+PRECISIONS = ("float32", "bfloat16")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("constant", "cosine")
+MIN_IMAGE_SIZE = 32
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -30,7 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.pretrained = ""  # path to a torchvision .pth (or a converted checkpoint); "" = random init.
 
     config.data = ml_collections.ConfigDict()
-    config.data.dir = ""  # class-per-folder image root; "" = the built-in synthetic data set.
+    config.data.dir = ""  # class-per-folder image root; "" = the built-in synthetic cells (see allow_synthetic)
+    config.data.allow_synthetic = False  # an empty data.dir is an error unless True (configs/demo.py, tests)
     # "wbc3" | "folders" | {"class": ["folder", ...]}; typed `object` so that a config file may assign a dict.
     config.data.class_map = ml_collections.FieldReference("wbc3", field_type=object)
     config.data.image_size = 200  # pixels (square)
@@ -115,4 +126,89 @@ def saved_config(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
             raise ValueError(f"saved config key {key}={value!r} does not fit this version's config: "
                              f"{' '.join(str(error).split())}") from None
     config.unlock()
+    return config
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy with file paths made absolute (data.dir, data.prepared_dir, model.pretrained)."""
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    for section, key in (("data", "dir"), ("data", "prepared_dir"), ("model", "pretrained")):
+        if resolved[section][key]:
+            resolved[section][key] = str(pathlib.Path(resolved[section][key]).expanduser().resolve())
+    return resolved
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> ml_collections.ConfigDict:
+    """Checks every key that training reads; raises ConfigError naming the first bad one. Returns config.
+
+    `device_count` (default: `jax.device_count()`) must divide both batch sizes. Data-set keys that only
+    the data package interprets (class_map, variant, ...) are checked by `urnet_jax.data.prepare`.
+    """
+    if device_count is None:
+        import jax  # deferred: a multi-host launch initialises JAX's distributed runtime first
+
+        device_count = jax.device_count()
+    model = config.model
+    _check(config.precision in PRECISIONS,
+           f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+    _check(model.enhancer in ("none", *ENHANCERS),
+           f"model.enhancer must be one of none, {', '.join(ENHANCERS)}, got {model.enhancer!r}")
+    _check(model.classifier in CLASSIFIERS,
+           f"model.classifier must be one of {', '.join(CLASSIFIERS)}, got {model.classifier!r}")
+    for key in ("enhancer_width", "classifier_width"):
+        value = model[key]
+        _check(isinstance(value, int) and value >= 0, f"model.{key} must be an integer >= 0 (0: default), got {value!r}")
+    if model.pretrained:
+        _check(pathlib.Path(model.pretrained).is_file(), f"model.pretrained file {model.pretrained!r} not found")
+        _check(model.classifier_width == 0,
+               "model.pretrained needs the classifier's standard width (model.classifier_width=0)")
+    if config.data.dir:
+        _check(pathlib.Path(config.data.dir).is_dir(), f"data.dir {config.data.dir!r} is not a directory")
+    else:
+        _check(config.data.allow_synthetic,
+               "data.dir is not set: pass --config.data.dir=FOLDER (one sub-folder of images per class), "
+               "or try configs/demo.py (a tiny model on synthetic cells, minutes on a CPU)")
+    _check(isinstance(config.data.image_size, int) and config.data.image_size >= MIN_IMAGE_SIZE,
+           f"data.image_size must be an integer >= {MIN_IMAGE_SIZE}, got {config.data.image_size!r}")
+    _check(_is_number(config.data.test_fraction) and 0 < config.data.test_fraction < 1,
+           f"data.test_fraction must be in (0, 1), got {config.data.test_fraction!r}")
+    for key in ("pretrain", "train"):
+        epochs = config[key].epochs
+        _check(isinstance(epochs, int) and epochs >= 0, f"{key}.epochs must be an integer >= 0, got {epochs!r}")
+    pretrains = model.enhancer != "none" and config.pretrain.epochs > 0
+    _check(pretrains or config.train.epochs > 0, "nothing to train: train.epochs is 0 and there is no phase 1")
+    for key in ("batch_size", "eval_batch_size"):
+        size = config[key]
+        _check(isinstance(size, int) and size >= 1, f"{key} must be an integer >= 1, got {size!r}")
+        _check(size % device_count == 0,
+               f"{key} {size} is not divisible by the number of devices ({device_count})")
+    optimizer = config.optimizer
+    _check(optimizer.name in OPTIMIZERS,
+           f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, got {optimizer.name!r}")
+    _check(_is_number(optimizer.lr) and optimizer.lr > 0, f"optimizer.lr must be > 0, got {optimizer.lr!r}")
+    _check(_is_number(optimizer.momentum) and 0 <= optimizer.momentum < 1,
+           f"optimizer.momentum must be in [0, 1), got {optimizer.momentum!r}")
+    _check(_is_number(optimizer.weight_decay) and optimizer.weight_decay >= 0,
+           f"optimizer.weight_decay must be >= 0, got {optimizer.weight_decay!r}")
+    _check(optimizer.schedule in SCHEDULES,
+           f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {optimizer.schedule!r}")
+    _check(isinstance(optimizer.warmup_steps, int) and optimizer.warmup_steps >= 0,
+           f"optimizer.warmup_steps must be an integer >= 0, got {optimizer.warmup_steps!r}")
+    _check(isinstance(config.checkpoint.every_steps, int) and config.checkpoint.every_steps >= 0,
+           f"checkpoint.every_steps must be an integer >= 0, got {config.checkpoint.every_steps!r}")
+    _check(isinstance(config.checkpoint.keep, int) and config.checkpoint.keep >= 1,
+           f"checkpoint.keep must be an integer >= 1, got {config.checkpoint.keep!r}")
+    _check(isinstance(config.log_every_steps, int) and config.log_every_steps >= 1,
+           f"log_every_steps must be an integer >= 1, got {config.log_every_steps!r}")
+    _check(isinstance(config.seed, int) and 0 <= config.seed < 2**32,
+           f"seed must be an integer in [0, 2**32), got {config.seed!r}")
     return config

@@ -15,7 +15,11 @@ Every error is a `PortError` (a ValueError) with a one-line message.
 Converted checkpoint format: one file, a msgpack map (`flax.serialization.msgpack_serialize`) with keys
 'format' (= FORMAT), 'architecture' (a `models.create` name), 'num_classes', 'params', 'batch_stats'.
 
-CLI: `python -m urnet_jax.port resnet101 resnet101-63fe2227.pth resnet101.msgpack` converts a .pth.
+Which layer is each classifier's head, and where its torchvision weights are, is listed in
+`urnet_jax.models.registry` (`ModelSpec.torchvision`).
+
+CLI: `python -m urnet_jax.port --architecture resnet101 --source resnet101-63fe2227.pth --out resnet101.msgpack`
+converts a .pth (absl flags; one `error: ...` line and exit status 2 on a bad command line or file).
 
 Name mapping: a Flax path maps to a torch key by writing '_<index>' as '.<index>' in every module name
 (`layer1_0/downsample_1` -> `layer1.0.downsample.1`) and renaming the leaf (kernel/scale -> weight,
@@ -24,13 +28,11 @@ mean -> running_mean, var -> running_var). Conv kernels OIHW -> HWIO, Linear wei
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import os
 import pathlib
 import re
-import sys
 import tempfile
 import urllib.error
 import urllib.parse
@@ -43,52 +45,14 @@ import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags, logging
 
-from urnet_jax import models
-from urnet_jax.models import vgg
+from urnet_jax import cli, models
+from urnet_jax.errors import PortError
+from urnet_jax.models import registry, vgg
+from urnet_jax.models.registry import TorchvisionLayout
 
 FORMAT = "urnet_jax.port/1"
-
-# The classification layer of each classifier (a top-level entry of its params).
-HEADS: dict[str, str] = {
-    "resnet18": "fc",
-    "resnet34": "fc",
-    "resnet50": "fc",
-    "resnet101": "fc",
-    "resnet152": "fc",
-    "vgg16": "classifier_6",
-    "vgg16_bn": "classifier_6",
-    "mobilenet_v2": "classifier_1",
-    "densenet121": "classifier",
-}
-
-# The Linear layer that follows torch's NCHW flatten (its input rows need the CHW -> HWC reorder).
-_FLATTENED_INPUT: dict[str, str] = {"vgg16": "classifier_0", "vgg16_bn": "classifier_0"}
-
-# torchvision's ImageNet weights. IMAGENET1K_V1 is what `pretrained=True` gave (and what the paper used).
-TORCHVISION_URLS: dict[str, dict[str, str]] = {
-    "resnet18": {"IMAGENET1K_V1": "https://download.pytorch.org/models/resnet18-f37072fd.pth"},
-    "resnet34": {"IMAGENET1K_V1": "https://download.pytorch.org/models/resnet34-b627a593.pth"},
-    "resnet50": {
-        "IMAGENET1K_V1": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-        "IMAGENET1K_V2": "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
-    },
-    "resnet101": {
-        "IMAGENET1K_V1": "https://download.pytorch.org/models/resnet101-63fe2227.pth",
-        "IMAGENET1K_V2": "https://download.pytorch.org/models/resnet101-cd907fc2.pth",
-    },
-    "resnet152": {
-        "IMAGENET1K_V1": "https://download.pytorch.org/models/resnet152-394f9c45.pth",
-        "IMAGENET1K_V2": "https://download.pytorch.org/models/resnet152-f82ba261.pth",
-    },
-    "vgg16": {"IMAGENET1K_V1": "https://download.pytorch.org/models/vgg16-397923af.pth"},
-    "vgg16_bn": {"IMAGENET1K_V1": "https://download.pytorch.org/models/vgg16_bn-6c64b313.pth"},
-    "mobilenet_v2": {
-        "IMAGENET1K_V1": "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
-        "IMAGENET1K_V2": "https://download.pytorch.org/models/mobilenet_v2-7ebf99e0.pth",
-    },
-    "densenet121": {"IMAGENET1K_V1": "https://download.pytorch.org/models/densenet121-a639ec97.pth"},
-}
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
                   "var": "running_var"}
@@ -103,13 +67,11 @@ _TEMPLATE_INPUT_SHAPE = (1, 64, 64, 3)
 Variables = dict[str, Any]
 
 
-class PortError(ValueError):
-    """A state_dict or checkpoint that does not fit the requested model; the message says why (one line)."""
-
-
-def _check_classifier(name: str) -> None:
-    if name not in HEADS:
-        raise PortError(f"unknown classifier {name!r}; known: {', '.join(HEADS)}")
+def torchvision_layout(name: str) -> TorchvisionLayout:
+    """The torchvision layout of classifier `name`; PortError (one line) for any other name."""
+    if name not in registry.CLASSIFIER_NAMES:
+        raise PortError(f"unknown classifier {name!r}; known: {', '.join(registry.CLASSIFIER_NAMES)}")
+    return registry.MODELS[name].torchvision
 
 
 def torch_key(path: tuple[str, ...]) -> str:
@@ -183,11 +145,10 @@ def from_torchvision(
 
     Raises PortError listing every missing key, unexpected key and shape mismatch at once.
     """
-    _check_classifier(name)
+    layout = torchvision_layout(name)
     if not isinstance(state_dict, Mapping):
         raise PortError(f"expected a state_dict (a mapping of names to tensors), got {type(state_dict).__name__}")
     given = _normalise_keys(state_dict)
-    flatten_module = _FLATTENED_INPUT.get(name)
     missing: list[str] = []
     mismatched: list[str] = []
     converted: dict[tuple[str, ...], Any] = {}
@@ -204,7 +165,7 @@ def from_torchvision(
         if array.shape != expected:
             mismatched.append(f"{key} has shape {tuple(array.shape)}, expected {expected}")
             continue
-        flattened_hw = vgg.POOLED_SIZE if path[1:] == (flatten_module, "kernel") else None
+        flattened_hw = vgg.POOLED_SIZE if path[1:] == (layout.flattened_input, "kernel") else None
         converted[path] = jnp.asarray(_to_flax(array, flattened_hw))
     unexpected = sorted(set(given) - _expected_keys(name))
     if missing or unexpected or mismatched:
@@ -279,10 +240,10 @@ def download_torchvision(
     """Downloads torchvision's `weights` for classifier `name` into `dest_dir` (kept if already there and
     its hash matches) and returns the file's path. Raises PortError when the download or hash check fails.
     """
-    _check_classifier(name)
-    if weights not in TORCHVISION_URLS[name]:
-        raise PortError(f"{name} has no {weights!r} weights; available: {', '.join(TORCHVISION_URLS[name])}")
-    url = TORCHVISION_URLS[name][weights]
+    available = torchvision_layout(name).weights
+    if weights not in available:
+        raise PortError(f"{name} has no {weights!r} weights; available: {', '.join(available)}")
+    url = available[weights]
     dest = pathlib.Path(dest_dir) / pathlib.Path(urllib.parse.urlparse(url).path).name
     if dest.is_file():
         check_hash_prefix(dest)
@@ -311,8 +272,7 @@ def replace_head(
 ) -> Variables:
     """`variables` of classifier `name` with the head swapped for a fresh `num_classes` head, initialised
     exactly as `create(name, num_classes=num_classes, width=width).init(rng, ...)` initialises it."""
-    _check_classifier(name)
-    head = HEADS[name]
+    head = torchvision_layout(name).head
     model = models.create(name, num_classes=num_classes, width=width)
     init_head = jax.jit(lambda key: model.init(key, jnp.zeros(_TEMPLATE_INPUT_SHAPE), train=False)["params"][head])
     new_head = init_head(rng)
@@ -324,12 +284,12 @@ def replace_head(
 
 def num_classes_of(variables: Variables, name: str) -> int:
     """The number of classes of classifier `name`'s `variables` (its head's output size)."""
-    return int(variables["params"][HEADS[name]]["kernel"].shape[-1])
+    return int(variables["params"][torchvision_layout(name).head]["kernel"].shape[-1])
 
 
 def save_converted(path: str | os.PathLike, name: str, variables: Variables) -> None:
     """Writes `variables` of classifier `name` as a converted checkpoint (the format of this module's doc)."""
-    _check_classifier(name)
+    torchvision_layout(name)
     content = {
         "format": FORMAT,
         "architecture": name,
@@ -366,7 +326,7 @@ def load_converted(path: str | os.PathLike) -> tuple[str, Variables]:
 def _identify(state_dict: Mapping[str, Any]) -> str | None:
     """The classifier whose torchvision key set `state_dict` has, if any."""
     keys = set(_normalise_keys(state_dict))
-    return next((name for name in HEADS if keys == _expected_keys(name)), None)
+    return next((name for name in registry.CLASSIFIER_NAMES if keys == _expected_keys(name)), None)
 
 
 def convert_torchvision_file(path: str | os.PathLike, name: str) -> Variables:
@@ -374,9 +334,9 @@ def convert_torchvision_file(path: str | os.PathLike, name: str) -> Variables:
 
     Raises PortError (one line) naming the architecture the file holds when that is not `name`.
     """
-    _check_classifier(name)
+    head = torchvision_layout(name).head
     state_dict = load_torchvision_file(path)
-    head_weight = state_dict.get(torch_key((HEADS[name], "kernel")))
+    head_weight = state_dict.get(torch_key((head, "kernel")))
     num_classes = head_weight.shape[0] if head_weight is not None and len(head_weight.shape) == 2 else 1000
     try:
         return from_torchvision(name, state_dict, num_classes=num_classes)
@@ -393,7 +353,7 @@ def load_pretrained(path: str | os.PathLike, name: str, num_classes: int, rng: j
 
     Raises PortError (one line) when the file is unreadable or holds another architecture.
     """
-    _check_classifier(name)
+    torchvision_layout(name)
     if not os.path.isfile(path):
         raise PortError(f"{path}: no such file")
     if _is_torch_file(path):
@@ -407,26 +367,30 @@ def load_pretrained(path: str | os.PathLike, name: str, num_classes: int, rng: j
     return variables
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI: converts a torchvision .pth into a converted checkpoint; prints one summary line."""
-    parser = argparse.ArgumentParser(
-        prog="python -m urnet_jax.port", description="Convert torchvision classifier weights to urnet_jax."
-    )
-    parser.add_argument("architecture", help=f"one of: {', '.join(HEADS)}")
-    parser.add_argument("source", help="torchvision .pth state_dict (e.g. resnet101-63fe2227.pth)")
-    parser.add_argument("out", help="converted checkpoint to write (msgpack, e.g. resnet101.msgpack)")
-    args = parser.parse_args(argv)
+def convert_file(architecture: str, source: str | os.PathLike, out: str | os.PathLike) -> str:
+    """Converts the torchvision .pth `source` of `architecture` into the converted checkpoint `out`;
+    returns a one-line summary. Raises PortError (one line) on a bad file or an unwritable `out`."""
+    variables = convert_torchvision_file(source, architecture)
     try:
-        variables = convert_torchvision_file(args.source, args.architecture)
-        save_converted(args.out, args.architecture, variables)
-    except (PortError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        save_converted(out, architecture, variables)
+    except OSError as error:
+        raise PortError(f"cannot write {out}: {error.strerror or error}") from None
     num_params = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variables["params"]))
-    num_classes = num_classes_of(variables, args.architecture)
-    print(f"{args.architecture}: {num_params:,} parameters, {num_classes} classes, {args.source} -> {args.out}")
-    return 0
+    return (f"{architecture}: {num_params:,} parameters, {num_classes_of(variables, architecture)} classes, "
+            f"{source} -> {out}")
+
+
+def main(argv: list[str]) -> None:
+    """`python -m urnet_jax.port --architecture NAME --source FILE.pth --out FILE.msgpack`."""
+    logging.set_verbosity(logging.WARNING)
+    with cli.one_line_errors():
+        cli.reject_positional_args(argv)
+        print(convert_file(_ARCHITECTURE.value, _SOURCE.value, _OUT.value))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _ARCHITECTURE = flags.DEFINE_enum("architecture", None, registry.CLASSIFIER_NAMES, "the classifier")
+    _SOURCE = flags.DEFINE_string("source", None, "torchvision .pth state_dict (e.g. resnet101-63fe2227.pth)")
+    _OUT = flags.DEFINE_string("out", None, "converted checkpoint to write (msgpack, e.g. resnet101.msgpack)")
+    flags.mark_flags_as_required(["architecture", "source", "out"])
+    app.run(main, flags_parser=cli.parse_flags)

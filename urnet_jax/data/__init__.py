@@ -8,7 +8,7 @@ written); reading never imports it.
 CLI: `python -m urnet_jax.data --help`.
 """
 
-from urnet_jax.data.errors import DataError
+from urnet_jax.errors import DataError
 from urnet_jax.data.images import load_image
 from urnet_jax.data.pipeline import epoch_order, eval_batches, steps_per_epoch, train_batches
 from urnet_jax.data.prepare import PreparedInfo, PrepareSummary, load_info, prepare, read_manifest

@@ -19,7 +19,7 @@ import os
 import pathlib
 from collections.abc import Mapping, Sequence
 
-from urnet_jax.data.errors import DataError
+from urnet_jax.errors import DataError
 from urnet_jax.data.images import is_image_name
 
 WBC3: dict[str, tuple[str, ...]] = {

@@ -19,7 +19,7 @@ import pathlib
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from urnet_jax.data.errors import DataError
+from urnet_jax.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from urnet_jax.data.errors import DataError
+from urnet_jax.errors import DataError
 from urnet_jax.data.plan import SPLITS
 from urnet_jax.data.prepare import PreparedInfo, load_info
 from urnet_jax.data.tf_runtime import import_tfds_for_reading
@@ -77,7 +77,7 @@ def _batches(info: PreparedInfo, split: str, index_batches: np.ndarray,
             return {"image": images, "label": labels}
         return {"image": images, "label": labels, "mask": valid, "index": indices.astype(np.int64)}
 
-    import grain  # here, so that importing urnet_jax.training needs no input-pipeline packages
+    import grain  # here, so that importing the training loop needs no input-pipeline packages
 
     options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
     return iter(grain.MapDataset.source(index_batches).map(read).to_iter_dataset(options))

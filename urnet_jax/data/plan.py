@@ -18,7 +18,7 @@ import numpy as np
 import tqdm
 
 from urnet_jax.data import augment, split
-from urnet_jax.data.errors import DataError
+from urnet_jax.errors import DataError
 from urnet_jax.data.folders import SourceFile, scan_class_files
 from urnet_jax.data.images import decode_image, sha256_hex
 from urnet_jax.data.stainfree import stainfree_proxy

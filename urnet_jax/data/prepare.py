@@ -30,7 +30,7 @@ from collections.abc import Iterator, Mapping
 from absl import logging as absl_logging
 
 from urnet_jax.config import base_config
-from urnet_jax.data.errors import DataError
+from urnet_jax.errors import DataError
 from urnet_jax.data.folders import resolve_class_folders, scan_class_files
 from urnet_jax.data.plan import SPLITS, VARIANTS
 from urnet_jax.data.synthetic import write_synthetic_folders
@@ -39,7 +39,8 @@ from urnet_jax.data.tf_runtime import import_tfds
 FORMAT_VERSION = 1  # bump when a code change alters what `prepare` writes, so old data sets are rebuilt
 MANIFEST_COLUMNS = ("split", "index", "path", "sha256", "label", "label_id", "source_folder", "augmentation")
 _OUTPUTS = ("prepared.json", "manifest.csv", "skipped.csv", "tfds", "synthetic_source", ".work")
-_LOCATION_KEYS = ("prepared_dir",)  # where to write, not what: not part of a data set's identity
+# Where to write and whether synthetic data may stand in, not what the data set holds: not part of its identity.
+_NOT_CONTENT_KEYS = ("prepared_dir", "allow_synthetic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +187,7 @@ def prepare(data_config, out_dir: str | os.PathLike) -> PrepareSummary:
         source, listing = str(root), _listing_digest(root, class_folders)
     else:
         root, class_folders, source, listing = out_dir / "synthetic_source", None, "synthetic", None
-    content_config = {key: value for key, value in config.items() if key not in _LOCATION_KEYS}
+    content_config = {key: value for key, value in config.items() if key not in _NOT_CONTENT_KEYS}
     identity = {"format": FORMAT_VERSION, "data": {**content_config, "dir": source}, "listing": listing}
     with exclusive_lock(out_dir / ".prepare.lock"):
         state = _read_state(out_dir)

@@ -12,13 +12,10 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from urnet_jax.errors import ConfigError
+from urnet_jax.models.registry import display_name
+
 MISSING = "n/a"
-DISPLAY_NAMES = {
-    "none": "none", "unet": "UNet", "unetpp": "UNet++", "resunet": "ResUNet", "urnet": "UR-Net",
-    "resnet18": "ResNet18", "resnet34": "ResNet34", "resnet50": "ResNet50", "resnet101": "ResNet101",
-    "resnet152": "ResNet152", "vgg16": "VGG16", "vgg16_bn": "VGG16-BN", "mobilenet_v2": "MobileNetV2",
-    "densenet121": "DenseNet121",
-}
 
 
 def _percent(value: float | None) -> str:
@@ -75,8 +72,8 @@ def table2(runs: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]]]) -> s
             return _percent(entries[0][1])
         return "; ".join(f"{_percent(acc)} ({name})" for name, acc in entries) or MISSING
 
-    header = ["enhancer \\ classifier", *[DISPLAY_NAMES.get(c, c) for c in classifiers]]
-    rows = [[DISPLAY_NAMES.get(e, e)] + [cell((e, c)) for c in classifiers] for e in enhancers]
+    header = ["enhancer \\ classifier", *map(display_name, classifiers)]
+    rows = [[display_name(e)] + [cell((e, c)) for c in classifiers] for e in enhancers]
     return markdown_table(header, rows)
 
 
@@ -130,18 +127,18 @@ def run_report(name: str, metrics: Mapping[str, Any], details: Sequence[str],
 def read_evaluated_run(directory: str | pathlib.Path) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
     """(config.json, eval/metrics.json) of an evaluated workdir; config is {} when absent.
 
-    Raises ValueError with a one-line message when the run has not been evaluated.
+    Raises ConfigError (one line) when the run has not been evaluated or its files are unreadable.
     """
     directory = pathlib.Path(directory)
     metrics_path = directory / "eval" / "metrics.json"
     if not metrics_path.is_file():
-        raise ValueError(f"{metrics_path} not found: run `python evaluate.py --workdir {directory}` first")
+        raise ConfigError(f"{metrics_path} not found: run `python evaluate.py --workdir {directory}` first")
     try:
         metrics = json.loads(metrics_path.read_text())
         config_path = directory / "config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read {directory}: {error}") from None
+        raise ConfigError(f"cannot read {directory}: {error}") from None
     return config, metrics
 
 

@@ -7,7 +7,6 @@ the figure's images), and with `perturb=True` robustness.json and robustness.png
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import pathlib
@@ -22,25 +21,13 @@ from urnet_jax.evaluation import figures, report
 from urnet_jax.evaluation.gradcam import gradcam
 from urnet_jax.evaluation.metrics import classification_metrics, saturated_fraction
 from urnet_jax.evaluation.robustness import robustness_curves
-from urnet_jax.prediction import class_probabilities, enhanced_images
-from urnet_jax.training import Run, load_run, to_unit_range
+from urnet_jax.errors import ConfigError, DataError
+from urnet_jax.inference import class_probabilities, enhanced_images, write_predictions_csv
+from urnet_jax.steps import to_unit_range
+from urnet_jax.workdir import Run, load_run, read_metrics_rows
 
 # Values of the enhancer's output within this distance of 0 or 1 count as saturated (enhancer_output.json).
 SATURATION_MARGIN = 0.01
-
-
-def read_metrics_rows(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
-    """The per-epoch rows of <workdir>/metrics.jsonl ([] when absent); unparsable lines are skipped."""
-    path = pathlib.Path(workdir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def _predict_split(run: Run, split: str, num_examples: int, batch_size: int, examples_per_class: int,
@@ -61,19 +48,8 @@ def _predict_split(run: Run, split: str, num_examples: int, batch_size: int, exa
             if len(examples[int(label)]) < examples_per_class:
                 examples[int(label)].append(image)
     if not probabilities or sum(len(p) for p in probabilities) == 0:
-        raise data_lib.DataError(f"the {split} split of {run.prepared_dir} is empty")
+        raise DataError(f"the {split} split of {run.prepared_dir} is empty")
     return np.concatenate(probabilities), np.concatenate(labels), np.concatenate(indices), examples
-
-
-def write_predictions_csv(path: pathlib.Path, manifest: Sequence[Mapping[str, Any]], indices: np.ndarray,
-                          labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]) -> None:
-    """path, true_label, predicted_label, prob_<class>... for every evaluated example."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "true_label", "predicted_label", *[f"prob_{name}" for name in class_names]])
-        for index, label, probs in zip(indices, labels, probabilities, strict=True):
-            writer.writerow([manifest[int(index)]["path"], class_names[int(label)],
-                             class_names[int(np.argmax(probs))], *[f"{p:.6f}" for p in probs]])
 
 
 def _kept_epoch(rows: Sequence[Mapping[str, Any]], checkpoint: str) -> str:
@@ -189,8 +165,6 @@ def evaluate_run(workdir: str | pathlib.Path, checkpoint: str = "best", split: s
 
     Raises ConfigError/DataError (one-line messages) for a missing run, checkpoint or split.
     """
-    from urnet_jax.cli import ConfigError
-
     workdir = pathlib.Path(workdir)
     if split not in ("train", "test"):
         raise ConfigError(f"unknown split {split!r} (expected train or test)")
@@ -205,7 +179,8 @@ def evaluate_run(workdir: str | pathlib.Path, checkpoint: str = "best", split: s
                                                               examples_per_class, progress)
     metrics = classification_metrics(labels, probabilities.argmax(axis=-1), run.class_names)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_predictions_csv(out / "predictions.csv", manifest, indices, labels, probabilities, run.class_names)
+    write_predictions_csv(out / "predictions.csv", [manifest[int(index)]["path"] for index in indices],
+                          probabilities, run.class_names, true_labels=labels)
     rows = read_metrics_rows(workdir)
     figure_list = _figures(run, out, split, metrics, rows, examples)
     robustness = None

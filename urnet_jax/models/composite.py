@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from urnet_jax.models import CLASSIFIERS, ENHANCERS, create
+from urnet_jax.models.registry import CLASSIFIER_NAMES, ENHANCER_NAMES, NO_ENHANCER, create
 
 # torchvision's ImageNet statistics (RGB, for images in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -58,12 +58,13 @@ def build_model(model_config: Any, num_classes: int, dtype: Any = None) -> Enhan
     Raises ValueError (one line) on an unknown enhancer or classifier name.
     """
     enhancer_name, classifier_name = model_config.enhancer, model_config.classifier
-    if enhancer_name != "none" and enhancer_name not in ENHANCERS:
-        raise ValueError(f"unknown enhancer {enhancer_name!r}; expected one of none, {', '.join(ENHANCERS)}")
-    if classifier_name not in CLASSIFIERS:
-        raise ValueError(f"unknown classifier {classifier_name!r}; expected one of {', '.join(CLASSIFIERS)}")
+    if enhancer_name not in (NO_ENHANCER, *ENHANCER_NAMES):
+        raise ValueError(f"unknown enhancer {enhancer_name!r}; expected one of "
+                         f"{', '.join((NO_ENHANCER, *ENHANCER_NAMES))}")
+    if classifier_name not in CLASSIFIER_NAMES:
+        raise ValueError(f"unknown classifier {classifier_name!r}; expected one of {', '.join(CLASSIFIER_NAMES)}")
     enhancer = None
-    if enhancer_name != "none":
+    if enhancer_name != NO_ENHANCER:
         enhancer = create(enhancer_name, width=model_config.enhancer_width or DEFAULT_ENHANCER_WIDTH, dtype=dtype)
     classifier = create(classifier_name, num_classes=num_classes, width=model_config.classifier_width or None,
                         dtype=dtype)

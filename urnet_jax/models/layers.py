@@ -4,7 +4,8 @@ Conventions (all modules of `urnet_jax.models`):
   * images are NHWC float arrays; convolution kernels are HWIO (Flax's layout);
   * padding is always explicit and symmetric, as in `torch.nn.Conv2d(padding=p)`, never 'SAME';
   * `dtype` is the computation dtype (e.g. bfloat16), parameters stay float32;
-  * BatchNorm follows `torch.nn.BatchNorm2d` exactly (see `BatchNorm`).
+  * BatchNorm follows `torch.nn.BatchNorm2d` exactly (see `BatchNorm`); `GroupNorm` is the
+    per-example alternative (`torch.nn.GroupNorm`), chosen with `norm_layer`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from urnet_jax.errors import ConfigError
 
 Array = jax.Array
 Dtype = Any
@@ -102,6 +105,55 @@ class BatchNorm(nn.Module):
         offset = bias - mean * multiplier
         dtype = self.dtype or x.dtype
         return x.astype(dtype) * multiplier.astype(dtype) + offset.astype(dtype)
+
+
+def group_count(channels: int, num_groups: int) -> int:
+    """The largest divisor of `channels` that is at most `num_groups` (so GroupNorm fits any width)."""
+    return max(g for g in range(1, min(channels, num_groups) + 1) if channels % g == 0)
+
+
+class GroupNorm(nn.Module):
+    """`torch.nn.GroupNorm(groups, C, eps)` over the last (channel) axis, with `groups` =
+    group_count(C, num_groups); called as `(x, train)` like `BatchNorm` (train is unused: the statistics
+    are each example's own, so the model has no batch_stats). Statistics in float32 (biased variance).
+
+    Variables: params `scale`, `bias` (shape (C,), float32).
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: Dtype = None
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        groups = group_count(features, self.num_groups)
+        grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], groups, features // groups)
+        reduce_axes = (*range(1, x.ndim - 1), x.ndim)  # every axis but the batch and group axes
+        mean = jnp.mean(grouped, axis=reduce_axes, keepdims=True)
+        var = jnp.mean(jnp.square(grouped - mean), axis=reduce_axes, keepdims=True)
+        normalised = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        dtype = self.dtype or x.dtype
+        return (normalised * scale + bias).astype(dtype)
+
+
+NORMS = ("batch", "group")  # the normalisation layers a classifier can be built with
+
+
+def check_norm(norm: str) -> None:
+    """Raises ConfigError unless `norm` is one of NORMS."""
+    if norm not in NORMS:
+        raise ConfigError(f"unknown normalisation {norm!r}; choose from {', '.join(NORMS)}")
+
+
+def norm_layer(norm: str, *, num_groups: int = 32, dtype: Dtype = None, name: str | None = None) -> nn.Module:
+    """A `BatchNorm` (norm='batch') or a `GroupNorm` with up to `num_groups` groups (norm='group')."""
+    check_norm(norm)
+    if norm == "group":
+        return GroupNorm(num_groups, dtype=dtype, name=name)
+    return BatchNorm(dtype=dtype, name=name)
 
 
 def max_pool(x: Array, kernel_size: int, stride: int, padding: int = 0) -> Array:

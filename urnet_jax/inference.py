@@ -1,16 +1,11 @@
-"""Classify a folder of cell images and report the differential count (count and % per class, 95% CI).
+"""Running a trained model over images: class probabilities, the enhancer's output, a folder of files.
 
-The confidence interval of each class's share is the Wilson score interval (Wilson 1927) of a
-binomial proportion: with n classified images, k of them in the class, p = k / n and z = 1.96,
+    result = predict_folder(run.model, run.variables, run.class_names, "cells/", image_size=200)
+    write_predictions_csv("preds.csv", result.paths, result.probabilities, result.class_names,
+                          unreadable=result.unreadable)
 
-    centre = (p + z^2 / (2n)) / (1 + z^2 / n)
-    half   = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / (4 n^2))
-
-It stays inside [0, 1] and is well behaved for rare classes and small counts (unlike the normal
-approximation p +- z sqrt(p (1 - p) / n), which collapses to [0, 0] when k = 0). Each class's interval
-is marginal (one class against the rest); it treats the predicted labels as the truth, i.e. it covers
-the sampling uncertainty of the count, not the classifier's errors. Unreadable files are excluded from
-n and listed separately.
+`write_predictions_csv` is the one per-image CSV schema of the project: `evaluate.py` writes it with the
+true labels of a split, `predict.py` for a folder of unlabelled (and possibly unreadable) files.
 """
 
 from __future__ import annotations
@@ -18,9 +13,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import math
 import pathlib
-import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -31,9 +24,10 @@ import numpy as np
 from tqdm import tqdm
 
 from urnet_jax.data import load_image
-from urnet_jax.data.images import is_image_name
+from urnet_jax.data.images import IMAGE_EXTENSIONS, is_image_name
+from urnet_jax.errors import DataError
 from urnet_jax.models.composite import imagenet_normalize
-from urnet_jax.training import to_unit_range
+from urnet_jax.steps import to_unit_range
 
 
 def find_images(folder: str | pathlib.Path) -> list[pathlib.Path]:
@@ -46,66 +40,6 @@ def find_images(folder: str | pathlib.Path) -> list[pathlib.Path]:
         if is_image_name(path) and path.is_file()
         and not any(part.startswith(".") for part in path.relative_to(folder).parts)
     )
-
-
-def wilson_interval(count: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval (fractions in [0, 1]) for `count` successes out of `total` trials.
-
-    total = 0 gives the uninformative (0, 1).
-    """
-    if not 0 <= count <= total:
-        raise ValueError(f"need 0 <= count <= total, got count={count}, total={total}")
-    if total == 0:
-        return 0.0, 1.0
-    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = count / total
-    denominator = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denominator
-    half = z / denominator * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassCount:
-    """One row of a differential count; percentages in % of the classified images."""
-
-    name: str
-    count: int
-    percent: float
-    ci_low: float
-    ci_high: float
-
-
-def differential_count(predicted: Sequence[int] | np.ndarray, class_names: Sequence[str],
-                       confidence: float = 0.95) -> list[ClassCount]:
-    """Count and share (with a Wilson `confidence` interval) of every class among the `predicted` indices."""
-    predicted = np.asarray(predicted, dtype=np.int64).reshape(-1)
-    counts = np.bincount(predicted, minlength=len(class_names)) if predicted.size else np.zeros(
-        len(class_names), np.int64)
-    total = int(counts.sum())
-    rows = []
-    for name, count in zip(class_names, counts.tolist(), strict=True):
-        low, high = wilson_interval(count, total, confidence)
-        rows.append(ClassCount(name, count, 100.0 * count / total if total else 0.0, 100.0 * low,
-                               100.0 * high))
-    return rows
-
-
-def format_differential_count(rows: Sequence[ClassCount], unreadable: Sequence[tuple[str, str]] = (),
-                              confidence: float = 0.95) -> str:
-    """A plain-text table of the differential count, followed by the unreadable files (if any)."""
-    total = sum(row.count for row in rows)
-    width = max([len("class"), len("total")] + [len(row.name) for row in rows])
-    level = f"{100 * confidence:g}% CI (Wilson)"
-    lines = [f"Differential count of {total} classified image(s):",
-             f"{'class':<{width}}  {'count':>6}  {'percent':>8}  {level}"]
-    for row in rows:
-        lines.append(f"{row.name:<{width}}  {row.count:>6d}  {row.percent:>7.2f}%  "
-                     f"[{row.ci_low:.2f}%, {row.ci_high:.2f}%]")
-    lines.append(f"{'total':<{width}}  {total:>6d}  {100.0 if total else 0.0:>7.2f}%")
-    lines.append(f"Unreadable files: {len(unreadable)}")
-    lines.extend(f"  {path}: {reason}" for path, reason in unreadable)
-    return "\n".join(lines)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "bypass_enhancer"))
@@ -186,8 +120,16 @@ def _read_images(paths: Iterable[pathlib.Path], image_size: int,
 def predict_folder(model: nn.Module, variables: Mapping[str, Any], class_names: Sequence[str],
                    folder: str | pathlib.Path, image_size: int, batch_size: int = 64,
                    progress: bool = True) -> FolderPredictions:
-    """Classifies every image of `folder` (see `find_images`); unreadable files are collected, not raised."""
+    """Classifies every image of `folder` (see `find_images`); unreadable files are collected, not raised.
+
+    Raises DataError when `folder` is not a directory or holds no image file.
+    """
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a directory")
     paths = find_images(folder)
+    if not paths:
+        raise DataError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}")
     unreadable: list[tuple[str, str]] = []
     good_paths: list[pathlib.Path] = []
     probabilities = []
@@ -204,17 +146,25 @@ def predict_folder(model: nn.Module, variables: Mapping[str, Any], class_names: 
         unreadable=unreadable)
 
 
-def write_predictions_csv(path: str | pathlib.Path, predictions: FolderPredictions) -> None:
-    """One row per file: path, predicted label, one probability column per class, error.
+def write_predictions_csv(path: str | pathlib.Path, paths: Sequence[str | pathlib.Path], probabilities: np.ndarray,
+                          class_names: Sequence[str], true_labels: Sequence[int] | np.ndarray | None = None,
+                          unreadable: Sequence[tuple[str, str]] = ()) -> None:
+    """Writes one row per file: path, true_label, predicted_label, prob_<class>... (6 decimals), error.
 
-    Unreadable files get an empty prediction and probabilities and the reason in `error`.
+    `probabilities` (len(paths), K) belong to `paths`; `true_labels` (class indices, when known) fill
+    true_label, else it stays empty. Each `unreadable` (path, reason) adds a row with only the path and
+    the reason in `error`.
     """
-    names = predictions.class_names
+    if true_labels is None:
+        true_names = [""] * len(paths)
+    else:
+        true_names = [class_names[int(label)] for label in true_labels]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "predicted_label", *[f"prob_{name}" for name in names], "error"])
-        for file_path, probs, index in zip(predictions.paths, predictions.probabilities,
-                                           predictions.predicted, strict=True):
-            writer.writerow([str(file_path), names[int(index)], *[f"{p:.6f}" for p in probs], ""])
-        for file_path, reason in predictions.unreadable:
-            writer.writerow([file_path, "", *[""] * len(names), reason])
+        writer.writerow(["path", "true_label", "predicted_label", *[f"prob_{name}" for name in class_names],
+                         "error"])
+        for file_path, true_name, probs in zip(paths, true_names, probabilities, strict=True):
+            writer.writerow([str(file_path), true_name, class_names[int(np.argmax(probs))],
+                             *[f"{p:.6f}" for p in probs], ""])
+        for file_path, reason in unreadable:
+            writer.writerow([file_path, "", "", *[""] * len(class_names), reason])

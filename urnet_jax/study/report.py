@@ -1,0 +1,361 @@
+"""The study's results in the paper's Table 3 layout (mean ± std over seeds), paired comparisons of the
+ablation's models, test errors by class, and the comparison with a baseline study, as Markdown.
+
+`results_block` writes the tables of each data variant between the markers `<!-- results:begin NAME -->` and
+`<!-- results:end NAME -->` (NAME: the results folder's name); `replace_block` puts them into a document,
+leaving the text around them alone, and `check_document` tells whether a document's tables are up to date.
+Statistics come from pandas (means, sample standard deviations over seeds, paired by seed) and scipy (the
+t-interval); numbers are in percent with two decimals.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from urnet_jax import config as config_lib
+from urnet_jax.data.plan import VARIANTS
+from urnet_jax.errors import ConfigError
+from urnet_jax.evaluation.report import MISSING, markdown_table, table3
+from urnet_jax.models.registry import display_name
+from urnet_jax.study.results import (TABLE3_KEYS, FinishedRun, collect_finished_runs, column_header,
+                                     epoch_to_epoch_change, ordered, read_baseline, unselected_accuracy)
+from urnet_jax.study.sweep import ABLATION_MODELS, IGNORED_KEYS
+
+MARKER_BEGIN = "<!-- results:begin {name} -->"
+MARKER_END = "<!-- results:end {name} -->"
+DATA_DESCRIPTIONS = {"raw": "the stained PBC images as they are",
+                     "stainfree_proxy": "the same images through the stain-free proxy, a degradation, "
+                                        "not stain-free data"}
+# The paper's ablation questions as paired comparisons: (first model, second model, what first - second measures).
+PAIRED_COMPARISONS = (("net2", "net1", "a plain ResUNet enhancer"),
+                      ("net3", "net1", "the UR-Net enhancer, not pre-trained"),
+                      ("net4", "net1", "the full UR-Net"),
+                      ("net3", "net2", "the UR-Net modifications"),
+                      ("net4", "net3", "phase-1 enhancer pre-training"))
+# config.json keys summarised under each table (their values are shared by every run of a study).
+PROTOCOL_KEYS = ("model.classifier", "model.classifier_width", "model.enhancer_width", "model.pretrained",
+                 "data.image_size", "data.train_size", "data.test_fraction", "data.seed", "train.epochs",
+                 "optimizer.name", "optimizer.lr", "optimizer.schedule", "optimizer.warmup_steps",
+                 "optimizer.momentum", "optimizer.weight_decay", "batch_size", "precision")
+Pick = Callable[[FinishedRun], "float | None"]
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics.
+
+
+def common_classes(metrics: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The classes of the first metrics.json that every one of them has, in its order."""
+    return [name for name in metrics[0]["classes"] if all(name in m["per_class"] for m in metrics)]
+
+
+def aggregate_metrics(metrics: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(mean, sample standard deviation (ddof 1)) over runs of every number the Table-3 layout shows,
+    each in metrics.json's shape; a std is None for fewer than two runs, a class some run lacks is left out."""
+    classes = common_classes(metrics)
+    numbers = pd.DataFrame([{**{(name, key): m["per_class"][name][key] for name in classes for key in TABLE3_KEYS},
+                             **{("macro", key): m["macro"][key] for key in TABLE3_KEYS},
+                             ("accuracy", ""): m["accuracy"]} for m in metrics], dtype=np.float64)
+
+    def shaped(values: pd.Series) -> dict[str, Any]:
+        def number(label: tuple[str, str]) -> float | None:
+            return None if pd.isna(values[label]) else float(values[label])
+
+        return {"classes": classes, "per_class": {name: {key: number((name, key)) for key in TABLE3_KEYS}
+                                                  for name in classes},
+                "macro": {key: number(("macro", key)) for key in TABLE3_KEYS}, "accuracy": number(("accuracy", ""))}
+
+    return shaped(numbers.mean()), shaped(numbers.std())  # std: ddof 1, NaN (None) for one run
+
+
+def paired_differences(first: Sequence[FinishedRun], second: Sequence[FinishedRun], pick: Pick) -> list[float]:
+    """pick(first) - pick(second) for every seed both lists have a value for, in seed order (units of `pick`)."""
+    def by_seed(runs: Sequence[FinishedRun]) -> pd.Series:
+        return pd.Series({run.seed: pick(run) for run in runs}, dtype=np.float64)
+
+    return (by_seed(first) - by_seed(second)).dropna().sort_index().tolist()
+
+
+def _points(values: Sequence[float]) -> pd.Series:
+    """Fractions as percentage points."""
+    return 100.0 * pd.Series(values, dtype=np.float64)
+
+
+def _signed(value: float) -> str:
+    """'+1.25' or '−0.50' (a minus sign); values that round to zero print as '+0.00', never '−0.00'."""
+    return f"{round(value, 2) + 0.0:+.2f}".replace("-", "−")
+
+
+def _mean_std_points(values: Sequence[float], signed: bool = False) -> str:
+    """'96.00 ± 1.07' (or '+0.98 ± 0.67' when signed): mean ± sample std of fractions, in percentage
+    points; the mean alone for one value, 'n/a' for none."""
+    if not values:
+        return MISSING
+    points = _points(values)
+    mean = _signed(points.mean()) if signed else f"{points.mean():.2f}"
+    return mean + (f" ± {points.std():.2f}" if len(points) > 1 else "")
+
+
+def _difference_cell(differences: Sequence[float]) -> str:
+    """'+1.20 ± 0.80 (2/0/1)': mean ± sample std in percentage points, then seeds better/equal/worse
+    ('n/a' for no differences)."""
+    if not differences:
+        return MISSING
+    points = _points(differences)
+    counts = ((points > 1e-9).sum(), (points.abs() <= 1e-9).sum(), (points < -1e-9).sum())
+    return f"{_mean_std_points(differences, signed=True)} ({'/'.join(map(str, counts))})"
+
+
+def _t_interval(differences: Sequence[float], level: float = 0.95) -> str:
+    """The two-sided t-interval (n - 1 degrees of freedom) of the mean difference, in percentage points
+    ('n/a' for fewer than 2)."""
+    if len(differences) < 2:
+        return MISSING
+    points = _points(differences)
+    low, high = stats.t.interval(level, len(points) - 1, loc=points.mean(), scale=stats.sem(points))
+    return f"[{_signed(low)}, {_signed(high)}]"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tables.
+
+
+def _cell_values(line: str) -> list[str]:
+    """The cells of one row of a Markdown table."""
+    return [cell.strip() for cell in line.strip()[1:-1].split("|")]
+
+
+def _shared_value(runs: Sequence[FinishedRun], key: str) -> Any:
+    """The config.json value of a dotted key in `runs`; a list of the distinct values when they differ."""
+    values = []
+    for run in runs:
+        value = config_lib.flatten(run.config).get(key)
+        if value not in values:
+            values.append(value)
+    return values[0] if len(values) == 1 else values
+
+
+def _display(value: Any) -> str:
+    """A config value for a table or a sentence ('none' for '' and None; 'mixed: ...' for a list)."""
+    if isinstance(value, list):
+        return "mixed: " + ", ".join(_display(v) for v in value)
+    if value in ("", None):
+        return "none"
+    return display_name(value) if isinstance(value, str) else str(value)
+
+
+def mean_std_table(cells: Mapping[str, Sequence[FinishedRun]]) -> str:
+    """The Table-3 layout with 'mean ± std' (%) over each column's runs, for {column header: runs}.
+
+    Two rows on top name the column's enhancer and its phase-1 epochs; below the paper's rows come the
+    test accuracies not selected on the test set, and the last row counts the runs (seeds) of each cell.
+    A std needs two runs (a cell of one run shows its value alone); an empty column shows n/a.
+    """
+    empty: dict[str, Any] = {"classes": [], "per_class": {}, "accuracy": None,
+                             "macro": {"recall": None, "precision": None, "f1": None}}
+    statistics = {header: aggregate_metrics([run.metrics for run in runs]) if runs else (empty, empty)
+                  for header, runs in cells.items()}
+    mean_lines = table3({header: mean for header, (mean, _) in statistics.items()}).splitlines()
+    std_lines = table3({header: std for header, (_, std) in statistics.items()}).splitlines()
+    rows = []
+    for mean_line, std_line in zip(mean_lines[2:], std_lines[2:], strict=True):
+        label, *means = _cell_values(mean_line)
+        stds = _cell_values(std_line)[1:]
+        rows.append([label, *(mean if std == MISSING else f"{mean} ± {std}" for mean, std in zip(means, stds))])
+
+    def describe(key: str) -> list[str]:
+        return [_display(_shared_value(runs, key)) if runs else MISSING for runs in cells.values()]
+
+    def unselected(last_epochs: int) -> list[str]:
+        return [_mean_std_points([v for v in (unselected_accuracy(run, last_epochs) for run in runs) if v is not None])
+                for runs in cells.values()]
+
+    rows = [["enhancer", *describe("model.enhancer")],
+            ["enhancer pre-training epochs (phase 1)", *describe("pretrain.epochs")],
+            *rows,
+            ["test accuracy, last epoch (not selected)", *unselected(1)],
+            ["test accuracy, mean of the last 3 epochs", *unselected(3)],
+            ["finished seeds", *(str(len(runs)) for runs in cells.values())]]
+    return markdown_table(_cell_values(mean_lines[0]), rows)
+
+
+def paired_table(runs: Sequence[FinishedRun], classes: Sequence[str]) -> str | None:
+    """The PAIRED_COMPARISONS of one data variant's runs as a Markdown table (None when no pair has a
+    shared seed): test accuracy and each class's recall, first model minus second, paired by seed."""
+    by_model = {model: [run for run in runs if run.model == model] for model in {run.model for run in runs}}
+    columns: list[tuple[str, Pick]] = [("test accuracy", lambda run: run.metrics["accuracy"]),
+                                       ("last-epoch test accuracy", lambda run: unselected_accuracy(run, 1))]
+    columns += [(f"recall {name}", lambda run, name=name: run.metrics["per_class"][name]["recall"])
+                for name in classes]
+    rows = []
+    for first, second, measures in PAIRED_COMPARISONS:
+        accuracy, *others = [paired_differences(by_model.get(first, []), by_model.get(second, []), pick)
+                             for _, pick in columns]
+        if accuracy:
+            rows.append([f"{column_header(first)} − {column_header(second)}", measures, str(len(accuracy)),
+                         _difference_cell(accuracy), _t_interval(accuracy), *map(_difference_cell, others)])
+    if not rows:
+        return None
+    return markdown_table(["comparison", "what it measures", "seeds", "test accuracy", "95% t-interval (accuracy)",
+                           *(label for label, _ in columns[1:])], rows)
+
+
+def baseline_table(runs: Sequence[FinishedRun], baseline_runs: Sequence[FinishedRun]) -> str | None:
+    """Each model of one data variant against the same model of a baseline study, paired by seed (None
+    when no run has a baseline run of the same name): this study's number minus the baseline's for the
+    selected and unselected test accuracies, and each study's epoch-to-epoch change of test accuracy."""
+    differences: list[tuple[str, Pick]] = [("test accuracy", lambda run: run.metrics["accuracy"]),
+                                           ("last-epoch test accuracy", lambda run: unselected_accuracy(run, 1)),
+                                           ("mean of the last 3 epochs", lambda run: unselected_accuracy(run, 3))]
+    rows = []
+    for model in ordered([run.model for run in runs], ABLATION_MODELS):
+        here = [run for run in runs if run.model == model]
+        there = {run.seed: run for run in baseline_runs if run.model == model}
+        paired = [run for run in here if run.seed in there]
+        if not paired:
+            continue
+        swings = [(epoch_to_epoch_change(run), epoch_to_epoch_change(there[run.seed])) for run in paired]
+        swings = [pair for pair in swings if None not in pair]
+        rows.append([column_header(model), str(len(paired)),
+                     *(_difference_cell(paired_differences(here, list(there.values()), pick)) for _, pick in differences),
+                     _mean_std_points([here_swing for here_swing, _ in swings]),
+                     _mean_std_points([there_swing for _, there_swing in swings])])
+    if not rows:
+        return None
+    return markdown_table(["model", "seeds", *(f"{label}, difference" for label, _ in differences),
+                           "epoch-to-epoch change, this study", "epoch-to-epoch change, baseline"], rows)
+
+
+def _baseline_settings(runs: Sequence[FinishedRun], baseline_runs: Sequence[FinishedRun]) -> list[str]:
+    """The config differences ('key: baseline != this') between paired runs, each once (locations and
+    bookkeeping aside, as for skipping finished runs)."""
+    by_name = {run.name: run for run in baseline_runs}
+    found: list[str] = []
+    for run in runs:
+        if run.name in by_name:
+            for line in config_lib.config_differences(by_name[run.name].config, run.config, ignored=IGNORED_KEYS):
+                if line not in found:
+                    found.append(line)
+    return found
+
+
+def error_table(cells: Mapping[str, Sequence[FinishedRun]], classes: Sequence[str]) -> str:
+    """Test errors as 'true -> predicted' rows (every ordered pair of distinct classes), one column per
+    {header: runs}: the mean number of images over the column's runs (from the confusion matrices)."""
+    rows = []
+    for true in classes:
+        for predicted in classes:
+            if true == predicted:
+                continue
+            row = [f"{true} → {predicted}"]
+            for runs in cells.values():
+                counts = [run.metrics["confusion_matrix"][run.metrics["classes"].index(true)]
+                          [run.metrics["classes"].index(predicted)] for run in runs
+                          if true in run.metrics["classes"] and predicted in run.metrics["classes"]]
+                row.append(f"{np.mean(counts):.1f}" if counts else MISSING)
+            rows.append(row)
+    return markdown_table(["true → predicted", *cells], rows)
+
+
+def _test_images(runs: Sequence[FinishedRun]) -> str:
+    """'granulocyte 125, monocyte 125, ...': the test split's images per class, or 'mixed' when runs differ."""
+    splits = {tuple((name, run.metrics["per_class"][name].get("support")) for name in run.metrics["classes"])
+              for run in runs}
+    return ", ".join(f"{name} {count}" for name, count in splits.pop()) if len(splits) == 1 else "mixed"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The generated block of a document.
+
+
+def results_block(results_dir: str | os.PathLike) -> str:
+    """The generated Markdown of a results folder (between and including its markers)."""
+    results_dir = pathlib.Path(results_dir)
+    name = results_dir.resolve().name
+    runs = collect_finished_runs(results_dir)
+    parts = [MARKER_BEGIN.format(name=name),
+             f"<!-- generated by `python -m urnet_jax.study report results/{name}`: edit the text outside the "
+             f"markers only -->", ""]
+    if not runs:
+        parts += [f"No finished runs in `results/{name}` yet.", ""]
+    models = ordered([run.model for run in runs], ABLATION_MODELS)
+    baseline = read_baseline(results_dir)
+    baseline_runs = collect_finished_runs(results_dir.parent / baseline) if baseline else []
+    for variant in ordered([run.data_variant for run in runs], VARIANTS):
+        of_variant = [run for run in runs if run.data_variant == variant]
+        cells = {column_header(model): sorted((r for r in of_variant if r.model == model), key=lambda r: r.seed)
+                 for model in models}
+        seeds = sorted({run.seed for run in of_variant})
+        description = DATA_DESCRIPTIONS.get(variant, variant)
+        parts += [f"#### `results/{name}`, data variant `{variant}`: {description}", "",
+                  mean_std_table(cells), "",
+                  f"Mean ± sample standard deviation over seeds ({', '.join(map(str, seeds))}), in %; a cell "
+                  f"without ± has one finished seed. Averages are unweighted means over the classes (macro).", "",
+                  "Settings of these runs (config.json): " + ", ".join(
+                      f"`{key}` {_display(_shared_value(of_variant, key))}" for key in PROTOCOL_KEYS)
+                  + f"; test images per class (eval/metrics.json): {_test_images(of_variant)}.", ""]
+        classes = common_classes([run.metrics for run in of_variant])
+        paired = paired_table(of_variant, classes)
+        if paired is not None:
+            parts += [paired, "",
+                      "Paired differences in percentage points, first model minus second, over the seeds both "
+                      "have finished (same seed, same data): mean ± sample standard deviation, then how many "
+                      "of those seeds the first model was better/equal/worse. The t-interval (n − 1 degrees of "
+                      "freedom) covers only the spread over seeds, not over other test sets.", ""]
+        parts += [error_table(cells, classes), "",
+                  "Test errors by true and predicted class: images, mean over each column's finished seeds "
+                  "(from each run's confusion matrix).", ""]
+        of_baseline = [run for run in baseline_runs if run.data_variant == variant]
+        compared = baseline_table(of_variant, of_baseline)
+        if compared is not None:
+            settings = _baseline_settings(of_variant, of_baseline)
+            parts += [f"Against the baseline study `results/{baseline}`, run by run (same model, data variant and "
+                      f"seed), whose runs differ from these in: "
+                      + ("; ".join(f"`{line}`" for line in settings) or "nothing (same settings)")
+                      + " (baseline != this study).", "", compared, "",
+                      "Differences in percentage points, this study minus the baseline, over the seeds both have "
+                      "finished: mean ± sample standard deviation, then how many seeds were better/equal/worse "
+                      "here. Epoch-to-epoch change: the mean absolute change of test accuracy between "
+                      "consecutive epochs among the last 5 phase-2 epochs, in points, mean ± std over the same "
+                      "seeds.", ""]
+    parts.append(MARKER_END.format(name=name))
+    return "\n".join(parts)
+
+
+def _block_span(text: str, name: str) -> tuple[int, int] | None:
+    """(start, end) of the block of `name` in text (end just past the end marker), or None."""
+    begin, end = MARKER_BEGIN.format(name=name), MARKER_END.format(name=name)
+    start = text.find(begin)
+    if start < 0:
+        return None
+    stop = text.find(end, start)
+    if stop < 0:
+        raise ConfigError(f"'{begin}' has no matching '{end}'")
+    return start, stop + len(end)
+
+
+def replace_block(text: str, block: str, name: str) -> str:
+    """`text` with the block of `name` replaced by `block` (appended when the markers are absent)."""
+    span = _block_span(text, name)
+    if span is None:
+        return text.rstrip("\n") + ("\n\n" if text.strip() else "") + block + "\n"
+    return text[:span[0]] + block + text[span[1]:]
+
+
+def block_names(text: str) -> list[str]:
+    """The NAMEs of every `<!-- results:begin NAME -->` marker in text."""
+    return re.findall(r"<!-- results:begin (\S+) -->", text)
+
+
+def check_document(text: str, results_dir: str | os.PathLike) -> bool:
+    """True when the document's block of results_dir equals what the results give."""
+    name = pathlib.Path(results_dir).resolve().name
+    span = _block_span(text, name)
+    return span is not None and text[span[0]:span[1]] == results_block(results_dir)

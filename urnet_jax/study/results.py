@@ -1,0 +1,138 @@
+"""Finished runs of a results folder read back from their files (config.json, eval/metrics.json,
+metrics.jsonl, and the folder's study.json), and the per-run numbers the report derives from them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from urnet_jax import config as config_lib, workdir as workdir_lib
+from urnet_jax.data.plan import VARIANTS
+from urnet_jax.errors import ConfigError
+from urnet_jax.evaluation.report import read_evaluated_run
+from urnet_jax.study.sweep import ABLATION_MODELS, NAME_PART, RUN_NAME
+
+TABLE3_KEYS = ("recall", "precision", "f1")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishedRun:
+    """A finished run read back from its committed files."""
+
+    name: str
+    model: str
+    data_variant: str
+    seed: int
+    config: Mapping[str, Any]
+    metrics: Mapping[str, Any]
+    # (epoch, test accuracy in [0, 1]) after every phase-2 epoch, from metrics.jsonl.
+    test_accuracy_curve: tuple[tuple[int, float], ...] = ()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def has_table3_numbers(metrics: Any) -> bool:
+    """Whether a parsed metrics.json holds every number of the Table-3 layout."""
+    try:
+        classes, confusion = metrics["classes"], metrics["confusion_matrix"]
+        return (_is_number(metrics["accuracy"]) and all(_is_number(metrics["macro"][k]) for k in TABLE3_KEYS)
+                and all(_is_number(metrics["per_class"][name][k]) for name in classes for k in TABLE3_KEYS)
+                and len(confusion) == len(classes)
+                and all(len(row) == len(classes) and all(map(_is_number, row)) for row in confusion))
+    except (KeyError, TypeError):
+        return False
+
+
+def _phase2_curve(workdir: pathlib.Path) -> tuple[tuple[int, float], ...]:
+    """(epoch, test accuracy) of every well-formed phase-2 row of the run's metrics.jsonl."""
+    return tuple((row["epoch"], row["test_accuracy"]) for row in workdir_lib.read_metrics_rows(workdir)
+                 if isinstance(row, dict) and row.get("phase") == 2 and isinstance(row.get("epoch"), int)
+                 and _is_number(row.get("test_accuracy")))
+
+
+def collect_finished_runs(results_dir: str | os.PathLike) -> list[FinishedRun]:
+    """Every finished run (a <model>-<variant>-seed<N> folder with eval/metrics.json) of a results folder,
+    in name order. A missing folder has none.
+
+    Raises ConfigError when a file does not parse or config.json disagrees with the folder's name.
+    """
+    results_dir = pathlib.Path(results_dir)
+    if not results_dir.is_dir():
+        return []
+    runs = []
+    for child in sorted(results_dir.iterdir()):
+        match = RUN_NAME.match(child.name)
+        if not (match and child.is_dir() and (child / "eval" / "metrics.json").is_file()):
+            continue
+        try:
+            saved, metrics = read_evaluated_run(child)
+            config = config_lib.saved_config(saved).to_dict()  # keys added since the run at their defaults
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if not has_table3_numbers(metrics):
+            raise ConfigError(f"{child / 'eval' / 'metrics.json'} lacks some of classes, per_class "
+                              f"recall/precision/f1, macro, accuracy, confusion_matrix")
+        seed, variant = int(match["seed"]), match["data"]
+        saved_seed, saved_variant = saved.get("seed"), saved.get("data", {}).get("variant")
+        if (saved_seed, saved_variant) != (seed, variant):
+            raise ConfigError(f"{child / 'config.json'} has seed {saved_seed!r} and data.variant {saved_variant!r}, "
+                              f"but the folder's name says seed {seed} and {variant!r}")
+        runs.append(FinishedRun(name=child.name, model=match["model"], data_variant=variant, seed=seed,
+                                config=config, metrics=metrics, test_accuracy_curve=_phase2_curve(child)))
+    return runs
+
+
+def read_baseline(results_dir: pathlib.Path) -> str:
+    """The baseline named in a results folder's study.json ('' when there is none)."""
+    try:
+        baseline = json.loads((results_dir / "study.json").read_text()).get("baseline", "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return baseline if isinstance(baseline, str) and NAME_PART.match(baseline) else ""
+
+
+def ordered(values: Sequence[str], preferred: Sequence[str]) -> list[str]:
+    """Distinct `values`, those in `preferred` first in its order, the others sorted."""
+    distinct = set(values)
+    return [v for v in preferred if v in distinct] + sorted(distinct - set(preferred))
+
+
+def column_header(model: str) -> str:
+    """'net4' -> 'Net4'."""
+    return model[:1].upper() + model[1:]
+
+
+def learning_curves(results_dir: str | os.PathLike) -> dict[str, dict[str, list[list[tuple[int, float]]]]]:
+    """{data variant: {model header: [[(epoch, test accuracy in [0, 1]), ...] for each finished seed]}}: the
+    phase-2 curves of the finished runs that have one, variants and models in the report's order."""
+    runs = [run for run in collect_finished_runs(results_dir) if run.test_accuracy_curve]
+    curves: dict[str, dict[str, list[list[tuple[int, float]]]]] = {}
+    for variant in ordered([run.data_variant for run in runs], VARIANTS):
+        for model in ordered([run.model for run in runs], ABLATION_MODELS):
+            for run in sorted((r for r in runs if (r.data_variant, r.model) == (variant, model)), key=lambda r: r.seed):
+                curves.setdefault(variant, {}).setdefault(column_header(model), []).append(
+                    list(run.test_accuracy_curve))
+    return curves
+
+
+def unselected_accuracy(run: FinishedRun, last_epochs: int) -> float | None:
+    """The mean test accuracy (in [0, 1]) over the run's last `last_epochs` phase-2 epochs: a number not
+    selected on the test set, unlike the kept (best) checkpoint's. None without a curve."""
+    values = [accuracy for _, accuracy in run.test_accuracy_curve[-last_epochs:]]
+    return float(np.mean(values)) if values else None
+
+
+def epoch_to_epoch_change(run: FinishedRun, last_epochs: int = 5) -> float | None:
+    """How much the phase-2 test accuracy jumps between consecutive epochs late in training, where it
+    should have settled: the mean absolute difference (in [0, 1]) over the last `last_epochs` epochs.
+    None with fewer than two epochs."""
+    values = np.asarray([accuracy for _, accuracy in run.test_accuracy_curve[-last_epochs:]], np.float64)
+    return float(np.abs(np.diff(values)).mean()) if len(values) > 1 else None

@@ -1,0 +1,223 @@
+"""The study runner: trains and evaluates every unfinished run of a study config, one after another.
+
+Run `<model>-<data variant>-seed<seed>` trains in OUT/<run>/ (`urnet_jax.trainer.train_and_evaluate`) and is
+then evaluated on the test split with its best checkpoint (`urnet_jax.evaluation.runner.evaluate_run`, which
+writes OUT/<run>/eval/). A run is finished when OUT/<run>/eval/metrics.json exists and parses: finished runs
+are skipped, unfinished ones resume from their checkpoints, so the study can be stopped and restarted at any
+point. The runs of one data variant share the prepared data set OUT/_prepared/<variant>/; the subset is a
+folder of links, OUT/_prepared/subset/.
+
+Locations in a finished run's config.json and in OUT/study.json (data.dir, data.prepared_dir,
+model.pretrained) are written relative to the directory the study runs from (the repository root in every
+documented command, like the --config and --out paths), so that committed results hold no machine's
+absolute paths; they do not count when a finished run is compared with the study's config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+import pathlib
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from urnet_jax import config as config_lib, trainer
+from urnet_jax.data.folders import resolve_class_folders, scan_class_files
+from urnet_jax.data.prepare import exclusive_lock
+from urnet_jax.errors import ConfigError, DataError, RunError
+from urnet_jax.evaluation import runner
+from urnet_jax.study.sweep import IGNORED_KEYS, check_study_config, plain, plan_runs
+
+LOCATION_KEYS = (("data", "dir"), ("data", "prepared_dir"), ("model", "pretrained"))
+
+
+def link_subset(source: str | os.PathLike, class_map: Any, per_class: int, seed: int,
+                out_dir: str | os.PathLike) -> pathlib.Path:
+    """Links `per_class` images of every class of `source` (all of a class that has fewer) into
+    out_dir/<source folder>/<file>, keeping the class folders, and returns out_dir.
+
+    The choice: a permutation seeded by (seed, class index) over each class's files in path order. A
+    matching out_dir (same source, size, seed and files, recorded in out_dir/.subset.json) is reused;
+    concurrent callers take turns (a lock file beside out_dir).
+    """
+    source = pathlib.Path(source).expanduser().resolve()
+    out_dir = pathlib.Path(out_dir)
+    class_folders = resolve_class_folders(source, plain(class_map))
+    files = scan_class_files(source, class_folders)
+    chosen: list[str] = []
+    for index, class_name in enumerate(class_folders):
+        members = [f for f in files if f.class_name == class_name]
+        picked = np.random.default_rng([seed, index]).permutation(len(members))[:per_class]
+        chosen.extend(str(members[i].path.relative_to(source)) for i in sorted(picked))
+    record = {"source": str(source), "per_class": per_class, "seed": seed, "files": chosen}
+    stamp = out_dir / ".subset.json"
+    with exclusive_lock(out_dir.parent / f".{out_dir.name}.lock"):
+        try:
+            if json.loads(stamp.read_text()) == record:
+                return out_dir
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(out_dir, ignore_errors=True)
+        for relative in chosen:
+            link = out_dir / relative
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(source / relative)
+        stamp.write_text(json.dumps(record) + "\n")
+    return out_dir
+
+
+def _with_locations(config: Mapping[str, Any], place: Callable[[pathlib.Path], str]) -> dict[str, Any]:
+    """A copy of a nested config dict with every non-empty LOCATION_KEYS path replaced by place(path)."""
+    result = json.loads(json.dumps(config))
+    for section, key in LOCATION_KEYS:
+        if result.get(section, {}).get(key):
+            result[section][key] = place(pathlib.Path(result[section][key]).expanduser())
+    return result
+
+
+def absolute_locations(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config with its locations absolute (a relative one taken from the working directory)."""
+    return _with_locations(config, lambda path: str(path.resolve()))
+
+
+def relative_locations(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config with its locations relative to the working directory."""
+    return _with_locations(config, lambda path: os.path.relpath(path.resolve()))
+
+
+def make_locations_relative(workdir: pathlib.Path) -> None:
+    """Rewrites the run's config.json (written by training, with absolute paths) with relative locations."""
+    path = workdir / "config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps(relative_locations(saved), indent=2, sort_keys=True) + "\n")
+
+
+def read_finished_metrics(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """The run's eval/metrics.json when it exists and parses (the run is finished), else None."""
+    try:
+        metrics = json.loads((pathlib.Path(workdir) / "eval" / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) and "accuracy" in metrics else None
+
+
+def finished_config_differences(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> list[str]:
+    """How a finished run's config.json differs from the study's config of that run (IGNORED_KEYS aside)."""
+    try:
+        saved = json.loads((workdir / "config.json").read_text())
+    except (OSError, ValueError):
+        return ["no readable config.json"]
+    return config_lib.config_differences(absolute_locations(saved), absolute_locations(config.to_dict()),
+                                         ignored=IGNORED_KEYS)
+
+
+def format_duration(seconds: float) -> str:
+    """e.g. '1h02m03s', '4m05s', '12s'."""
+    hours, rest = divmod(int(round(seconds)), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+@dataclasses.dataclass
+class StudyOutcome:
+    """What one invocation of the runner did, by run name."""
+
+    trained: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    failed: list[str] = dataclasses.field(default_factory=list)  # 'name: one-line reason'
+    not_started: list[str] = dataclasses.field(default_factory=list)  # left for later by `limit`
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, show_progress: bool) -> dict:
+    """Trains (or resumes) and evaluates one run; returns its test metrics (metrics.json)."""
+    trainer.train_and_evaluate(config, workdir, show_progress=show_progress)
+    metrics = runner.evaluate_run(workdir, "best", "test", progress=show_progress)
+    make_locations_relative(workdir)
+    return metrics
+
+
+def run_study(study: ml_collections.ConfigDict, out_dir: str | os.PathLike, only: Sequence[str] = (),
+              limit: int | None = None, delete_checkpoints: bool = False,
+              prepared_root: str | os.PathLike | None = None, show_progress: bool = True) -> StudyOutcome:
+    """Trains and evaluates every unfinished run of `study` (see the module docstring); never raises for a
+    failed run (it is listed in the outcome), but ConfigError/DataError for a bad study config or data folder.
+    A KeyboardInterrupt (TrainingStopped included) ends the study.
+
+    only: glob patterns of run names (fnmatch; a run is selected when any matches; empty: every run).
+    limit: the most runs to train in this call (finished runs do not count).
+    delete_checkpoints: remove OUT/<run>/checkpoints/ once the run is evaluated.
+    prepared_root: where the prepared data sets and the subset's links go (default OUT/_prepared).
+    """
+    out_dir = pathlib.Path(out_dir).expanduser().resolve()
+    prepared_root = pathlib.Path(prepared_root or out_dir / "_prepared").expanduser().resolve()
+    check_study_config(study)
+    data_dir = None
+    if study.subset_per_class:
+        data_dir = link_subset(study.base.data.dir, study.base.data.class_map, study.subset_per_class,
+                               study.base.data.seed, prepared_root / "subset")
+    runs = plan_runs(study, prepared_root, data_dir)
+    selected = [run for run in runs if not only or any(fnmatch.fnmatchcase(run.name, p) for p in only)]
+    if not selected:
+        raise ConfigError(f"--only {' '.join(only)} matches none of the {len(runs)} runs (e.g. {runs[0].name})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {**study.to_dict(), "base": relative_locations(study.base.to_dict())}
+    (out_dir / "study.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+
+    outcome = StudyOutcome()
+    attempts = 0
+    study_start = time.monotonic()
+    for position, run in enumerate(selected, start=1):
+        prefix = f"[{position}/{len(selected)}] {run.name}"
+        workdir = out_dir / run.name
+        if read_finished_metrics(workdir) is not None:
+            differences = finished_config_differences(workdir, run.config)
+            if differences:
+                reason = f"finished with another configuration ({'; '.join(differences[:3])})"
+                outcome.failed.append(f"{run.name}: {reason}")
+                print(f"{prefix}: {reason}", flush=True)
+            else:
+                outcome.skipped.append(run.name)
+                print(f"{prefix}: finished already, skipped", flush=True)
+            continue
+        if limit is not None and attempts >= limit:
+            outcome.not_started.append(run.name)
+            continue
+        attempts += 1
+        run_start = time.monotonic()
+        print(f"{prefix}: training in {workdir} (study time so far {format_duration(run_start - study_start)})",
+              flush=True)
+        try:
+            metrics = _train_and_evaluate(run.config, workdir, show_progress)
+        except Exception as error:  # noqa: BLE001 - one failed run must not stop the study
+            reason = _one_line(error)
+            if not isinstance(error, (ConfigError, DataError, RunError)):
+                workdir.mkdir(parents=True, exist_ok=True)
+                (workdir / "error.log").write_text(traceback.format_exc())
+                reason = f"{type(error).__name__}: {reason} (traceback in {workdir / 'error.log'})"
+            outcome.failed.append(f"{run.name}: {reason}")
+            print(f"{prefix}: FAILED after {format_duration(time.monotonic() - run_start)}: {reason}", flush=True)
+            continue
+        finally:
+            jax.clear_caches()  # this run's compiled programs (24 runs in one process must not pile them up)
+        if delete_checkpoints:
+            shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+        outcome.trained.append(run.name)
+        print(f"{prefix}: finished in {format_duration(time.monotonic() - run_start)}: test accuracy "
+              f"{100 * metrics['accuracy']:.2f}%, macro F1 {100 * metrics['macro']['f1']:.2f}% "
+              f"(study time {format_duration(time.monotonic() - study_start)})", flush=True)
+    return outcome
