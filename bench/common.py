@@ -52,6 +52,43 @@ def prepare_gpu_allocators() -> None:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
+# x86 / Arm vector and matrix extensions worth knowing when comparing CPU results (from /proc/cpuinfo flags).
+VECTOR_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                     "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "neon", "asimd", "sve", "sve2")
+
+
+def cpu_description(cpuinfo_path: str = "/proc/cpuinfo") -> dict[str, Any]:
+    """{'model': the CPU's model name, 'vector_extensions': those of VECTOR_EXTENSIONS its flags list}.
+
+    Both from the first processor entry of `cpuinfo_path` ('flags' on x86, 'Features' on Arm); the model
+    falls back to `platform.processor()` where the file does not exist.
+    """
+    model, flags = None, set()
+    if os.path.exists(cpuinfo_path):
+        with open(cpuinfo_path) as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model name") and model is None:
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    model = model or platform.processor() or "unknown CPU"
+    return {"model": model, "vector_extensions": [name for name in VECTOR_EXTENSIONS if name in flags]}
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (what can be allocated without swapping); None where it is unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def load_average() -> list[float]:
     """The 1, 5 and 15 minute load averages (processes runnable or running, all CPUs together)."""
     return [round(v, 2) for v in os.getloadavg()]
@@ -141,6 +178,7 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "cpus_allowed": len(os.sched_getaffinity(0)),
+        "cpu": cpu_description(),
         "jax": jax.__version__,
         "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),

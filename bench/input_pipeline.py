@@ -13,10 +13,14 @@ import argparse
 import os
 import pathlib
 import platform
+import sys
 import time
 
-from urnet_jax.config import base_config
-from urnet_jax.data import load_info, prepare, train_batches
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (bench/ is not a package)
+
+from urnet_jax.config import base_config  # noqa: E402
+from urnet_jax.data import load_info, prepare, train_batches  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PBC = REPO_ROOT.parent / "shared" / "data" / "pbc"
@@ -34,12 +38,9 @@ def _link_subset(source: pathlib.Path, target: pathlib.Path, per_folder: int) ->
 
 
 def _machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as cpuinfo:
-            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
-        model = names[0] if names else model
-    return f"{platform.node()}: {model}, {os.cpu_count()} logical cores, Python {platform.python_version()}"
+    cpu = common.cpu_description()
+    return (f"{platform.node()}: {cpu['model']} ({' '.join(cpu['vector_extensions'])}), {os.cpu_count()} logical "
+            f"cores, Python {platform.python_version()}")
 
 
 def main() -> None:

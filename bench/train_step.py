@@ -1,33 +1,48 @@
-"""Train- and inference-step throughput of urnet_jax against a PyTorch eager mirror of the same network.
+"""Train- and inference-step throughput of urnet_jax against PyTorch mirrors of the same network.
 
   python bench/train_step.py --enhancer urnet --enhancer-width 32 --classifier resnet18 --size 128 \
-      --batch 16 [--precision float32|bfloat16] [--steps 3] [--rounds 3] [--warmup 2] [--threads N]
+      --batch 16 [--precision float32|bfloat16] [--steps 3] [--rounds 3] [--warmup 2] [--threads N] \
+      [--torch-variants eager,eager_channels_last,compile,compile_channels_last,compile_max_autotune] \
+      [--memory] [--max-batch [--memory-budget-gb G]]
 
 JAX side: the library's own jitted steps (`steps.make_train_step`: forward, softmax cross-entropy,
 backward, SGD-momentum update, donated state; `steps.make_eval_step` for inference) on a batch
 already on the device. Torch side: `bench/torch_reference.py`, the same network layer by layer with
 torchvision's classifier, the same loss and `torch.optim.SGD(momentum, dampening=0)` (= optax's sgd
 with momentum), the same metrics (loss, accuracy, all-finite check) and the same input (uint8 images
-scaled to [0, 1] inside the step). Both share one process and one thread count (CPU affinity +
-torch.set_num_threads); timed blocks of `--steps` steps alternate JAX, torch, JAX, torch, ...
-(`--rounds` times), after compilation and `--warmup` untimed steps each. Both start from the same
-weights (JAX enhancer -> torch, torchvision classifier -> JAX), so the first steps' losses, gradients
-(the SGD momentum after one step) and BatchNorm statistics are compared and reported too; with
+scaled to [0, 1] inside the step), in up to five variants: eager and `torch.compile`d (default mode,
+and "max-autotune"), each in the contiguous (NCHW) or channels_last memory format (TORCH_VARIANTS).
+All share one process and one thread count (CPU affinity + torch.set_num_threads); timed blocks of
+`--steps` steps alternate JAX, torch variant 1, torch variant 2, ... (`--rounds` times), after
+compilation and `--warmup` untimed steps each. Every side starts from the same weights (JAX enhancer ->
+torch, torchvision classifier -> JAX), so the first steps' losses, gradients (the SGD momentum after one
+step) and BatchNorm statistics of JAX and torch eager are compared and reported too; with
 `--against-fp32` (bf16 runs) each framework's first step is taken again in float32, to show how much of
-their gradient difference is bf16 rounding.
+their gradient difference is bf16 rounding. A torch variant that fails (torch.compile without a C
+compiler, an unsupported op) is reported with its error and left out of the timing.
 
-Prints a summary and, as the last line, `RESULT {json}` with jax_img_s, torch_img_s, speedup_vs_torch
-(median torch step time / median JAX step time), the same for inference, compile seconds, peak memory,
-XLA's FLOP count of the step (and MFU when the device's bf16 peak is known or --peak-tflops is given),
-load averages, versions and the arguments.
+`--memory` measures the peak memory of the train step of JAX and of torch eager, each in a fresh
+subprocess (`--memory-probe`); `--max-batch` searches the largest batch whose step fits a memory budget
+(CPU: peak resident memory of the process against MemAvailable; GPU: device peak against the card).
+
+Prints a summary and, as the last line, `RESULT {json}` with jax_img_s, the torch variants' results,
+speedup_vs_torch_eager / speedup_vs_torch_compile / speedup_vs_best_torch (median torch step time /
+median JAX step time), the same for inference, compile seconds, memory, XLA's FLOP count of the step (and
+MFU when the device's bf16 peak is known or --peak-tflops is given), the CPU model and its vector
+extensions, load averages, versions and the arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
+import json
 import os
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -36,6 +51,16 @@ import common  # noqa: E402  (bench/ is not a package; common must come before J
 from urnet_jax.models import registry  # noqa: E402  (imports no JAX)
 
 ENHANCERS = (registry.NO_ENHANCER, *registry.ENHANCER_NAMES)
+# The torch side's variants: name -> (memory format, torch.compile mode or None for eager). "eager" is the
+# reference of the first-step agreement check and is always measured.
+TORCH_VARIANTS: dict[str, tuple[str, str | None]] = {
+    "eager": ("contiguous", None),
+    "eager_channels_last": ("channels_last", None),
+    "compile": ("contiguous", "default"),
+    "compile_channels_last": ("channels_last", "default"),
+    "compile_max_autotune": ("contiguous", "max-autotune"),
+}
+MEMORY_PROBE_STEPS = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +76,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="timed blocks per framework (alternating)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per framework before timing (>= 1)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for both (default: all)")
-    parser.add_argument("--torch-memory-format", default="contiguous", choices=("contiguous", "channels_last"))
+    parser.add_argument("--torch-variants", default=",".join(TORCH_VARIANTS),
+                        help=f"comma-separated torch variants to time, among {', '.join(TORCH_VARIANTS)} "
+                             "(eager is always included)")
+    parser.add_argument("--memory", action="store_true",
+                        help="measure the train step's peak memory of JAX and torch eager, each in a fresh process")
+    parser.add_argument("--max-batch", action="store_true",
+                        help="search the largest batch whose train step fits --memory-budget-gb (JAX and torch "
+                             "eager, fresh processes; implies --memory)")
+    parser.add_argument("--memory-budget-gb", type=float, default=None,
+                        help="memory budget of --max-batch (default: MemAvailable on a CPU, the card's memory "
+                             "on a GPU)")
+    parser.add_argument("--memory-probe", default="", choices=("", "jax", "eager"),
+                        help="internal: take the train step of one framework alone and print MEMORY {json}")
     parser.add_argument("--skip-torch", action="store_true", help="time the JAX steps only")
     parser.add_argument("--skip-inference", action="store_true", help="time the train steps only")
     parser.add_argument("--against-fp32", action="store_true",
@@ -69,6 +106,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--warmup must be >= 1 (the first step is checked against torch), got {args.warmup}")
     if args.against_fp32 and (args.precision != "bfloat16" or args.skip_torch):
         parser.error("--against-fp32 needs --precision bfloat16 and the torch side")
+    variants = [name.strip() for name in args.torch_variants.split(",") if name.strip()]
+    unknown = sorted(set(variants) - set(TORCH_VARIANTS))
+    if unknown:
+        parser.error(f"unknown --torch-variants {', '.join(unknown)}; choose among {', '.join(TORCH_VARIANTS)}")
+    args.torch_variants = [name for name in TORCH_VARIANTS if name in variants or name == "eager"]
+    if args.memory_budget_gb is not None and args.memory_budget_gb <= 0:
+        parser.error(f"--memory-budget-gb must be > 0, got {args.memory_budget_gb}")
     return args
 
 
@@ -79,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class JaxBench:
     """The library's train and eval steps for `model`, compiled ahead of time, on one fixed batch."""
 
-    def __init__(self, model: Any, variables: dict, images_nhwc: Any, labels: Any):
+    def __init__(self, model: Any, variables: dict, images_nhwc: Any, labels: Any, compile_eval: bool = True):
         import jax
 
         from urnet_jax import sharding, steps, train_state
@@ -102,12 +146,15 @@ class JaxBench:
         train_lowered = steps.make_train_step(steps.JOINT, mesh).lower(self.state, self.batch, self.rng)
         self.train_step = train_lowered.compile()
         self.train_compile_s = time.perf_counter() - started
-        started = time.perf_counter()
-        eval_lowered = steps.make_eval_step(model, steps.JOINT, mesh).lower(self.state.variables, self.eval_batch)
-        self.eval_step = eval_lowered.compile()
-        self.eval_compile_s = time.perf_counter() - started
         self.train_flops = _flops(train_lowered)
-        self.eval_flops = _flops(eval_lowered)
+        self.eval_step, self.eval_compile_s, self.eval_flops = None, None, None
+        if compile_eval:
+            started = time.perf_counter()
+            eval_lowered = steps.make_eval_step(model, steps.JOINT, mesh).lower(self.state.variables,
+                                                                               self.eval_batch)
+            self.eval_step = eval_lowered.compile()
+            self.eval_compile_s = time.perf_counter() - started
+            self.eval_flops = _flops(eval_lowered)
         self.train_memory_bytes = _compiled_memory_bytes(self.train_step)
 
     def run_train(self) -> Any:
@@ -130,6 +177,11 @@ class JaxBench:
     def device_peak_bytes(self) -> int | None:
         stats = self.jax.devices()[0].memory_stats()
         return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+    def device_memory_bytes(self) -> int | None:
+        """The memory XLA may use on the device (None on a CPU)."""
+        stats = self.jax.devices()[0].memory_stats()
+        return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
 _STARTED = time.perf_counter()
@@ -167,9 +219,11 @@ def _compiled_memory_bytes(compiled: Any) -> int | None:
 
 
 class TorchBench:
-    """The torch mirror's train step (SGD momentum, dampening 0) and eval step on the same batch."""
+    """One torch variant (TORCH_VARIANTS): the mirror's train step (SGD momentum, dampening 0) and eval step
+    on the same batch, eager or through `torch.compile` (compiled lazily, at the first call)."""
 
-    def __init__(self, args: argparse.Namespace, jax_model: Any, images_nhwc: Any, labels: Any, threads: int):
+    def __init__(self, args: argparse.Namespace, variant: str, model: Any, images_nhwc: Any, labels: Any,
+                 threads: int):
         import torch
         import torch.nn.functional as F
 
@@ -178,14 +232,14 @@ class TorchBench:
 
         self.torch, self.F = torch, F
         torch.set_num_threads(threads)
-        torch.manual_seed(0)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.memory_format = (torch.channels_last if args.torch_memory_format == "channels_last"
-                              else torch.contiguous_format)
-        self.model = torch_reference.torch_model_like(jax_model, args.classifier, args.num_classes)
-        self.param_count = torch_reference.parameter_count(self.model)
+        self.variant = variant
+        memory_format, self.compile_mode = TORCH_VARIANTS[variant]
+        self.memory_format = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+        self.model = model
+        self.param_count = torch_reference.parameter_count(model)
         self.optimizer_config = base_config().optimizer
         images = torch.from_numpy(images_nhwc).permute(0, 3, 1, 2)
         self.images = images.to(self.device).contiguous(memory_format=self.memory_format)
@@ -193,8 +247,11 @@ class TorchBench:
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=args.precision == "bfloat16")
 
     def start(self) -> None:
-        """Moves the model (weights final) to the device and creates the optimizer."""
+        """Moves the model (weights final) to the device, wraps it in torch.compile for a compiled variant
+        and creates the optimizer."""
         self.model = self.model.to(self.device, memory_format=self.memory_format)
+        self.forward = self.model if self.compile_mode is None else self.torch.compile(self.model,
+                                                                                      mode=self.compile_mode)
         self.named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named_params]
         config = self.optimizer_config
@@ -203,7 +260,7 @@ class TorchBench:
 
     def _logits(self) -> Any:
         with self.autocast:
-            return self.model(self.images.float() / 255.0).float()
+            return self.forward(self.images.float() / 255.0).float()
 
     def run_train(self) -> Any:
         self.model.train()
@@ -243,6 +300,11 @@ class TorchBench:
 
     def device_peak_bytes(self) -> int | None:
         return int(self.torch.cuda.max_memory_allocated()) if self.device.type == "cuda" else None
+
+    def device_memory_bytes(self) -> int | None:
+        """The card's memory (None on a CPU)."""
+        return (int(self.torch.cuda.get_device_properties(self.device).total_memory)
+                if self.device.type == "cuda" else None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -303,19 +365,19 @@ def _torch_in_jax_layout(torch_bench: TorchBench, template: Any, args: argparse.
     return torch_reference.jax_layout_variables(momentum, template, args.classifier, args.num_classes)
 
 
-def _bf16_against_fp32(args: argparse.Namespace, config: Any, initial_variables: Any, images: Any, labels: Any,
-                       threads: int, jax_bench: JaxBench, torch_bench: TorchBench) -> dict[str, float]:
-    """Each framework's first step again in float32 from the same weights (`initial_variables`, host copies):
-    how far each bf16 gradient is from its own fp32 one, and how far the two fp32 gradients are from each
-    other. Call right after the bf16 benches' first step."""
-    import torch_reference
+def _bf16_against_fp32(args: argparse.Namespace, config: Any, initial_variables: Any, initial_torch_model: Any,
+                       images: Any, labels: Any, threads: int, jax_bench: JaxBench,
+                       torch_bench: TorchBench) -> dict[str, float]:
+    """Each framework's first step again in float32 from the same weights (`initial_variables`, host copies;
+    `initial_torch_model`, the untouched mirror they were shared with): how far each bf16 gradient is from
+    its own fp32 one, and how far the two fp32 gradients are from each other. Call right after the bf16
+    benches' first step."""
     from urnet_jax import steps, train_state
 
     model = train_state.build(config, args.num_classes, steps.compute_dtype("float32"))
     jax_fp32 = JaxBench(model, initial_variables, images, labels)
-    torch_fp32 = TorchBench(argparse.Namespace(**{**vars(args), "precision": "float32"}), model, images, labels,
-                            threads)
-    torch_reference.share_initial_weights(initial_variables, torch_fp32.model, args.classifier, args.num_classes)
+    torch_fp32 = TorchBench(argparse.Namespace(**{**vars(args), "precision": "float32"}), "eager",
+                            copy.deepcopy(initial_torch_model), images, labels, threads)
     torch_fp32.start()
     for bench in (jax_fp32, torch_fp32):
         bench.synchronize(bench.run_train())
@@ -381,6 +443,250 @@ def _slowest_xla_ops(trace_dir: str, hlo_text: str, count: int = 15) -> list[dic
             for name, total in slowest]
 
 
+def _build_model(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
+    """(config, JAX model, its initial variables, images (N, H, W, 3) uint8, labels (N,)) of the arguments;
+    exits with one line for a bad model (unknown name, images too small for the enhancer's depth, ...)."""
+    import jax
+    import numpy as np
+
+    from urnet_jax import steps, train_state
+    from urnet_jax.config import base_config
+
+    generator = np.random.default_rng(0)
+    images = generator.integers(0, 256, (args.batch, args.size, args.size, 3), dtype=np.uint8)
+    labels = generator.integers(0, args.num_classes, (args.batch,), dtype=np.int32)
+    config = base_config()
+    config.model.enhancer = args.enhancer
+    config.model.enhancer_width = args.enhancer_width
+    config.model.classifier = args.classifier
+    config.model.classifier_width = 0
+    try:
+        model = train_state.build(config, args.num_classes, steps.compute_dtype(args.precision))
+        # One compiled initialisation: an eager `model.init` compiles every op on its own, which takes
+        # minutes on a GPU (each convolution is autotuned) for UR-Net(64) + ResNet101.
+        _progress("initialising the JAX model")
+        variables = train_state.init_variables(model, train_state.PHASE_PARTS[steps.JOINT], args.size,
+                                               jax.random.PRNGKey(0))
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    return config, model, variables, images, labels
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory
+
+
+def _memory_probe(args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """This process takes MEMORY_PROBE_STEPS train steps of one framework alone and reports its memory.
+
+    `step_rss_growth_bytes`: the peak growth of the resident memory over its level before the first step
+    (activations, gradients, optimiser buffers created by the step, workspaces); `peak_rss_bytes`: the
+    process's whole peak (interpreter, libraries, weights, compilation included); `device_peak_bytes`:
+    the framework's own device peak on a GPU."""
+    _, model, variables, images, labels = _build_model(args)
+    if args.memory_probe == "jax":
+        bench: Any = JaxBench(model, variables, images, labels, compile_eval=False)
+    else:
+        import torch_reference
+
+        bench = TorchBench(args, args.memory_probe, torch_reference.torch_model_like(model, args.classifier,
+                                                                                     args.num_classes),
+                           images, labels, threads)
+        bench.start()
+    with common.RssPeak() as rss:
+        for _ in range(MEMORY_PROBE_STEPS):
+            bench.synchronize(bench.run_train())
+    memory = {"framework": args.memory_probe, "batch": args.batch,
+              "step_rss_growth_bytes": rss.peak_growth_bytes, "peak_rss_bytes": common.process_peak_rss_bytes(),
+              "device_peak_bytes": bench.device_peak_bytes(), "device_memory_bytes": bench.device_memory_bytes()}
+    print("MEMORY " + json.dumps(memory, sort_keys=True), flush=True)
+    return memory
+
+
+def _probe_in_subprocess(args: argparse.Namespace, framework: str, batch: int) -> dict[str, Any]:
+    """`_memory_probe` of `framework` at `batch` in a fresh process: its MEMORY dictionary, or {'batch',
+    'error'} when the process failed (out of memory included: killed, or an allocation error)."""
+    command = [sys.executable, os.path.abspath(__file__), "--enhancer", args.enhancer,
+               "--enhancer-width", str(args.enhancer_width), "--classifier", args.classifier,
+               "--num-classes", str(args.num_classes), "--size", str(args.size), "--batch", str(batch),
+               "--precision", args.precision, "--memory-probe", framework]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
+    _progress(f"memory of the {framework} train step at batch {batch} (fresh process)")
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("MEMORY ")]
+    if completed.returncode != 0 or not lines:
+        stderr = completed.stderr.strip().splitlines()
+        return {"batch": batch, "error": stderr[-1] if stderr else f"exit status {completed.returncode}"}
+    return json.loads(lines[-1][len("MEMORY "):])
+
+
+def used_bytes(probe: dict[str, Any]) -> int | None:
+    """What a probe's step needs of the budget: the device peak on a GPU, else the process's peak RSS."""
+    if "error" in probe:
+        return None
+    return probe["device_peak_bytes"] if probe["device_peak_bytes"] is not None else probe["peak_rss_bytes"]
+
+
+def largest_batch(probe: Callable[[int], dict[str, Any]], start: int, budget_bytes: int,
+                  known: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The largest batch whose `probe(batch)` fits `budget_bytes` (`used_bytes`; a failed probe does not fit).
+
+    Memory is close to affine in the batch: probes at `start` and 2 * `start` give bytes per image and a
+    fixed part, their prediction is probed, and bisection (to 1/16 of the batch) settles the rest. Halves
+    `start` first while it does not fit. Returns {'max_batch' (0: not even 1 fits), 'probes': every probe
+    in order, 'bytes_per_image', 'fixed_bytes' (None without a fit)}. `known`: probes already taken, by batch.
+    """
+    probes: list[dict[str, Any]] = []
+    known = dict(known or {})
+
+    def fits(batch: int) -> bool:
+        probes.append(known.pop(batch) if batch in known else probe(batch))
+        used = used_bytes(probes[-1])
+        return used is not None and used <= budget_bytes
+
+    low = start
+    while not fits(low):
+        if low == 1:
+            return {"max_batch": 0, "probes": probes, "bytes_per_image": None, "fixed_bytes": None}
+        low = max(1, low // 2)
+    high, per_image, fixed = 2 * low, None, None
+    if fits(high):
+        first, second = used_bytes(probes[-2]), used_bytes(probes[-1])
+        per_image = (second - first) / low
+        fixed = first - per_image * low
+        if per_image <= 0:  # nothing grows with the batch at this resolution: keep doubling
+            low, high = high, 2 * high
+            while fits(high):
+                low, high = high, 2 * high
+        else:
+            predicted = int((budget_bytes - fixed) // per_image)
+            low = high
+            if predicted <= low:
+                high = low + 1
+            elif fits(predicted):
+                low, high = predicted, predicted + 1  # the affine model says predicted + 1 does not fit
+            else:
+                high = predicted
+    while high - low > max(1, low // 16):
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return {"max_batch": low, "probes": probes, "bytes_per_image": per_image and round(per_image),
+            "fixed_bytes": fixed and round(fixed)}
+
+
+def _memory_results(args: argparse.Namespace) -> dict[str, Any]:
+    """Peak memory of the JAX and torch eager train steps at --batch, and with --max-batch the largest batch
+    that fits the budget, each measured in fresh processes."""
+    memory: dict[str, Any] = {"method": "fresh process per framework and batch; CPU: getrusage peak RSS of the "
+                                        "process and sampled RSS growth during the steps; GPU: the framework's "
+                                        "device peak"}
+    frameworks = ["jax"] if args.skip_torch else ["jax", "eager"]
+    for framework in frameworks:
+        key = "torch_eager" if framework == "eager" else framework
+        if not args.max_batch:
+            memory[key] = _probe_in_subprocess(args, framework, args.batch)
+            continue
+        probe = functools.partial(_probe_in_subprocess, args, framework)
+        first = probe(args.batch)
+        budget = (int(args.memory_budget_gb * 1e9) if args.memory_budget_gb else
+                  first.get("device_memory_bytes") or common.available_memory_bytes())
+        search = largest_batch(probe, args.batch, budget, known={args.batch: first})
+        memory[key] = first
+        memory[f"{key}_max_batch"] = {"budget_bytes": budget, **search}
+    return memory
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message, at most 300 characters."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _first_steps(benches: dict[str, Any], run: str, failures: dict[str, str]) -> dict[str, tuple[Any, float, int]]:
+    """Each bench's first `run` call: (its metrics, wall seconds, peak RSS growth). A compiled torch variant
+    that raises is removed from `benches` and its error recorded in `failures`; any other error propagates."""
+    first: dict[str, tuple[Any, float, int]] = {}
+    for name, bench in list(benches.items()):
+        _progress(f"first {name} {run.removeprefix('run_')} step")
+        started = time.perf_counter()
+        try:
+            with common.RssPeak() as rss:
+                metrics = getattr(bench, run)()
+                bench.synchronize(metrics)
+        except Exception as error:  # torch.compile's failures have no common base class
+            if getattr(bench, "compile_mode", None) is None:
+                raise
+            failures[name] = _one_line(error)
+            _progress(f"{name} failed: {failures[name]}")
+            del benches[name]
+            continue
+        first[name] = (metrics, time.perf_counter() - started, rss.peak_growth_bytes)
+    return first
+
+
+def _torch_variant_result(name: str, error: str | None, train: list | None,
+                          evals: list | None, first_train: tuple | None, first_eval: tuple | None,
+                          flops: float | None, peak_tflops: float | None, batch: int) -> dict[str, Any]:
+    """One torch variant's entry of RESULT['torch']: its timings, compile time (first call minus the median
+    step, compiled variants), first-step loss, or the error it failed with."""
+    memory_format, compile_mode = TORCH_VARIANTS[name]
+    entry: dict[str, Any] = {"memory_format": memory_format, "compile_mode": compile_mode, "error": error}
+    if error is not None:
+        return entry
+    summary = common.summarize(train, batch)
+    seconds = summary["step_ms_median"] / 1e3
+    entry.update(train=summary, img_s=summary["img_s"], first_step_s=round(first_train[1], 3),
+                 first_step_loss=round(float(first_train[0]["loss"]), 6),
+                 train_rss_growth_bytes=first_train[2],
+                 train_tflop_s=round(flops / seconds / 1e12, 4) if flops else None,
+                 mfu=_mfu(flops, seconds, peak_tflops))
+    entry["compile_s"] = None if compile_mode is None else round(max(first_train[1] - seconds, 0.0), 2)
+    if evals:
+        eval_summary = common.summarize(evals, batch)
+        entry.update(eval=eval_summary, eval_img_s=eval_summary["img_s"])
+        entry["eval_compile_s"] = (None if compile_mode is None else
+                                   round(max(first_eval[1] - eval_summary["step_ms_median"] / 1e3, 0.0), 2))
+    return entry
+
+
+def speedups(result: dict[str, Any]) -> dict[str, Any]:
+    """JAX's speedups over torch eager, torch.compile (default mode, contiguous) and the fastest torch
+    variant measured: median torch step time / median JAX step time, for training (wall and CPU time) and
+    inference. None where the variant was not measured or failed."""
+    measured = {name: entry for name, entry in result["torch"].items() if entry["error"] is None}
+    jax_train, jax_eval = result["jax_train"], result.get("jax_eval")
+
+    def ratio(entry: dict | None, kind: str, key: str, jax_summary: dict | None) -> float | None:
+        if entry is None or kind not in entry or jax_summary is None:
+            return None
+        return round(entry[kind][key] / jax_summary[key], 3)
+
+    best = min(measured, key=lambda name: measured[name]["train"]["step_ms_median"])
+    best_cpu = min(measured, key=lambda name: measured[name]["train"]["cpu_ms_median"])
+    out: dict[str, Any] = {
+        "best_torch_variant": best,
+        "speedup_vs_torch_eager": ratio(measured.get("eager"), "train", "step_ms_median", jax_train),
+        "speedup_vs_torch_compile": ratio(measured.get("compile"), "train", "step_ms_median", jax_train),
+        "speedup_vs_best_torch": ratio(measured[best], "train", "step_ms_median", jax_train),
+        "cpu_time_speedup_vs_torch_eager": ratio(measured.get("eager"), "train", "cpu_ms_median", jax_train),
+        "cpu_time_speedup_vs_best_torch": ratio(measured[best_cpu], "train", "cpu_ms_median", jax_train),
+    }
+    if jax_eval is not None:
+        eval_best = min((n for n in measured if "eval" in measured[n]),
+                        key=lambda n: measured[n]["eval"]["step_ms_median"])
+        out["eval_speedup_vs_torch_eager"] = ratio(measured.get("eager"), "eval", "step_ms_median", jax_eval)
+        out["eval_speedup_vs_best_torch"] = ratio(measured[eval_best], "eval", "step_ms_median", jax_eval)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     try:
@@ -388,66 +694,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ValueError as error:
         sys.exit(f"error: {error}")
     common.prepare_gpu_allocators()
-    import jax
-    import numpy as np
-
-    from urnet_jax import steps, train_state
-    from urnet_jax.config import base_config
-
+    if args.memory_probe:
+        return _memory_probe(args, threads)
     load_at_start = common.load_average()
-    generator = np.random.default_rng(0)
-    images = generator.integers(0, 256, (args.batch, args.size, args.size, 3), dtype=np.uint8)
-    labels = generator.integers(0, args.num_classes, (args.batch,), dtype=np.int32)
+    # Fresh processes, before this one holds any memory (on a GPU: any device memory).
+    memory = _memory_results(args) if args.memory or args.max_batch else None
+    import jax
 
-    config = base_config()
-    config.model.enhancer = args.enhancer
-    config.model.enhancer_width = args.enhancer_width
-    config.model.classifier = args.classifier
-    config.model.classifier_width = 0
-    try:  # unknown model names, images too small for the enhancer's depth, ...: one line, no traceback
-        model = train_state.build(config, args.num_classes, steps.compute_dtype(args.precision))
-        # One compiled initialisation: an eager `model.init` compiles every op on its own, which takes
-        # minutes on a GPU (each convolution is autotuned) for UR-Net(64) + ResNet101.
-        _progress("initialising the JAX model")
-        variables = train_state.init_variables(model, train_state.PHASE_PARTS[steps.JOINT], args.size,
-                                            jax.random.PRNGKey(0))
-        torch_bench = None
-        if not args.skip_torch:
-            import torch_reference
+    config, model, variables, images, labels = _build_model(args)
+    torch_benches: dict[str, TorchBench] = {}
+    if not args.skip_torch:
+        import torch_reference
 
-            _progress("building the torch mirror")
-            torch_bench = TorchBench(args, model, images, labels, threads)
-            variables = torch_reference.share_initial_weights(variables, torch_bench.model, args.classifier,
+        _progress("building the torch mirrors")
+        torch_reference.torch.manual_seed(0)  # torchvision's classifier init, shared with JAX below
+        base_model = torch_reference.torch_model_like(model, args.classifier, args.num_classes)
+        try:
+            variables = torch_reference.share_initial_weights(variables, base_model, args.classifier,
                                                               args.num_classes)
-            torch_bench.start()
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+        except ValueError as error:
+            sys.exit(f"error: {error}")
+        for name in args.torch_variants:
+            torch_benches[name] = TorchBench(args, name, copy.deepcopy(base_model), images, labels, threads)
+            torch_benches[name].start()
     # Host copies of the starting weights (the train step donates its state): the layout that torch's
     # tensors are mapped to, and the fp32 twins' start.
-    initial_variables = None if torch_bench is None else jax.device_get(variables)
+    initial_variables = jax.device_get(variables) if torch_benches else None
     _progress("compiling the JAX train and eval steps")
-    jax_bench = JaxBench(model, variables, images, labels)
-    if torch_bench is not None and torch_bench.param_count != jax_bench.param_count:
-        sys.exit(f"error: the torch mirror has {torch_bench.param_count} parameters, JAX {jax_bench.param_count}")
-    benches: dict[str, Any] = {"jax": jax_bench} if torch_bench is None else {"jax": jax_bench, "torch": torch_bench}
+    jax_bench = JaxBench(model, variables, images, labels, compile_eval=not args.skip_inference)
+    if torch_benches and torch_benches["eager"].param_count != jax_bench.param_count:
+        sys.exit(f"error: the torch mirror has {torch_benches['eager'].param_count} parameters, "
+                 f"JAX {jax_bench.param_count}")
+    benches: dict[str, Any] = {"jax": jax_bench, **torch_benches}
     device = jax.devices()[0]
 
-    # The first train steps of both start from the same weights, so their results must agree: compared
-    # before any further warm-up step moves the weights and adds to the momentum.
-    first_metrics, rss_growth = {}, {}
-    for name, bench in benches.items():
-        _progress(f"first {name} train step")
-        with common.RssPeak() as rss:
-            first_metrics[name] = bench.run_train()
-            bench.synchronize(first_metrics[name])
-        rss_growth[name] = rss.peak_growth_bytes
-    agreement = (None if torch_bench is None else
-                 _first_step_agreement(jax_bench, torch_bench, first_metrics["jax"], first_metrics["torch"],
-                                       initial_variables, args))
+    # The first train steps all start from the same weights, so their results must agree: JAX and torch
+    # eager are compared before any further warm-up step moves the weights and adds to the momentum.
+    failures: dict[str, str] = {}
+    first_train = _first_steps(benches, "run_train", failures)
+    agreement = None
+    if torch_benches:
+        agreement = _first_step_agreement(jax_bench, torch_benches["eager"], first_train["jax"][0],
+                                          first_train["eager"][0], initial_variables, args)
     if args.against_fp32:
         _progress("first train steps again in float32")
-        agreement.update(_bf16_against_fp32(args, config, initial_variables, images, labels, threads, jax_bench,
-                                            torch_bench))
+        agreement.update(_bf16_against_fp32(args, config, initial_variables, base_model, images, labels, threads,
+                                            jax_bench, torch_benches["eager"]))
     for bench in benches.values():
         for _ in range(args.warmup - 1):
             bench.synchronize(bench.run_train())
@@ -460,57 +752,59 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _progress("timing the train steps")
     train_times = _alternate(benches, "run_train", args)
     eval_times: dict[str, list[tuple[float, float]]] = {}
+    first_eval: dict[str, tuple[Any, float, int]] = {}
     if not args.skip_inference:
+        first_eval = _first_steps(benches, "run_eval", failures)
         for bench in benches.values():
-            for _ in range(max(args.warmup, 1)):
+            for _ in range(args.warmup - 1):
                 bench.synchronize(bench.run_eval())
         eval_times = _alternate(benches, "run_eval", args)
 
     peak_tflops = common.peak_tflops_for(device.device_kind, args.peak_tflops)
     flops = jax_bench.train_flops
+    jax_summary = common.summarize(train_times["jax"], args.batch)
+    jax_seconds = jax_summary["step_ms_median"] / 1e3
     result: dict[str, Any] = {
         "device": f"{device.platform}:{device.device_kind}",
+        "cpu": common.cpu_description(),
         "threads": threads,
         "params": jax_bench.param_count,
         "jax_compile_s": round(jax_bench.train_compile_s, 2),
         "jax_compilation_cache_dir": jax.config.jax_compilation_cache_dir or None,
-        "jax_eval_compile_s": round(jax_bench.eval_compile_s, 2),
+        "jax_eval_compile_s": None if jax_bench.eval_compile_s is None else round(jax_bench.eval_compile_s, 2),
         "train_gflop_per_step": round(flops / 1e9, 3) if flops else None,
         "eval_gflop_per_step": round(jax_bench.eval_flops / 1e9, 3) if jax_bench.eval_flops else None,
         "jax_xla_step_memory_bytes": jax_bench.train_memory_bytes,
         "jax_device_peak_bytes": jax_bench.device_peak_bytes(),
+        "jax_train": jax_summary,
+        "jax_img_s": jax_summary["img_s"],
+        "jax_first_step_loss": round(float(first_train["jax"][0]["loss"]), 6),
+        "jax_train_rss_growth_bytes": first_train["jax"][2],
+        "jax_train_tflop_s": round(flops / jax_seconds / 1e12, 4) if flops else None,
+        "jax_mfu": _mfu(flops, jax_seconds, peak_tflops),
         "first_step_agreement": agreement,
         "jax_slowest_ops": top_ops,
         "peak_tflops_bf16": peak_tflops,
+        "memory": memory,
         "load_avg_start": load_at_start,
         "load_avg_end": common.load_average(),
         "process_peak_rss_bytes": common.process_peak_rss_bytes(),
         "versions": common.environment(),
         "args": vars(args),
     }
-    for name, times in train_times.items():
-        summary = common.summarize(times, args.batch)
-        seconds = summary["step_ms_median"] / 1e3
-        result[f"{name}_train"] = summary
-        result[f"{name}_img_s"] = summary["img_s"]
-        result[f"{name}_train_rss_growth_bytes"] = rss_growth[name]
-        result[f"{name}_train_tflop_s"] = round(flops / seconds / 1e12, 4) if flops else None
-        result[f"{name}_mfu"] = _mfu(flops, seconds, peak_tflops)
-    for name, times in eval_times.items():
-        summary = common.summarize(times, args.batch)
-        result[f"{name}_eval"] = summary
-        result[f"{name}_eval_img_s"] = summary["img_s"]
-    if torch_bench is not None:
-        result["torch_device_peak_bytes"] = torch_bench.device_peak_bytes()
-        def ratio(kind: str, key: str) -> float:
-            return round(result[f"torch_{kind}"][key] / result[f"jax_{kind}"][key], 3)
-
-        result["speedup_vs_torch"] = ratio("train", "step_ms_median")
-        result["speedup_vs_torch_per_round"] = [round(t[0] / j[0], 3)
-                                                for j, t in zip(train_times["jax"], train_times["torch"])]
-        result["cpu_time_speedup_vs_torch"] = ratio("train", "cpu_ms_median")
-        if eval_times:
-            result["eval_speedup_vs_torch"] = ratio("eval", "step_ms_median")
+    if eval_times:
+        result["jax_eval"] = common.summarize(eval_times["jax"], args.batch)
+        result["jax_eval_img_s"] = result["jax_eval"]["img_s"]
+    if not args.skip_torch:
+        result["torch"] = {
+            name: _torch_variant_result(name, failures.get(name), train_times.get(name),
+                                        eval_times.get(name), first_train.get(name), first_eval.get(name),
+                                        flops, peak_tflops, args.batch)
+            for name in args.torch_variants}
+        result["torch_device_peak_bytes"] = torch_benches["eager"].device_peak_bytes()
+        result["speedup_vs_torch_eager_per_round"] = [
+            round(t[0] / j[0], 3) for j, t in zip(train_times["jax"], train_times["eager"])]
+        result.update(speedups(result))
 
     _print_summary(result, args)
     common.print_result(result)
@@ -518,23 +812,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _print_summary(result: dict[str, Any], args: argparse.Namespace) -> None:
+    cpu = result["cpu"]
     print(f"{args.enhancer}(width {args.enhancer_width}) + {args.classifier}, {args.size}x{args.size}, "
-          f"batch {args.batch}, {args.precision}, {result['device']}, {result['threads']} threads, "
-          f"{result['params']:,} parameters")
+          f"batch {args.batch}, {args.precision}, {result['device']} ({cpu['model']}; "
+          f"{' '.join(cpu['vector_extensions'])}), {result['threads']} threads, {result['params']:,} parameters")
     print(f"JAX compile: train step {result['jax_compile_s']} s, eval step {result['jax_eval_compile_s']} s; "
           f"XLA FLOPs per train step: {result['train_gflop_per_step']} GFLOP")
-    for kind in ("train", "eval"):
-        for name in ("jax", "torch"):
-            summary = result.get(f"{name}_{kind}")
+    rows = [("jax", result.get("jax_train"), result.get("jax_eval"), None)]
+    for name, entry in (result.get("torch") or {}).items():
+        if entry["error"] is not None:
+            print(f"torch {name}: failed: {entry['error']}")
+            continue
+        rows.append((f"torch {name}", entry["train"], entry.get("eval"), entry["compile_s"]))
+    for kind, index in (("train", 1), ("eval", 2)):
+        for row in rows:
+            summary = row[index]
             if summary:
-                print(f"{kind:5s} {name:5s}: {summary['img_s']:9.2f} img/s (median {summary['step_ms_median']} "
-                      f"ms/step, blocks {summary['step_ms_blocks']}; CPU {summary['cpu_ms_median']} ms/step)")
-    if "speedup_vs_torch" in result:
-        print(f"speedup_vs_torch (train): {result['speedup_vs_torch']} "
-              f"(per round {result['speedup_vs_torch_per_round']}); inference: {result.get('eval_speedup_vs_torch')}")
+                compiled = f"; compile {row[3]} s" if row[3] is not None and kind == "train" else ""
+                print(f"{kind:5s} {row[0]:27s}: {summary['img_s']:9.2f} img/s (median {summary['step_ms_median']} "
+                      f"ms/step, blocks {summary['step_ms_blocks']}; CPU {summary['cpu_ms_median']} ms/step{compiled})")
+    if "speedup_vs_torch_eager" in result:
+        print(f"speedup (train): vs torch eager {result['speedup_vs_torch_eager']} (per round "
+              f"{result['speedup_vs_torch_eager_per_round']}), vs torch.compile {result['speedup_vs_torch_compile']}, "
+              f"vs the best torch ({result['best_torch_variant']}) {result['speedup_vs_best_torch']}; CPU time vs "
+              f"the best torch {result['cpu_time_speedup_vs_best_torch']}; inference vs eager "
+              f"{result.get('eval_speedup_vs_torch_eager')}, vs the best {result.get('eval_speedup_vs_best_torch')}")
     if result["first_step_agreement"]:
         agreement = result["first_step_agreement"]
-        print(f"first step, JAX vs torch from the same weights: loss {agreement['loss_jax']} vs "
+        print(f"first step, JAX vs torch eager from the same weights: loss {agreement['loss_jax']} vs "
               f"{agreement['loss_torch']}, gradient relative error {agreement['grad_rel_err']:.2e}, "
               f"running statistics relative error {agreement['batch_stats_rel_err']:.2e}")
         if "fp32_grad_rel_err" in agreement:
@@ -542,6 +847,17 @@ def _print_summary(result: dict[str, Any], args: argparse.Namespace) -> None:
                   f"{agreement['jax_bf16_vs_fp32_grad_rel_err']:.2e}, torch "
                   f"{agreement['torch_bf16_vs_fp32_grad_rel_err']:.2e}; JAX fp32 against torch fp32 "
                   f"{agreement['fp32_grad_rel_err']:.2e}")
+    for name, probe in (result["memory"] or {}).items():
+        if name == "method":
+            continue
+        if name.endswith("_max_batch"):
+            print(f"memory {name}: {probe['max_batch']} within {probe['budget_bytes'] / 1e9:.2f} GB "
+                  f"({len(probe['probes'])} probes)")
+        elif "error" in probe:
+            print(f"memory {name}: failed: {probe['error']}")
+        else:
+            print(f"memory {name} at batch {probe['batch']}: step growth {probe['step_rss_growth_bytes'] / 1e9:.3f} GB, "
+                  f"process peak {probe['peak_rss_bytes'] / 1e9:.3f} GB, device peak {probe['device_peak_bytes']}")
     for op in result["jax_slowest_ops"] or []:
         print(f"  {op['ms_per_step']:9.2f} ms  {op['op']:30s} {op['jax_op'][-90:]}")
     print(f"load average start {result['load_avg_start']} end {result['load_avg_end']}")

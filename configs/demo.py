@@ -27,5 +27,7 @@ def get_config():
     config.eval_batch_size = 48
     config.optimizer.name = "adamw"
     config.optimizer.lr = 2e-3
+    config.pretrain.optimizer.name = "adamw"  # phase 1's optimiser: the same
+    config.pretrain.optimizer.lr = 2e-3
     config.log_every_steps = 5
     return config

@@ -22,6 +22,7 @@ STUDY_CPU = runpy.run_path(str(pathlib.Path(__file__).resolve().with_name("study
 def get_config(data_dir: str = "") -> ml_collections.ConfigDict:
     study = STUDY_CPU["get_config"](data_dir)
     study.base.optimizer.schedule = "cosine"
+    study.base.pretrain.optimizer.schedule = "cosine"
     study.data_variants = ("stainfree_proxy",)
     study.baseline = "study_cpu"  # the report pairs each run with results/study_cpu/<same run name>
     return study

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -17,7 +18,10 @@ torch = pytest.importorskip("torch")
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
+import common  # noqa: E402
 import torch_reference  # noqa: E402
+import train_run  # noqa: E402
+import train_step  # noqa: E402
 
 from urnet_jax import models  # noqa: E402
 from urnet_jax.config import base_config  # noqa: E402
@@ -81,33 +85,67 @@ def test_port_rejects_a_different_architecture():
         torch_reference.port_enhancer_params(variables, other)
 
 
-def _run_benchmark(*arguments: str) -> dict:
-    """The RESULT dictionary of a tiny benchmark run (UR-Net(4) + ResNet18, 96 px), on one thread."""
+def _run_script(script: str, *arguments: str, env: dict | None = None) -> dict:
+    """The RESULT dictionary of `bench/<script> *arguments` (exit status 0 required)."""
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(REPO_ROOT / ".jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    command = [sys.executable, str(REPO_ROOT / "bench" / "train_step.py"), "--enhancer", "urnet",
-               "--enhancer-width", "4", "--classifier", "resnet18", "--size", "96", "--threads", "1", *arguments]
-    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=900)
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", **(env or {}))
+    command = [sys.executable, str(REPO_ROOT / "bench" / script), *arguments]
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=1800,
+                               check=False)
     assert completed.returncode == 0, completed.stderr[-3000:]
     last_line = completed.stdout.strip().splitlines()[-1]
     assert last_line.startswith("RESULT ")
     return json.loads(last_line[len("RESULT "):])
 
 
-def test_benchmark_cli_prints_result_and_the_two_first_steps_agree():
+def _run_benchmark(*arguments: str) -> dict:
+    """The RESULT dictionary of a tiny benchmark run (UR-Net(4) + ResNet18, 96 px), on one thread."""
+    return _run_script("train_step.py", "--enhancer", "urnet", "--enhancer-width", "4", "--classifier", "resnet18",
+                       "--size", "96", "--threads", "1", *arguments)
+
+
+def _cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend (inductor) would use, if one is installed."""
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++")
+
+
+COMPILE_SKIP = "torch.compile needs a C++ compiler for the CPU (set CXX or install g++/clang++); none found"
+
+
+@pytest.fixture(scope="module")
+def tiny_result() -> dict:
+    """One tiny benchmark run with torch eager and eager channels_last, and the memory of JAX and torch
+    eager measured in fresh processes."""
+    return _run_benchmark("--batch", "2", "--steps", "1", "--rounds", "2", "--warmup", "2", "--peak-tflops", "0.01",
+                          "--torch-variants", "eager,eager_channels_last", "--memory")
+
+
+@pytest.fixture(scope="module")
+def compiled_result() -> dict:
+    """A tiny benchmark run with the torch.compile variant (train step only: compiling the eval graph too
+    doubles inductor's C++ compile time). Skipped where inductor has no C++ compiler."""
+    if not _cxx_compiler():
+        pytest.skip(COMPILE_SKIP)
+    return _run_benchmark("--batch", "2", "--steps", "1", "--rounds", "2", "--warmup", "2",
+                          "--torch-variants", "eager,compile", "--skip-inference")
+
+
+def test_benchmark_cli_prints_result_and_the_two_first_steps_agree(tiny_result):
     """Both benchmark paths run (tiny sizes) and start from the same weights, so their first train steps
     (loss, gradients = SGD momentum after one step, BatchNorm running statistics) agree to fp32 rounding."""
-    result = _run_benchmark("--batch", "2", "--steps", "1", "--rounds", "2", "--warmup", "2", "--peak-tflops", "0.01")
-    for key in ("jax_img_s", "torch_img_s", "jax_eval_img_s", "torch_eval_img_s"):
-        assert result[key] > 0, key
-    assert result["speedup_vs_torch"] == pytest.approx(
-        result["torch_train"]["step_ms_median"] / result["jax_train"]["step_ms_median"], rel=1e-2)
+    result = tiny_result
+    eager = result["torch"]["eager"]
+    for value in (result["jax_img_s"], result["jax_eval_img_s"], eager["img_s"], eager["eval_img_s"]):
+        assert value > 0
+    assert result["speedup_vs_torch_eager"] == pytest.approx(
+        eager["train"]["step_ms_median"] / result["jax_train"]["step_ms_median"], rel=1e-2)
     assert result["device"].startswith("cpu")
     assert result["jax_compile_s"] > 0 and result["train_gflop_per_step"] > 0
-    for name in ("jax", "torch"):  # MFU: XLA's FLOPs of the step / median step time / the given peak
-        seconds = result[f"{name}_train"]["step_ms_median"] / 1e3
-        assert result[f"{name}_mfu"] == pytest.approx(result["train_gflop_per_step"] / seconds / 10.0, rel=1e-2)  # 0.01 TFLOP/s = 10 GFLOP/s
-    assert len(result["jax_train"]["step_ms_blocks"]) == len(result["torch_train"]["step_ms_blocks"]) == 2
+    for summary in (result["jax_train"], eager["train"]):  # MFU: XLA's FLOPs / median step time / the given peak
+        expected = result["train_gflop_per_step"] / (summary["step_ms_median"] / 1e3) / 10.0  # 0.01 TFLOP/s
+        mfu = result["jax_mfu"] if summary is result["jax_train"] else eager["mfu"]
+        assert mfu == pytest.approx(expected, rel=1e-2)
+    assert len(result["jax_train"]["step_ms_blocks"]) == len(eager["train"]["step_ms_blocks"]) == 2
     agreement = result["first_step_agreement"]
     assert agreement["after_steps"] == 1  # measured before the second warm-up step
     assert agreement["loss_rel_diff"] < 1e-5
@@ -116,13 +154,70 @@ def test_benchmark_cli_prints_result_and_the_two_first_steps_agree():
     assert agreement["grad_rel_err"] < 2e-2
 
 
+@pytest.mark.parametrize("run", ["tiny_result", "compiled_result"])
+def test_every_torch_variant_starts_from_the_same_weights(run, request):
+    """Each variant is its own copy of the mirror, so every first step sees the same weights and batch: the
+    same loss as JAX's first step (channels_last and compiled kernels differ only in rounding)."""
+    result = request.getfixturevalue(run)
+    for name, entry in result["torch"].items():
+        assert entry["error"] is None, (name, entry["error"])
+        assert entry["first_step_loss"] == pytest.approx(result["jax_first_step_loss"], rel=1e-4), name
+        assert len(entry["train"]["step_ms_blocks"]) == 2, name
+
+
+def test_compile_variant_is_timed_with_its_compile_time_apart(compiled_result):
+    compiled = compiled_result["torch"]["compile"]
+    assert compiled["error"] is None, compiled["error"]
+    assert compiled["compile_mode"] == "default" and compiled["memory_format"] == "contiguous"
+    # The first call compiles: its time minus a step's is the compile time, and it dwarfs a tiny step.
+    assert compiled["compile_s"] > compiled["train"]["step_ms_median"] / 1e3
+    assert compiled["compile_s"] == pytest.approx(
+        compiled["first_step_s"] - compiled["train"]["step_ms_median"] / 1e3, abs=0.02)
+    assert compiled_result["torch"]["eager"]["compile_s"] is None
+    assert compiled_result["speedup_vs_torch_compile"] == pytest.approx(
+        compiled["train"]["step_ms_median"] / compiled_result["jax_train"]["step_ms_median"], rel=1e-2)
+    assert "eval" not in compiled and "eval_speedup_vs_torch_eager" not in compiled_result
+
+
+@pytest.mark.parametrize("run", ["tiny_result", "compiled_result"])
+def test_speedups_against_the_best_torch_variant_are_consistent(run, request):
+    result = request.getfixturevalue(run)
+    medians = {name: entry["train"]["step_ms_median"] for name, entry in result["torch"].items()}
+    best = min(medians, key=medians.get)
+    assert result["best_torch_variant"] == best
+    assert result["speedup_vs_best_torch"] == pytest.approx(medians[best] / result["jax_train"]["step_ms_median"],
+                                                            rel=1e-2)
+    for key in ("speedup_vs_torch_eager", "speedup_vs_torch_compile"):
+        if result[key] is not None:
+            assert result["speedup_vs_best_torch"] <= result[key]
+    assert result["cpu_time_speedup_vs_best_torch"] <= result["cpu_time_speedup_vs_torch_eager"]
+    if "eval_speedup_vs_torch_eager" in result:
+        assert result["eval_speedup_vs_best_torch"] <= result["eval_speedup_vs_torch_eager"]
+
+
+def test_result_records_the_cpu_and_the_memory_of_each_framework(tiny_result):
+    cpu = tiny_result["cpu"]
+    assert cpu["model"] and set(cpu["vector_extensions"]) <= set(common.VECTOR_EXTENSIONS)
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    assert ("avx2" in cpu["vector_extensions"]) == (" avx2" in flags)
+    memory = tiny_result["memory"]
+    for name in ("jax", "torch_eager"):
+        probe = memory[name]
+        assert "error" not in probe, probe
+        assert probe["batch"] == 2 and probe["device_peak_bytes"] is None  # CPU: no device memory
+        # A fresh process per framework: its peak holds the libraries and weights, above what the step adds.
+        assert 0 < probe["step_rss_growth_bytes"] < probe["peak_rss_bytes"]
+
+
 def test_bf16_gradient_differences_are_rounding_not_disagreement():
     """In bf16 the two frameworks' first gradients differ a lot; --against-fp32 shows that each one's bf16
     gradient is about as far from its own fp32 gradient, while the two fp32 gradients agree."""
     if jax.__version_info__ >= (0, 11):
         pytest.skip("bf16 on XLA:CPU gives wrong results with jaxlib 0.11 (README, Known issues)")
     agreement = _run_benchmark("--batch", "8", "--steps", "1", "--rounds", "1", "--warmup", "1",
-                               "--precision", "bfloat16", "--against-fp32", "--skip-inference")["first_step_agreement"]
+                               "--precision", "bfloat16", "--against-fp32", "--skip-inference",
+                               "--torch-variants", "eager")["first_step_agreement"]
     assert agreement["fp32_grad_rel_err"] < 2e-2
     for framework in ("jax", "torch"):
         own_rounding = agreement[f"{framework}_bf16_vs_fp32_grad_rel_err"]
@@ -133,8 +228,6 @@ def test_bf16_gradient_differences_are_rounding_not_disagreement():
 def test_flop_count_includes_the_convolutions():
     """MFU divides by XLA's count of the lowered program, which counts a convolution as 2 * multiply-adds
     on every backend (a GPU's compiled program hides its convolutions in cuDNN calls, counted as 0)."""
-    import train_step
-
     batch, size, in_channels, out_channels, kernel = 2, 12, 3, 5, 3
     images = jax.ShapeDtypeStruct((batch, size, size, in_channels), jnp.float32)
     kernels = jax.ShapeDtypeStruct((kernel, kernel, in_channels, out_channels), jnp.float32)
@@ -152,6 +245,8 @@ def test_flop_count_includes_the_convolutions():
     (["--classifier", "resnet7", "--skip-torch"], "error: unknown classifier 'resnet7'"),
     (["--size", "8", "--skip-torch"], "needs H, W >= 16"),
     (["--against-fp32"], "--against-fp32 needs --precision bfloat16 and the torch side"),
+    (["--torch-variants", "eager,compiled"], "unknown --torch-variants compiled"),
+    (["--memory-budget-gb", "0"], "--memory-budget-gb must be > 0"),
 ])
 def test_benchmark_cli_rejects_bad_arguments_in_one_line(arguments, message):
     command = [sys.executable, str(REPO_ROOT / "bench" / "train_step.py"), *arguments]
@@ -171,3 +266,125 @@ def test_benchmark_needs_no_input_pipeline_packages():
             "info = common.environment(); print(info['torch'], info['flax'] is not None)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.stdout.split() == ["None", "True"], result.stderr[-2000:]
+
+
+class _FakeBench:
+    """A bench whose first call fails (`error`) or returns metrics; `compile_mode` as TorchBench's."""
+
+    def __init__(self, compile_mode: str | None, error: Exception | None = None):
+        self.compile_mode, self.error = compile_mode, error
+
+    def run_train(self) -> dict:
+        if self.error is not None:
+            raise self.error
+        return {"loss": 1.0}
+
+    def synchronize(self, result: dict) -> None:
+        pass
+
+
+def test_a_failing_compiled_variant_is_reported_and_left_out():
+    benches = {"jax": _FakeBench(None), "compile": _FakeBench("default", RuntimeError("no compiler\nmore lines")),
+               "eager": _FakeBench(None)}
+    failures: dict[str, str] = {}
+    first = train_step._first_steps(benches, "run_train", failures)
+    assert list(benches) == list(first) == ["jax", "eager"]
+    assert failures == {"compile": "RuntimeError: no compiler"}
+    entry = train_step._torch_variant_result("compile", failures["compile"], None, None, None, None, None, None, 2)
+    assert entry == {"memory_format": "contiguous", "compile_mode": "default", "error": "RuntimeError: no compiler"}
+    # An eager side's failure is a bug of the benchmark, never hidden.
+    with pytest.raises(ValueError):
+        train_step._first_steps({"eager": _FakeBench(None, ValueError("bad"))}, "run_train", {})
+
+
+def test_speedups_ignore_failed_variants_and_pick_the_fastest():
+    def summary(step_ms: float, cpu_ms: float) -> dict:
+        return {"step_ms_median": step_ms, "cpu_ms_median": cpu_ms}
+
+    result = {"jax_train": summary(100, 100), "torch": {
+        "eager": {"error": None, "train": summary(120, 110)},
+        "eager_channels_last": {"error": None, "train": summary(80, 90)},
+        "compile": {"error": None, "train": summary(90, 70)},
+        "compile_max_autotune": {"error": "RuntimeError: failed", "memory_format": "contiguous"}}}
+    got = train_step.speedups(result)
+    assert got["best_torch_variant"] == "eager_channels_last"
+    assert (got["speedup_vs_torch_eager"], got["speedup_vs_torch_compile"], got["speedup_vs_best_torch"]) == (1.2, 0.9, 0.8)
+    assert (got["cpu_time_speedup_vs_torch_eager"], got["cpu_time_speedup_vs_best_torch"]) == (1.1, 0.7)
+    del result["torch"]["compile"]
+    assert train_step.speedups(result)["speedup_vs_torch_compile"] is None
+
+
+def _affine_probe(fixed: int, per_image: int, fails_above: int | None = None):
+    """A memory probe: fixed + per_image * batch bytes; a failed (out-of-memory) process above `fails_above`."""
+    probed: list[int] = []
+
+    def probe(batch: int) -> dict:
+        probed.append(batch)
+        if fails_above is not None and batch > fails_above:
+            return {"batch": batch, "error": "exit status -9"}
+        return {"batch": batch, "peak_rss_bytes": fixed + per_image * batch, "device_peak_bytes": None}
+
+    return probe, probed
+
+
+def test_largest_batch_follows_the_affine_prediction_and_verifies_it():
+    probe, probed = _affine_probe(fixed=1000, per_image=10)
+    search = train_step.largest_batch(probe, start=4, budget_bytes=2005)
+    assert search["max_batch"] == 100  # 1000 + 10 * 100 <= 2005 < 1000 + 10 * 101
+    assert probed == [4, 8, 100]
+    assert (search["bytes_per_image"], search["fixed_bytes"]) == (10, 1000)
+
+
+def test_largest_batch_reuses_a_probe_already_taken():
+    probe, probed = _affine_probe(fixed=1000, per_image=10)
+    first = probe(4)
+    search = train_step.largest_batch(probe, start=4, budget_bytes=2005, known={4: first})
+    assert probed == [4, 8, 100] and search["probes"][0] is first and search["max_batch"] == 100
+
+
+def test_largest_batch_bisects_when_the_prediction_does_not_fit():
+    probe, probed = _affine_probe(fixed=1000, per_image=10, fails_above=60)  # e.g. killed for memory
+    search = train_step.largest_batch(probe, start=4, budget_bytes=2005)
+    assert 60 - 60 // 16 <= search["max_batch"] <= 60
+    assert max(b for b in probed if b <= 60) == search["max_batch"]
+    assert all("error" in p for p in search["probes"] if p["batch"] > 60)
+
+
+def test_largest_batch_halves_a_start_that_does_not_fit():
+    probe, probed = _affine_probe(fixed=1000, per_image=10)
+    assert train_step.largest_batch(probe, start=16, budget_bytes=1035)["max_batch"] == 3
+    assert probed[:4] == [16, 8, 4, 2]
+    probe, _ = _affine_probe(fixed=1000, per_image=10)
+    assert train_step.largest_batch(probe, start=2, budget_bytes=1005)["max_batch"] == 0
+
+
+def test_cpu_description_reads_model_and_vector_extensions(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Example CPU @ 2.0GHz\nflags\t\t: fpu sse4_2 avx avx2 fma\n\n"
+                       "processor\t: 1\nmodel name\t: Example CPU @ 2.0GHz\nflags\t\t: fpu sse4_2 avx avx2 fma avx512f\n")
+    assert common.cpu_description(str(cpuinfo)) == {"model": "Example CPU @ 2.0GHz",
+                                                     "vector_extensions": ["sse4_2", "avx", "avx2", "fma"]}
+
+
+def test_whole_run_benchmark_times_train_py_epochs_against_the_step(tmp_path):
+    """train.py on the tiny model: every epoch's wall time holds its metrics row's seconds (training +
+    evaluation) plus checkpoints and logging; the ratio is the run's images/s over the step's."""
+    result = _run_script("train_run.py", "--enhancer-width", "4", "--size", "96", "--batch", "8", "--train-size", "32",
+                         "--per-class", "8", "--epochs", "2", "--threads", "1", "--step-rounds", "1",
+                         "--out", str(tmp_path))
+    assert result["steps_per_epoch"] == 4 and result["images_per_epoch"] == 32
+    assert len(result["epoch_wall_s"]) == len(result["epoch_metrics_s"]) == 1
+    assert result["epoch_wall_s"][0] >= result["epoch_metrics_s"][0] > 0
+    assert result["run_img_s"] == pytest.approx(32 / result["epoch_wall_s_median"], rel=1e-2)
+    assert result["run_vs_step"] == pytest.approx(result["run_img_s"] / result["step_img_s"], rel=1e-2)
+    assert result["first_epoch_wall_s"] > result["epoch_wall_s"][0]  # the first epoch compiles
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["phase"], row["epoch"]) for row in rows] == [(2, 1), (2, 2)]
+
+
+def test_epoch_breakdown_splits_wall_time():
+    rows = [{"seconds": 30.0}, {"seconds": 4.0}, {"seconds": 5.0}]
+    got = train_run.epoch_breakdown(rows, arrivals=[40.0, 45.0, 51.0], images_per_epoch=60)
+    assert got["first_epoch_wall_s"] == 40.0 and got["epoch_wall_s"] == [5.0, 6.0]
+    assert got["epoch_outside_metrics_s"] == [1.0, 1.0]
+    assert got["run_img_s"] == pytest.approx(60 / 5.5, abs=1e-3)

@@ -15,10 +15,14 @@ from urnet_jax.models.resnet import ResNet
 from urnet_jax.models.resunet import ResUNet
 from urnet_jax.models.unet import UNet
 from urnet_jax.models.unetpp import UNetPlusPlus
+from urnet_jax.models.conv_frontend import ConvFrontend
+from urnet_jax.models.dynamic_enhancement import DynamicEnhancer
+from urnet_jax.models.rsgunet import RSGUNet
 from urnet_jax.models.urnet import URNetEnhancer
 
 KEY = jax.random.key(0, impl="rbg")
-ENHANCER_TYPES = {"unet": UNet, "unetpp": UNetPlusPlus, "resunet": ResUNet, "urnet": URNetEnhancer}
+ENHANCER_TYPES = {"unet": UNet, "unetpp": UNetPlusPlus, "resunet": ResUNet, "urnet": URNetEnhancer,
+                  "rsgunet": RSGUNet, "dynamic_enhancement": DynamicEnhancer, "conv_frontend": ConvFrontend}
 
 
 class StandInClassifier(nn.Module):

@@ -51,6 +51,9 @@ def test_urnet_is_the_papers_protocol():
     assert config.to_dict() == load("net4").to_dict()
     assert (config.model.enhancer, config.model.classifier, config.model.enhancer_width) == ("urnet", "resnet101", 64)
     assert (config.optimizer.name, config.optimizer.lr, config.optimizer.momentum) == ("sgd", 1e-4, 0.9)
+    phase1 = config.pretrain.optimizer
+    assert (phase1.name, phase1.lr, phase1.momentum, phase1.clip_norm) == ("sgd", 1e-4, 0.9, 0.0)
+    assert config.model.enhancer_output == "sigmoid" and config.optimizer.clip_norm == 0.0
     assert (config.batch_size, config.pretrain.epochs, config.train.epochs, config.data.image_size) == (32, 100, 200, 200)
 
 

@@ -17,8 +17,17 @@ import pytest
 from PIL import Image
 
 from urnet_jax.config import base_config
-from urnet_jax.data import (DataError, eval_batches, load_image, load_info, prepare, read_manifest,
-                            stainfree_proxy, steps_per_epoch, train_batches)
+from urnet_jax.data import (
+    DataError,
+    eval_batches,
+    load_image,
+    load_info,
+    prepare,
+    read_manifest,
+    stainfree_proxy,
+    steps_per_epoch,
+    train_batches,
+)
 from urnet_jax.data.augment import apply_augmentation, class_totals
 from urnet_jax.data.prepare import exclusive_lock
 
@@ -82,6 +91,7 @@ def _data_config(data_dir: pathlib.Path | str = "", **overrides):
     data.image_size = SIZE
     data.train_size = 100
     data.test_fraction = 0.25
+    data.val_fraction = 0.0  # the three-way split has its own tests (test_data_splits.py)
     data.synthetic_per_class = 8
     for key, value in overrides.items():
         setattr(data, key, value)
@@ -146,7 +156,7 @@ def test_prepare_split_is_stratified_leak_free_and_only_train_is_augmented(prepa
         34, 32, 34]
     assert len({(row["sha256"], row["augmentation"]) for row in train}) == len(train)  # distinct variants
     assert [int(row["index"]) for row in train] == list(range(len(train)))
-    assert load_info(prepared).num_examples == {"train": 100, "test": 8}
+    assert load_info(prepared).num_examples == {"train": 100, "val": 0, "test": 8}
 
 
 def test_records_hold_the_decoded_images_in_manifest_order(prepared):
@@ -277,6 +287,7 @@ def test_synthetic_data_set_when_no_dir_is_given(tmp_path):
     assert summary.source == "synthetic"
     assert summary.class_names == ("granulocyte", "monocyte", "lymphocyte")
     assert summary.counts == {"train": {"granulocyte": 20, "monocyte": 20, "lymphocyte": 20},
+                              "val": {"granulocyte": 0, "monocyte": 0, "lymphocyte": 0},
                               "test": {"granulocyte": 2, "monocyte": 2, "lymphocyte": 2}}
     source = str(tmp_path / "synthetic_source")
     assert all(row["path"].startswith(source) for row in read_manifest(tmp_path, "test"))
@@ -394,12 +405,14 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_prepare_prints_counts_and_skips(tree, tmp_path):
     result = _run_cli("prepare", "--config", CONFIG, f"--config.data.dir={tree[0]}", "--config.data.image_size=32",
-                      "--config.data.train_size=50", "--config.data.test_fraction=0.25", "--out", str(tmp_path))
+                      "--config.data.train_size=50", "--config.data.test_fraction=0.25", "--config.data.val_fraction=0",
+                      "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"prepared {tmp_path} from {tree[0]} (32x32 px, variant raw)")
-    assert any(line.split() == ["granulocyte", "10", "17", "4"] for line in lines), result.stdout
-    assert any(line.split() == ["total", "20", "50", "8"] for line in lines), result.stdout
+    assert lines[1].split() == ["class", "train", "originals", "train", "val", "test"]
+    assert any(line.split() == ["granulocyte", "10", "17", "0", "4"] for line in lines), result.stdout
+    assert any(line.split() == ["total", "20", "50", "0", "8"] for line in lines), result.stdout
     assert ("skipped 6 files (1 corrupt or truncated image, 1 duplicate, 1 empty file, 2 label conflict, "
             "1 not an image; see skipped.csv)") in lines
     assert (tmp_path / "manifest.csv").is_file() and (tmp_path / "skipped.csv").is_file()

@@ -12,11 +12,15 @@ import pytest
 from PIL import Image
 
 from urnet_jax.data import augment, split
-from urnet_jax.errors import DataError
 from urnet_jax.data.folders import SourceFile, resolve_class_folders, scan_class_files
 from urnet_jax.data.images import decode_image, is_image_name, load_image
 from urnet_jax.data.stainfree import stainfree_proxy
-from urnet_jax.data.synthetic import SYNTHETIC_CLASSES, render_cell, write_synthetic_folders
+from urnet_jax.data.synthetic import (
+    SYNTHETIC_CLASSES,
+    render_cell,
+    write_synthetic_folders,
+)
+from urnet_jax.errors import DataError
 
 
 def _encode(image: Image.Image, format: str, **options) -> bytes:
@@ -226,13 +230,13 @@ def test_duplicates_are_grouped_and_label_conflicts_reported():
 def test_stratified_split_counts_and_determinism():
     files = _population({"a": 50, "b": 20, "c": 11, "d": 2, "e": 1})
     names = ("a", "b", "c", "d", "e")
-    first = split.stratified_split(files, names, 0.2, seed=3)
+    first = split.stratified_split(files, names, 0.2, val_fraction=0.0, seed=3)
     test_counts = {n: sum(f.source.class_name == n for f in first["test"]) for n in names}
     assert test_counts == {"a": 10, "b": 4, "c": 2, "d": 1, "e": 0}
-    assert len(first["train"]) + len(first["test"]) == len(files)
+    assert len(first["train"]) + len(first["test"]) == len(files) and not first["val"]
     assert not {f.sha256 for f in first["train"]} & {f.sha256 for f in first["test"]}
-    assert split.stratified_split(files[::-1], names, 0.2, seed=3) == first  # independent of the input order
-    other = split.stratified_split(files, names, 0.2, seed=4)
+    assert split.stratified_split(files[::-1], names, 0.2, 0.0, seed=3) == first  # independent of the input order
+    other = split.stratified_split(files, names, 0.2, 0.0, seed=4)
     assert {f.sha256 for f in other["test"]} != {f.sha256 for f in first["test"]}
 
 

@@ -77,7 +77,8 @@ def test_model_json_and_predict_exported(exported):
                                     "shape": [None, IMAGE_SIZE, IMAGE_SIZE, 3], "values": "RGB 0..255"}
     assert description["temperature"] == 2.0 and description["calibration"] == dataclasses.asdict(CALIBRATION)
     assert description["note"] == "tiny"
-    assert sorted(path.name for path in out.iterdir()) == sorted([MODEL_JSON, SAVED_MODEL_DIR, TFLITE_FILE])
+    assert sorted(path.name for path in out.iterdir()) == sorted([MODEL_JSON, SAVED_MODEL_DIR, TFLITE_FILE,
+                                                                 "calibration.json"])
     images = random_images(5, seed=2)
     probabilities = predict_exported(out, images, batch_size=2)  # batches of 2, 2 and 1
     np.testing.assert_allclose(probabilities, temperature_scaled(jax_logits(model, variables, images), 2.0),

@@ -152,7 +152,7 @@ def test_table2_grid_and_compare(tmp_path):
     report = compare_report([tmp_path / "run1", tmp_path / "run2"])
     assert "|  | run1 | run2 |" in report
     assert "| UNet | 75.00 |" in report
-    assert "Not in Table 2 (no config.json): run2." in report
+    assert "Not in Table 2 or Table 4 (no config.json): run2." in report
     with pytest.raises(ConfigError, match="not found"):
         compare_report([tmp_path / "missing"])
 

@@ -36,10 +36,12 @@ def read_csv(path):
 def test_predictions_csv_and_count_include_unreadable_files(tmp_path):
     result = FolderPredictions(
         class_names=CLASSES, paths=[tmp_path / "a.png", tmp_path / "b.png"],
-        probabilities=np.array([[0.1, 0.7, 0.2], [0.8, 0.1, 0.1]], np.float32),
+        logits=np.log(np.array([[0.1, 0.7, 0.2], [0.8, 0.1, 0.1]])),
         unreadable=[(str(tmp_path / "bad.png"), "corrupt or truncated image")])
     np.testing.assert_array_equal(result.predicted, [1, 0])
-    write_predictions_csv(tmp_path / "preds.csv", result.paths, result.probabilities, CLASSES,
+    np.testing.assert_allclose(result.probabilities(2.0)[0], np.array([0.1, 0.7, 0.2]) ** 0.5 / np.sum(
+        np.array([0.1, 0.7, 0.2]) ** 0.5))  # softmax(log p / T)
+    write_predictions_csv(tmp_path / "preds.csv", result.paths, result.probabilities(), CLASSES,
                           unreadable=result.unreadable)
     rows = read_csv(tmp_path / "preds.csv")
     assert list(rows[0]) == ["path", "true_label", "predicted_label", *[f"prob_{c}" for c in CLASSES], "error"]
@@ -80,11 +82,20 @@ def run_predict(*args):
                           text=True, env=subprocess_env(), timeout=300)
 
 
+def uncalibrated_copy(trained_run, tmp_path):
+    """A copy of the tiny run without what evaluate.py adds (eval/, calibration.json, held-out predictions)."""
+    copy = tmp_path / "uncalibrated_run"
+    shutil.copytree(trained_run, copy, ignore=shutil.ignore_patterns("eval", "calibration.json",
+                                                                     "heldout_predictions.npz"))
+    return copy
+
+
 def test_predict_counts_a_folder_with_corrupt_files(trained_run, tmp_path):
     import urnet_jax.data as data_lib
     from urnet_jax.inference import batched_probabilities
     from urnet_jax.workdir import load_run
 
+    trained_run = uncalibrated_copy(trained_run, tmp_path)
     run = load_run(trained_run)
     manifest = data_lib.read_manifest(run.prepared_dir, "test")
     folder = tmp_path / "cells"
@@ -100,7 +111,8 @@ def test_predict_counts_a_folder_with_corrupt_files(trained_run, tmp_path):
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "preds.csv"
 
-    result = run_predict("--workdir", trained_run, "--images", folder, "--out", out, "--noprogress")
+    result = run_predict("--workdir", trained_run, "--images", folder, "--out", out, "--noprogress",
+                         "--correction", "none")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stdout.splitlines()
@@ -110,6 +122,8 @@ def test_predict_counts_a_folder_with_corrupt_files(trained_run, tmp_path):
     assert sum(int(parts[1]) for parts in class_lines) == len(manifest)
     assert sum(float(parts[2].rstrip("%")) for parts in class_lines) == pytest.approx(100.0, abs=0.02)
     assert "Unreadable files: 2" in lines
+    assert "Corrected differential count" not in result.stdout
+    assert lines[-1] == f"per-image predictions (uncalibrated probabilities (no calibration.json)): {out}"
     assert f"  {folder / 'slide0' / 'broken.png'}: not an image (format not recognised)" in lines
     assert f"  {folder / 'empty.jpg'}: empty file" in lines
 
@@ -144,7 +158,7 @@ def test_predict_errors_are_one_line(trained_run, tmp_path):
             (["--workdir", trained_run, "--images", images, "--no-progress"],
              "Unknown command line flag 'no-progress'"),
             (["--workdir", trained_run, "--images", images, "extra"], "unexpected argument(s): extra")):
-        result = run_predict(*args)
+        result = run_predict("--correction=none", *args)  # the folder's errors, calibrated or not
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert message in result.stderr, result.stderr

@@ -4,6 +4,7 @@ import ast
 import pathlib
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,8 @@ import pytest
 
 from urnet_jax import models
 from urnet_jax.models import registry
+from urnet_jax.models.composite import build_model
+from urnet_jax.models.conv_frontend import width_matching_urnet
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -20,12 +23,15 @@ def test_names_kinds_and_reexports():
     assert models.CLASSIFIERS == registry.CLASSIFIER_NAMES and models.ENHANCERS == registry.ENHANCER_NAMES
     assert set(models.CLASSIFIERS) | set(models.ENHANCERS) == set(models.names())
     assert not set(models.CLASSIFIERS) & set(models.ENHANCERS)
-    assert models.ENHANCERS == ("unet", "unetpp", "resunet", "urnet")
+    assert models.ENHANCERS == ("unet", "unetpp", "resunet", "urnet", "rsgunet", "dynamic_enhancement",
+                                "conv_frontend")
     for name, spec in registry.MODELS.items():
         assert spec.name == name and spec.kind in (registry.ENHANCER, registry.CLASSIFIER)
         assert (spec.torchvision is not None) == (spec.kind == registry.CLASSIFIER)
     assert registry.display_name("urnet") == "UR-Net" and registry.display_name("vgg16_bn") == "VGG16-BN"
     assert registry.display_name(registry.NO_ENHANCER) == "none"
+    assert registry.display_name("rsgunet") == "RSGUNet (Huang et al. 2018)"
+    assert registry.display_name("dynamic_enhancement") == "Dynamic enhancement (Sharma et al. 2018)"
     with pytest.raises(ValueError, match="unknown model 'alexnet'; known models: resnet18, "):
         models.create("alexnet")
 
@@ -82,3 +88,17 @@ def test_model_names_are_listed_only_in_the_registry():
     listed = {str(path.relative_to(REPO_ROOT)): lines for path in sources
               if (lines := _literal_collections_of_model_names(path.read_text()))}
     assert listed == {}, f"model names listed outside urnet_jax/models/registry.py: {listed}"
+
+
+def test_enhancer_width_zero_selects_each_models_default():
+    """build_model reads the registry's default width: the authors' 16 for RSGUNet and the dynamic enhancer."""
+    assert {name: registry.default_width(name) for name in ("urnet", "rsgunet", "dynamic_enhancement")} == {
+        "urnet": 64, "rsgunet": 16, "dynamic_enhancement": 16}
+    assert registry.default_width("conv_frontend") == width_matching_urnet(64)
+    with pytest.raises(ValueError, match="'resnet18' is not an enhancer"):
+        registry.default_width("resnet18")
+    for name in registry.ENHANCER_NAMES:
+        config = types.SimpleNamespace(enhancer=name, classifier="resnet18", enhancer_width=0, classifier_width=4)
+        assert build_model(config, num_classes=3).enhancer.width == registry.default_width(name)
+        config.enhancer_width = 5
+        assert build_model(config, num_classes=3).enhancer.width == 5

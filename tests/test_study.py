@@ -82,7 +82,7 @@ def test_runner_skips_finished_runs_and_reruns_only_an_unfinished_one(tmp_path, 
     names = ["tiny-raw-seed1", "tiny-raw-seed2"]
     assert first.trained == names and not first.failed and not first.skipped
     for name in names:
-        for path in ("config.json", "metrics.jsonl", "eval/metrics.json", "checkpoints/best"):
+        for path in ("config.json", "metrics.jsonl", "eval/metrics.json", "eval_last/metrics.json", "checkpoints/best"):
             assert (out / name / path).exists(), (name, path)
         assert json.loads((out / name / "config.json").read_text())["seed"] == int(name[-1])
     # One prepared data set for both runs, at OUT/_prepared/<variant>; config.json names it relative to the
@@ -94,13 +94,15 @@ def test_runner_skips_finished_runs_and_reruns_only_an_unfinished_one(tmp_path, 
 
     second = study_run.run_study(tiny_study(), out, show_progress=False)
     assert second.skipped == names and not second.trained
-    assert train_spy.workdirs == names and evaluate_spy.workdirs == names  # nothing ran again
+    # Each run evaluated twice (last epoch, then the selected checkpoint); nothing ran again.
+    assert train_spy.workdirs == names and evaluate_spy.workdirs == [name for name in names for _ in "12"]
 
     rows_before = (out / names[1] / "metrics.jsonl").read_text()
     (out / names[1] / "eval" / "metrics.json").unlink()
     third = study_run.run_study(tiny_study(), out, show_progress=False)
     assert third.skipped == names[:1] and third.trained == names[1:]
-    assert train_spy.workdirs == [*names, names[1]] and evaluate_spy.workdirs == [*names, names[1]]
+    assert train_spy.workdirs == [*names, names[1]]
+    assert evaluate_spy.workdirs == [name for name in [*names, names[1]] for _ in "12"]
     assert (out / names[1] / "metrics.jsonl").read_text() == rows_before  # resumed at its end: no new epoch
     assert study_run.read_finished_metrics(out / names[1]) is not None
 
@@ -190,6 +192,99 @@ def test_runner_only_limit_and_delete_checkpoints(tmp_path, fake_runs):
         study_run.run_study(config, tmp_path, only=["net9-*"], show_progress=False)
 
 
+def standin_study(seeds=(1, 2, 3), data_seeds=(11, 11, 12)) -> ml_collections.ConfigDict:
+    """The tiny study on partition 'b', each seed group starting from a classifier trained on partition 'a'."""
+    study = tiny_study(seeds=seeds)
+    study.base.data.partition = "b"
+    study.base.data.val_fraction = 0.2
+    standin = sweep.with_overrides(study.base, {"model": {"enhancer": "none"}, "data": {"partition": "a"}})
+    study.pretrained_classifier = standin
+    study.data_seeds = data_seeds
+    study.comparisons = (("tiny", "tiny2"),)
+    study.models = {"tiny": {"model": {"enhancer": "none"}}, "tiny2": {"model": {"enhancer": "none"}}}
+    return study
+
+
+def test_the_pretrained_classifier_is_trained_once_per_data_seed_before_the_runs_that_load_it(tmp_path, fake_runs):
+    calls, fail_seeds = fake_runs
+    out = tmp_path / "out"
+    outcome = study_run.run_study(standin_study(), out, show_progress=False, delete_checkpoints=True)
+    assert calls[:2] == ["standin_dataseed11", "standin_dataseed12"] and len(calls) == 2 + 6 and not outcome.failed
+    for name in ("tiny-raw-seed1", "tiny2-raw-seed2", "tiny-raw-seed3"):
+        saved = json.loads((out / name / "config.json").read_text())
+        data_seed = 12 if name.endswith("3") else 11
+        assert saved["data"]["seed"] == data_seed and saved["data"]["partition"] == "b"
+        assert pathlib.Path(saved["model"]["pretrained"]).resolve() == (out / f"standin_dataseed{data_seed}").resolve()
+        assert pathlib.Path(saved["data"]["prepared_dir"]).name == f"raw-dataseed{data_seed}"
+        assert (out / name / "eval_last" / "metrics.json").is_file() and not (out / name / "checkpoints").exists()
+    standin = json.loads((out / "standin_dataseed11" / "config.json").read_text())
+    assert (standin["data"]["partition"], standin["data"]["seed"], standin["model"]["enhancer"]) == ("a", 11, "none")
+    assert (out / "standin_dataseed11" / "checkpoints").is_dir()  # kept: the study's runs load it
+    assert not (out / "standin_dataseed11" / "eval_last").exists()
+    assert json.loads((out / "study.json").read_text())["comparisons"] == [["tiny", "tiny2"]]
+
+    # --only: the stand-in of the selected runs' data seed alone; a failed stand-in stops its runs.
+    calls.clear()
+    fail_seeds[13] = errors.DataError("no images in partition a")
+    outcome = study_run.run_study(standin_study(data_seeds=(11, 11, 13)), tmp_path / "other", only=["*-seed3"],
+                                  show_progress=False)
+    assert calls == ["standin_dataseed13"]
+    assert outcome.failed == ["standin_dataseed13: no images in partition a",
+                              "tiny-raw-seed3: its pretrained classifier standin_dataseed13 failed",
+                              "tiny2-raw-seed3: its pretrained classifier standin_dataseed13 failed"]
+
+
+def test_external_sets_are_evaluated_for_the_model_variants_they_name(tmp_path, fake_runs, monkeypatch):
+    """configs/cross_lab.py's shape: every run evaluated on an external set, the BatchNorm ones also with
+    adapted statistics; the test split's metrics.json is written last (it marks the run finished)."""
+    calls, _ = fake_runs
+    evaluated = []
+
+    def fake_external(workdir, data_dir, class_map=None, name=None, adapt_bn=False, **kwargs):
+        assert not (pathlib.Path(workdir) / "eval" / "metrics.json").exists()
+        evaluated.append((pathlib.Path(workdir).name, name, class_map, adapt_bn))
+        return {}, {}
+
+    monkeypatch.setattr(runner, "evaluate_external", fake_external)
+    study = tiny_study(seeds=(1,), models={"tiny": {}, "tiny_gn": {"model": {"norm": "group"}}})
+    study.external = {"lab": {"data_dir": str(tmp_path), "class_map": "wbc3"},
+                      "lab_adapted": {"data_dir": str(tmp_path), "class_map": "wbc3", "adapt_bn": True,
+                                      "models": ("tiny",)}}
+    outcome = study_run.run_study(study, tmp_path / "out", show_progress=False)
+    assert not outcome.failed and len(calls) == 2
+    assert sorted(evaluated) == [("tiny-raw-seed1", "lab", "wbc3", False),
+                                 ("tiny-raw-seed1", "lab_adapted", "wbc3", True),
+                                 ("tiny_gn-raw-seed1", "lab", "wbc3", False)]
+    recorded = json.loads((tmp_path / "out" / "study.json").read_text())["external"]["lab"]["data_dir"]
+    assert not pathlib.Path(recorded).is_absolute() and pathlib.Path(recorded).resolve() == tmp_path.resolve()
+    study.external.lab_adapted.models = ("unknown",)
+    with pytest.raises(errors.ConfigError, match="external set lab_adapted: 'models' must name model variants"):
+        sweep.plan_runs(study, tmp_path)
+    cross_lab = cli.load_config_file(str(REPO_ROOT / "configs" / "cross_lab.py"))
+    runs = sweep.plan_runs(cross_lab, tmp_path / "prepared")
+    assert len(runs) == 6 * 3 and {run.config.train.select_on for run in runs} == {"val"}
+    assert "tecom_adapt_bn" not in sweep.external_sets(cross_lab, "groupnorm")
+    assert set(sweep.external_sets(cross_lab, "crop")) == {"tecom", "tecom_adapt_bn"}
+
+
+def test_study_config_checks_the_pretrained_classifier_and_seed_groups(tmp_path):
+    same_half = standin_study()
+    same_half.pretrained_classifier.data.partition = "b"
+    with pytest.raises(errors.ConfigError, match="two halves of the training split"):
+        sweep.plan_runs(same_half, tmp_path)
+    other_width = standin_study()
+    other_width.pretrained_classifier.model.classifier_width = 8
+    with pytest.raises(errors.ConfigError,
+                       match="run tiny-raw-seed1: the pretrained classifier's model.classifier_width 8"):
+        sweep.plan_runs(other_width, tmp_path)
+    with pytest.raises(errors.ConfigError, match="'data_seeds' must give one integer >= 0 per seed"):
+        sweep.plan_runs(standin_study(data_seeds=(1, 2)), tmp_path)
+    unknown = standin_study()
+    unknown.comparisons = (("tiny", "net9"),)
+    with pytest.raises(errors.ConfigError, match="'comparisons' must pair two distinct model variants"):
+        sweep.plan_runs(unknown, tmp_path)
+
+
 def test_a_finished_run_of_another_configuration_is_reported_not_skipped(tmp_path, fake_runs):
     calls, _ = fake_runs
     study_run.run_study(tiny_study(seeds=(1,)), tmp_path, show_progress=False)
@@ -241,9 +336,40 @@ def test_study_cpu_composes_the_ablation_from_the_net_configs(tmp_path):
     # The follow-up differs from study_cpu in the schedule and in running the proxy alone.
     cosine = cli.load_config_file(str(REPO_ROOT / "configs" / "study_cpu_cosine.py"))
     assert config_lib.config_differences(config.base.to_dict(), cosine.base.to_dict()) == [
-        "optimizer.schedule: 'constant' != 'cosine'"]
+        "optimizer.schedule: 'constant' != 'cosine'", "pretrain.optimizer.schedule: 'constant' != 'cosine'"]
     assert cosine.models.to_dict() == config.models.to_dict() and tuple(cosine.data_variants) == ("stainfree_proxy",)
     assert (cosine.seeds, cosine.subset_per_class, cosine.baseline) == (config.seeds, config.subset_per_class, "study_cpu")
+
+
+def test_study_wbcatt_is_the_validated_protocol_with_a_pretrained_stand_in(tmp_path):
+    """configs/study_wbcatt.py: the WBCAtt split, selection on validation, the stand-in on the other half of
+    the training split in two seed groups, five seeds, the controls and the paired comparisons."""
+    from urnet_jax.models import conv_frontend
+
+    study = cli.load_config_file(str(REPO_ROOT / "configs" / "study_wbcatt.py"))
+    standin = cli.load_config_file(str(REPO_ROOT / "configs" / "pretrain_standin.py"))
+    assert study.pretrained_classifier.to_dict() == standin.to_dict()
+    runs = sweep.plan_runs(study, tmp_path / "prepared", out_dir=tmp_path / "out")
+    assert len(runs) == 7 * 3 * 5 and len(study.seeds) >= 5
+    assert {run.data_variant for run in runs} == {"raw", "stainfree_proxy", "severe_proxy"}
+    for run in runs:
+        config = run.config
+        assert config.train.select_on == "val" and config.data.split_dir == standin.data.split_dir
+        assert (config.data.partition, standin.data.partition) == ("b", "a")
+        assert config.model.classifier == standin.model.classifier and config.data.image_size == standin.data.image_size
+        assert config.optimizer.schedule == "cosine" and config.optimizer.warmup_steps > 0
+        assert config.optimizer.clip_norm > 0 and config.data.online_augment
+        assert pathlib.Path(config.model.pretrained).name == f"standin_dataseed{config.data.seed}"
+    assert {run.config.data.seed for run in runs} == {1, 2}  # two partitions (seed groups)
+    by_name = {run.name: run.config for run in runs}
+    assert by_name["net3-raw-seed1"].model.enhancer_output == "residual"
+    assert by_name["net4-raw-seed1"].pretrain.epochs > 0 and by_name["net3-raw-seed1"].pretrain.epochs == 0
+    # The extra-layers control: a plain front end far smaller than the parameter-matched one (its cost on a CPU).
+    assert 0 < by_name["conv_frontend-raw-seed1"].model.enhancer_width < conv_frontend.width_matching_urnet(
+        by_name["net4-raw-seed1"].model.enhancer_width)
+    assert by_name["clahe-raw-seed1"].data.preprocessing == "clahe"
+    assert [run.name for run in sweep.plan_standins(study, tmp_path)] == ["standin_dataseed1", "standin_dataseed2"]
+    assert tuple(study.comparisons[0]) == ("net4", "net1")
 
 
 def test_bad_study_configs_give_one_line_errors(tmp_path):
@@ -265,7 +391,7 @@ def test_study_configs_are_data(tmp_path):
     """configs/study_*.py import nothing from urnet_jax, and loading one loads no code that trains,
     evaluates or reports (only the config schema, through configs/net4.py)."""
     files = sorted((REPO_ROOT / "configs").glob("study_*.py"))
-    assert len(files) == 3
+    assert len(files) == 4
     for path in files:
         imported = [alias.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Import)
                     for alias in node.names]

@@ -12,6 +12,7 @@ import pytest
 from scipy import ndimage
 from skimage import exposure, metrics
 
+from urnet_jax.config import base_config
 from urnet_jax.data.clahe import ClaheParameters, clahe
 from urnet_jax.data.enhancement_operators import OPERATORS, SHARPEN_AMOUNT, SHARPEN_SIGMA, emulation_target
 from urnet_jax.errors import ConfigError, DataError
@@ -34,6 +35,8 @@ from urnet_jax.models.rsgunet_losses import (
     total_variation,
 )
 from urnet_jax.models.vgg import vgg16, vgg16_bn
+from urnet_jax.reconstruction_loss import ReconstructionLoss
+from urnet_jax.train_state import current_learning_rate, make_optimizer
 
 KEY = jax.random.key(0, impl="rbg")  # compiles much faster than threefry on XLA:CPU
 jit_fast = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
@@ -368,3 +371,51 @@ def test_frozen_enhancer_stays_fixed_while_the_classifier_trains(composites):
     assert all(jax.tree.leaves(unchanged))
     moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params["classifier"], variables["params"]["classifier"])
     assert all(jax.tree.leaves(moved))
+
+
+def test_enhance_classify_freezes_its_enhancer_only_in_the_classification_pass(composites):
+    """freeze_enhancer: no gradient into the enhancer and its BatchNorm statistics fixed in __call__;
+    `enhance` (phase 1) still trains it."""
+    model, variables = composites["dynamic"]  # the dynamic enhancer has BatchNorm
+    frozen = model.clone(freeze_enhancer=True)
+    x, labels = images(*SIZES[0], batch=2, seed=17), jnp.array([0, 2])
+
+    def loss(params, module):
+        logits, updates = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                                       mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+
+    (_, updates), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"], frozen)
+    assert all(not bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads["enhancer"]))
+    assert any(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads["classifier"]))
+    same_stats = jax.tree.map(jnp.array_equal, updates["batch_stats"]["enhancer"], variables["batch_stats"]["enhancer"])
+    assert all(jax.tree.leaves(same_stats))
+    (_, updates), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"], model)
+    assert any(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads["enhancer"]))
+    _, enhance_updates = frozen.apply(variables, x, train=True, method="enhance", mutable=["batch_stats"])
+    assert not all(jax.tree.leaves(jax.tree.map(jnp.array_equal, enhance_updates["batch_stats"]["enhancer"],
+                                                variables["batch_stats"]["enhancer"])))
+
+
+def test_reconstruction_loss_per_image_averages_to_the_batch_loss():
+    prediction, target = images(40, 48, batch=3, seed=18), images(40, 48, batch=3, seed=19)
+    weights = LossWeights(ssim=0.3, total_variation=0.2)
+    per_image = ReconstructionLoss("rsgunet", weights)(prediction, target)
+    assert per_image.shape == (3,)
+    np.testing.assert_allclose(float(jnp.mean(per_image)), float(rsgunet_loss(prediction, target, weights)[0]),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ReconstructionLoss()(prediction, target)),
+                               np.mean(np.square(np.asarray(prediction) - np.asarray(target)), axis=(1, 2, 3)),
+                               rtol=1e-6)
+
+
+def test_frozen_optimizer_keeps_its_learning_rate_readable():
+    """train.freeze_enhancer wraps the optimiser inside inject_hyperparams: the logged lr still reads."""
+    config = base_config().optimizer
+    config.weight_decay = 0.1  # would move a zero-gradient enhancer if it were not frozen
+    optimizer = make_optimizer(config, 10, freeze_enhancer=True)
+    params = {"enhancer": {"w": jnp.ones(3)}, "classifier": {"w": jnp.ones(3)}}
+    state = optimizer.init(params)
+    updates, state = optimizer.update(jax.tree.map(jnp.ones_like, params), state, params)
+    assert float(current_learning_rate(state)) == np.float32(config.lr)
+    assert not bool(jnp.any(updates["enhancer"]["w"] != 0)) and bool(jnp.all(updates["classifier"]["w"] != 0))

@@ -51,9 +51,13 @@ def test_training_lowers_the_losses_and_writes_the_workdir(reference_run):
     assert [(row["phase"], row["epoch"], row["step"]) for row in rows] == [(1, 1, 8), (1, 2, 16), (2, 1, 24), (2, 2, 32)]
     pretrain, joint = rows[:2], rows[2:]
     assert pretrain[1]["train_loss"] < pretrain[0]["train_loss"]  # reconstruction error falls
-    assert all(row["train_accuracy"] is None and row["test_accuracy"] is None for row in pretrain)
+    assert all(row["train_accuracy"] is None and "val_accuracy" not in row for row in pretrain)
+    assert all(row["val_psnr"] > 0 and 0 <= row["saturated_fraction"] <= 1 for row in pretrain)
+    assert pretrain[-1]["phase1_psnr"] == [row["val_psnr"] for row in pretrain if row["best"]][-1]
     assert joint[1]["train_loss"] < joint[0]["train_loss"]  # cross-entropy falls
-    assert all(0.0 <= row["test_accuracy"] <= 1.0 for row in joint)
+    assert all(0.0 <= row[f"{split}_{metric}"] <= 1.0 for row in joint for split in ("val", "test")
+               for metric in ("accuracy", "balanced_accuracy"))
+    assert {row["selected_on"] for row in rows} == {"val"}
     config = json.loads((reference_run / "config.json").read_text())
     assert config["model"]["classifier"] == "resnet18" and config["pretrain"]["epochs"] == 2
     assert list((reference_run / "tensorboard").glob("events.out.tfevents.*"))
@@ -76,7 +80,7 @@ def test_training_compiles_a_few_whole_programs_and_estimates_each_phase(prepare
         assert abs(int(per_epoch) - 8 * float(per_step)) <= 1 and per_phase == per_epoch  # 8 steps per epoch
 
 
-def test_phase1_keeps_the_enhancer_with_the_lowest_reconstruction_error(reference_run, prepared):
+def test_phase1_keeps_the_enhancer_with_the_lowest_validation_reconstruction_error(reference_run, prepared):
     config, mesh = tiny_config(prepared), sharding.data_mesh()
     replicated = sharding.replicated(mesh)
     model = train_state.build(config, 3)
@@ -86,21 +90,24 @@ def test_phase1_keeps_the_enhancer_with_the_lowest_reconstruction_error(referenc
     best = store.restore_latest(lambda meta: target)
     store.close()
     untrained = train_state.init_variables(model, ("enhancer",), 96, jax.random.PRNGKey(config.seed), replicated)
-    untrained_mse, _ = steps.evaluate_split(evaluate, untrained, prepared, "test", 8, mesh)
-    best_mse, _ = steps.evaluate_split(evaluate, best.state, prepared, "test", 8, mesh)
-    recorded = [row["test_loss"] for row in rows_without_time(reference_run) if row["phase"] == 1]
-    assert best_mse == min(recorded)
-    assert best_mse < 0.5 * untrained_mse
+    untrained = steps.evaluate_split(evaluate, untrained, prepared, "val", 8, mesh)
+    best_metrics = steps.evaluate_split(evaluate, best.state, prepared, "val", 8, mesh)
+    recorded = [row for row in rows_without_time(reference_run) if row["phase"] == 1]
+    assert best_metrics["mse"] == min(row["val_mse"] for row in recorded)
+    assert best_metrics["psnr"] == max(row["val_psnr"] for row in recorded if row["best"])
+    assert best_metrics["mse"] < 0.5 * untrained["mse"]
 
 
-def test_load_run_best_reproduces_the_recorded_test_accuracy(reference_run):
+def test_load_run_best_reproduces_the_recorded_metrics(reference_run):
+    # `best` holds the params and the batch_stats of one step: evaluated, they give that epoch's numbers.
     run = workdir_lib.load_run(reference_run, "best")
     assert run.class_names == list(data_lib.load_info(run.prepared_dir).class_names)
     best_row = [row for row in rows_without_time(reference_run) if row["phase"] == 2 and row["best"]][-1]
     mesh = sharding.data_mesh()
     evaluate = steps.make_eval_step(run.model, steps.JOINT, mesh)
-    loss, accuracy = steps.evaluate_split(evaluate, run.variables, run.prepared_dir, "test", 8, mesh)
-    assert (loss, accuracy) == (best_row["test_loss"], best_row["test_accuracy"])
+    for split in ("val", "test"):
+        metrics = steps.evaluate_split(evaluate, run.variables, run.prepared_dir, split, 8, mesh)
+        assert metrics == {key: best_row[f"{split}_{key}"] for key in ("loss", "accuracy", "balanced_accuracy")}
     latest = workdir_lib.load_run(reference_run, "latest")
     assert set(latest.variables["params"]) == {"enhancer", "classifier"}
 
@@ -247,11 +254,11 @@ def test_workdir_of_another_configuration_is_refused_untouched(prepared, referen
     assert (reference_run / "metrics.jsonl").read_text() == metrics
 
 
-def test_non_finite_test_loss_stops_with_one_line_naming_the_intact_checkpoint(prepared, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer, "evaluate_split", lambda *args, **kwargs: (float("nan"), 0.0))
+def test_non_finite_validation_loss_stops_with_one_line_naming_the_intact_checkpoint(prepared, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "evaluate_split", lambda *args, **kwargs: {"loss": float("nan")})
     with pytest.raises(errors.RunError) as error:
         trainer.train_and_evaluate(tiny_config(prepared), tmp_path, show_progress=False)
-    match = re.fullmatch(r"non-finite test loss \(nan\) after phase 1 epoch 1; "
+    match = re.fullmatch(r"non-finite val loss \(nan\) after phase 1 epoch 1; "
                          r"the last checkpoint \(step (\d+)\) is intact", str(error.value))
     assert match, str(error.value)
     store = CheckpointStore(tmp_path / "checkpoints" / "periodic", for_writing=False)

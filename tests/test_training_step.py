@@ -18,6 +18,7 @@ import optax
 import pytest
 
 from urnet_jax import sharding, steps, train_state
+from urnet_jax.config import base_config
 from urnet_jax.models.layers import BatchNorm, conv, dense, global_avg_pool
 
 IMAGE_SIZE = 16
@@ -73,8 +74,9 @@ def make_batch(batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def optimizer_config(lr: float = 0.05, **changes) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"name": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": 0.0,
-                                      "schedule": "constant", "warmup_steps": 0, **changes})
+    section = base_config().optimizer  # every key at its default: SGD, momentum 0.9, constant, no clipping
+    section.update({"lr": lr, **changes})
+    return section
 
 
 def initial_state(model: nn.Module, phase: int, mesh: jax.sharding.Mesh,
@@ -228,7 +230,13 @@ def test_eval_step_ignores_padding_rows():
     logits = model.apply(variables, real["image"] / 255.0, train=False)
     expected = -jax.nn.log_softmax(logits)[np.arange(5), real["label"]].sum()
     np.testing.assert_allclose(float(sums_real["loss_sum"]), float(expected), rtol=1e-5)
-    assert float(sums_real["correct"]) == float((np.argmax(logits, -1) == real["label"]).sum())
+    correct = np.argmax(logits, -1) == real["label"]
+    assert float(sums_real["correct"]) == float(correct.sum())
+    num_classes = logits.shape[-1]
+    for sums in (sums_real, sums_padded):  # per class: the sums balanced accuracy is computed from
+        np.testing.assert_array_equal(sums["class_count"], np.bincount(real["label"], minlength=num_classes))
+        np.testing.assert_array_equal(sums["class_correct"],
+                                      np.bincount(real["label"], weights=correct, minlength=num_classes))
 
 
 def compare_device_counts() -> dict[str, float]:

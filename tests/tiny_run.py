@@ -25,7 +25,7 @@ TINY = {
     "model.enhancer_width": 4, "model.classifier": "resnet18", "model.classifier_width": 4,
     "data.allow_synthetic": True, "data.image_size": 96, "data.synthetic_per_class": 16, "data.train_size": 64,
     "pretrain.epochs": 2, "train.epochs": 2, "batch_size": 8, "eval_batch_size": 8,
-    "optimizer.lr": 0.02, "checkpoint.every_steps": 3, "checkpoint.keep": 2, "log_every_steps": 1,
+    "optimizer.lr": 0.02, "pretrain.optimizer.lr": 0.02, "checkpoint.every_steps": 3, "checkpoint.keep": 2, "log_every_steps": 1,
 }
 
 

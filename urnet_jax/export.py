@@ -11,7 +11,8 @@ running statistics) at the run's fixed image size, preprocessing included:
 T is the temperature of the run's calibration.json when it was fitted for the exported checkpoint, else 1.
 It is converted with `jax.experimental.jax2tf` (lowered for the CPU, the weights as TensorFlow
 variables) to DIR/saved_model/ (signature "serving_default"), then with TensorFlow's TFLite converter to
-DIR/model.tflite; DIR/model.json lists the class names, the input and outputs, and the temperature. The
+DIR/model.tflite; DIR/model.json lists the class names, the input and outputs, the temperature and (for a
+run) its data settings; a calibrated export also holds calibration.json and heldout_predictions.npz. The
 export checks itself: both files must reproduce the JAX logits on random images. Everything is written to
 a temporary folder next to DIR and renamed to DIR at the end, so an export that fails leaves nothing
 behind.
@@ -40,7 +41,7 @@ from urnet_jax import cli
 from urnet_jax.errors import ConfigError, DataError, RunError
 
 if TYPE_CHECKING:
-    from urnet_jax.calibration import Calibration
+    from urnet_jax.calibration import Calibration, HeldOutPredictions
 
 SAVED_MODEL_DIR = "saved_model"
 TFLITE_FILE = "model.tflite"
@@ -161,12 +162,17 @@ def _check_out(out: pathlib.Path) -> None:
 
 def export_model(model: Any, variables: Mapping[str, Any], class_names: Sequence[str], image_size: int,
                  out: str | pathlib.Path, calibration: Calibration | None = None,
-                 metadata: Mapping[str, Any] | None = None) -> ExportSummary:
+                 metadata: Mapping[str, Any] | None = None, heldout: HeldOutPredictions | None = None
+                 ) -> ExportSummary:
     """Exports `model` (an EnhanceClassify) with `variables` {'params', 'batch_stats'} for uint8 images
     (N, image_size, image_size, 3) to the new folder `out` (see the module docstring), the probabilities
-    scaled by the temperature of `calibration`; `metadata` is added to model.json. Writes nothing at `out`
-    unless the whole export succeeds."""
+    scaled by the temperature of `calibration`; `metadata` is added to model.json. With `calibration`,
+    calibration.json is copied into the export, and with `heldout` heldout_predictions.npz (what
+    `predict.py --exported` needs for the corrected count). Writes nothing at `out` unless the whole
+    export succeeds."""
     import jax
+
+    from urnet_jax.calibration import write_calibration, write_heldout
 
     started = time.perf_counter()
     out = pathlib.Path(out)
@@ -190,6 +196,10 @@ def export_model(model: Any, variables: Mapping[str, Any], class_names: Sequence
             "files": {"saved_model": SAVED_MODEL_DIR, "tflite": TFLITE_FILE},
             "parity_max_abs_logit_difference": parity, **(metadata or {})}
         (staging / MODEL_JSON).write_text(json.dumps(description, indent=2) + "\n")
+        if calibration is not None:
+            write_calibration(staging, calibration)
+        if heldout is not None:
+            write_heldout(staging, heldout)
         staging.chmod(0o755)  # mkdtemp's folders are private to the user
         if out.exists():
             out.rmdir()  # an empty folder (checked above)
@@ -203,17 +213,25 @@ def export_model(model: Any, variables: Mapping[str, Any], class_names: Sequence
 def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, checkpoint: str = "best") -> ExportSummary:
     """Exports the `checkpoint` weights of the run in `workdir` to the new folder `out`, with the run's
     calibrated temperature when its calibration.json was fitted for that checkpoint."""
-    from urnet_jax.calibration import CALIBRATION_FILE, read_calibration
+    from urnet_jax.calibration import (
+        CALIBRATION_FILE,
+        HELDOUT_FILE,
+        read_calibration,
+        read_heldout,
+    )
     from urnet_jax.workdir import load_run
 
     workdir, out = pathlib.Path(workdir), pathlib.Path(out)
     _check_out(out)
     run = load_run(workdir, checkpoint)
     calibration = read_calibration(workdir) if (workdir / CALIBRATION_FILE).is_file() else None
+    if calibration is not None and calibration.checkpoint != checkpoint:
+        calibration = None
+    heldout = read_heldout(workdir) if calibration is not None and (workdir / HELDOUT_FILE).is_file() else None
     metadata = {"checkpoint": checkpoint, "enhancer": run.config.model.enhancer,
-                "classifier": run.config.model.classifier}
+                "classifier": run.config.model.classifier, "data": run.config.data.to_dict()}
     return export_model(run.model, run.variables, run.class_names, int(run.config.data.image_size), out,
-                        calibration if calibration and calibration.checkpoint == checkpoint else None, metadata)
+                        calibration, metadata, heldout)
 
 
 def read_model_json(export_dir: str | pathlib.Path) -> dict[str, Any]:
@@ -224,9 +242,13 @@ def read_model_json(export_dir: str | pathlib.Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def predict_exported(export_dir: str | pathlib.Path, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Probabilities (N, K) float32 (temperature-scaled when the export is calibrated, see model.json) of
-    the exported TFLite model for uint8 `images` (N, S, S, 3), S the export's image size; no JAX needed."""
+def predict_exported(export_dir: str | pathlib.Path, images: np.ndarray, batch_size: int = 32,
+                     output: str = "probabilities") -> np.ndarray:
+    """Probabilities (N, K) float32 (temperature-scaled when the export is calibrated, see model.json), or
+    with output="logits" the logits (N, K), of the exported TFLite model for uint8 `images` (N, S, S, 3),
+    S the export's image size; no JAX needed."""
+    if output not in ("probabilities", "logits"):
+        raise ConfigError(f"output must be 'probabilities' or 'logits', got {output!r}")
     export_dir = pathlib.Path(export_dir)
     description = read_model_json(export_dir)
     shape = tuple(description["input"]["shape"][1:])
@@ -235,7 +257,7 @@ def predict_exported(export_dir: str | pathlib.Path, images: np.ndarray, batch_s
         raise DataError(f"the exported model takes uint8 images (N, {', '.join(map(str, shape))}), got "
                         f"{images.dtype} {images.shape}")
     runner = _tflite_interpreter(export_dir / description["files"]["tflite"]).get_signature_runner(SIGNATURE)
-    batches = [runner(**{INPUT_NAME: images[start:start + batch_size]})["probabilities"]
+    batches = [runner(**{INPUT_NAME: images[start:start + batch_size]})[output]
                for start in range(0, len(images), batch_size)]
     return np.concatenate(batches) if batches else np.zeros((0, len(description["class_names"])), np.float32)
 

@@ -1,7 +1,7 @@
 """Running a trained model over images: class probabilities, the enhancer's output, a folder of files.
 
-    result = predict_folder(run.model, run.variables, run.class_names, "cells/", image_size=200)
-    write_predictions_csv("preds.csv", result.paths, result.probabilities, result.class_names,
+    result = predict_folder(run.model, run.variables, run.class_names, "cells/", run.config.data)
+    write_predictions_csv("preds.csv", result.paths, result.probabilities(), result.class_names,
                           unreadable=result.unreadable)
 
 `write_predictions_csv` is the one per-image CSV schema of the project: `evaluate.py` writes it with the
@@ -14,7 +14,7 @@ import csv
 import dataclasses
 import functools
 import pathlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -23,8 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from urnet_jax.adapt_bn import adapt_batch_stats
+from urnet_jax.calibration import temperature_scaled
 from urnet_jax.data import load_image
 from urnet_jax.data.images import IMAGE_EXTENSIONS, is_image_name
+from urnet_jax.data.transforms import model_input
 from urnet_jax.errors import DataError
 from urnet_jax.models.composite import imagenet_normalize
 from urnet_jax.steps import to_unit_range
@@ -43,9 +46,9 @@ def find_images(folder: str | pathlib.Path) -> list[pathlib.Path]:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "bypass_enhancer"))
-def class_probabilities(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
-                        bypass_enhancer: bool = False) -> jax.Array:
-    """Softmax probabilities (N, K) float32 of `model` (an EnhanceClassify) for uint8 images (N, H, W, 3).
+def class_logits(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
+                 bypass_enhancer: bool = False) -> jax.Array:
+    """Logits (N, K) float32 of `model` (an EnhanceClassify) for uint8 images (N, H, W, 3), eval mode.
 
     The images are scaled to [0, 1], the composite model's input convention. bypass_enhancer=True skips
     `enhance()`: the classifier gets the image ImageNet-normalised directly (the robustness study's
@@ -57,7 +60,13 @@ def class_probabilities(model: nn.Module, variables: Mapping[str, Any], images: 
             imagenet_normalize(x), train=False))
     else:
         logits = model.apply(variables, x, train=False)
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return logits.astype(jnp.float32)
+
+
+def class_probabilities(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
+                        bypass_enhancer: bool = False) -> jax.Array:
+    """Softmax probabilities (N, K) float32 of `class_logits`."""
+    return jax.nn.softmax(class_logits(model, variables, images, bypass_enhancer), axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -72,40 +81,61 @@ def enhanced_images(model: nn.Module, variables: Mapping[str, Any], images: jax.
     return enhanced.astype(jnp.float32)
 
 
-def batched_probabilities(model: nn.Module, variables: Mapping[str, Any], images: np.ndarray,
-                          batch_size: int) -> np.ndarray:
-    """`class_probabilities` over uint8 `images` (N, H, W, 3) in fixed-size batches (one compilation)."""
+def batched_logits(model: nn.Module, variables: Mapping[str, Any], images: np.ndarray,
+                   batch_size: int) -> np.ndarray:
+    """`class_logits` (N, K) float32 over uint8 `images` (N, H, W, 3) in fixed-size batches (one compilation)."""
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         padded = np.zeros((batch_size, *batch.shape[1:]), batch.dtype)
         padded[:len(batch)] = batch
-        outputs.append(np.asarray(class_probabilities(model, variables, padded))[:len(batch)])
+        outputs.append(np.asarray(class_logits(model, variables, padded))[:len(batch)])
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+
+def batched_probabilities(model: nn.Module, variables: Mapping[str, Any], images: np.ndarray,
+                          batch_size: int) -> np.ndarray:
+    """Softmax probabilities (N, K) float32 of `batched_logits`."""
+    logits = batched_logits(model, variables, images, batch_size)
+    return np.asarray(jax.nn.softmax(logits, axis=-1)) if len(logits) else logits
 
 
 @dataclasses.dataclass
 class FolderPredictions:
-    """Predictions for the readable images of a folder; `probabilities` is (len(paths), K)."""
+    """Predictions for the readable images of a folder: `logits` (len(paths), K) float32."""
 
     class_names: list[str]
     paths: list[pathlib.Path]
-    probabilities: np.ndarray
+    logits: np.ndarray
     unreadable: list[tuple[str, str]]  # (path, reason)
+
+    def probabilities(self, temperature: float = 1.0) -> np.ndarray:
+        """softmax(logits / temperature) (len(paths), K); temperature from the run's calibration."""
+        return temperature_scaled(self.logits, temperature)
 
     @property
     def predicted(self) -> np.ndarray:
-        return self.probabilities.argmax(axis=-1) if len(self.paths) else np.zeros(0, np.int64)
+        return self.logits.argmax(axis=-1) if len(self.paths) else np.zeros(0, np.int64)
 
 
-def _read_images(paths: Iterable[pathlib.Path], image_size: int,
-                 unreadable: list[tuple[str, str]]) -> tuple[list[pathlib.Path], np.ndarray]:
+ImageReader = Callable[[pathlib.Path], np.ndarray]
+
+
+def image_reader(data_config: Mapping[str, Any]) -> ImageReader:
+    """path -> the uint8 (S, S, 3) image a model trained with `data_config` (config.data) sees:
+    `urnet_jax.data.transforms.model_input` of the decoded file (S = data.image_size); raises DataError
+    naming the file when it cannot be decoded."""
+    return lambda path: model_input(load_image(str(path)), data_config)
+
+
+def _read_images(paths: Iterable[pathlib.Path], read: ImageReader,
+                 unreadable: list[tuple[str, str]]) -> tuple[list[pathlib.Path], list[np.ndarray]]:
     """Decodes `paths`; the ones that fail are appended to `unreadable` with the reason."""
     good, images = [], []
     for path in paths:
         try:
-            image = np.asarray(load_image(str(path), image_size), dtype=np.uint8)
-            if image.shape != (image_size, image_size, 3):
+            image = np.asarray(read(path), dtype=np.uint8)
+            if image.ndim != 3 or image.shape[-1] != 3:
                 raise ValueError(f"decoded to shape {image.shape}")
         except Exception as error:  # noqa: BLE001 - any decoding failure is reported, never fatal.
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -114,36 +144,69 @@ def _read_images(paths: Iterable[pathlib.Path], image_size: int,
             continue
         good.append(path)
         images.append(image)
-    return good, (np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8))
+    return good, images
 
 
-def predict_folder(model: nn.Module, variables: Mapping[str, Any], class_names: Sequence[str],
-                   folder: str | pathlib.Path, image_size: int, batch_size: int = 64,
-                   progress: bool = True) -> FolderPredictions:
-    """Classifies every image of `folder` (see `find_images`); unreadable files are collected, not raised.
+def image_batches(paths: Sequence[pathlib.Path], read: ImageReader, batch_size: int,
+                  unreadable: list[tuple[str, str]], progress: bool = False, desc: str = "read"
+                  ) -> Iterator[tuple[list[pathlib.Path], np.ndarray]]:
+    """(readable paths, uint8 images (n, S, S, 3)) per chunk of `batch_size` files (n <= batch_size;
+    chunks without a readable file are left out); unreadable files are appended to `unreadable`."""
+    for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch", disable=not progress):
+        good, images = _read_images(paths[start:start + batch_size], read, unreadable)
+        if good:
+            yield good, np.stack(images)
 
-    Raises DataError when `folder` is not a directory or holds no image file.
-    """
+
+def adapted_variables(model: nn.Module, variables: Mapping[str, Any], paths: Sequence[pathlib.Path],
+                      read: ImageReader, batch_size: int, progress: bool = False) -> dict[str, Any]:
+    """`variables` with the BatchNorm statistics re-estimated on the readable images of `paths`
+    (`urnet_jax.adapt_bn.adapt_batch_stats`, in memory: nothing stored changes)."""
+    batches = (images for _, images in image_batches(paths, read, batch_size, [], progress, "adapt BN"))
+    return adapt_batch_stats(model, variables, batches)
+
+
+def predict_files(model: nn.Module, variables: Mapping[str, Any], class_names: Sequence[str],
+                  paths: Sequence[pathlib.Path], read: ImageReader, batch_size: int = 64,
+                  progress: bool = True) -> FolderPredictions:
+    """Classifies the files `paths`; unreadable files are collected, not raised."""
+    unreadable: list[tuple[str, str]] = []
+    good_paths: list[pathlib.Path] = []
+    logits = []
+    for chunk_paths, images in image_batches(paths, read, batch_size, unreadable, progress, "predict"):
+        good_paths.extend(chunk_paths)
+        logits.append(batched_logits(model, variables, images, batch_size))
+    return FolderPredictions(
+        class_names=list(class_names), paths=good_paths,
+        logits=np.concatenate(logits) if logits else np.zeros((0, len(class_names)), np.float32),
+        unreadable=unreadable)
+
+
+def folder_images(folder: str | pathlib.Path) -> list[pathlib.Path]:
+    """`find_images(folder)`; DataError when `folder` is not a directory or holds no image file."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a directory")
     paths = find_images(folder)
     if not paths:
         raise DataError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}")
-    unreadable: list[tuple[str, str]] = []
-    good_paths: list[pathlib.Path] = []
-    probabilities = []
-    chunks = range(0, len(paths), batch_size)
-    for start in tqdm(chunks, desc="predict", unit="batch", disable=not progress):
-        chunk_paths, images = _read_images(paths[start:start + batch_size], image_size, unreadable)
-        if chunk_paths:
-            good_paths.extend(chunk_paths)
-            probabilities.append(batched_probabilities(model, variables, images, batch_size))
-    return FolderPredictions(
-        class_names=list(class_names), paths=good_paths,
-        probabilities=np.concatenate(probabilities) if probabilities else np.zeros(
-            (0, len(class_names)), np.float32),
-        unreadable=unreadable)
+    return paths
+
+
+def predict_folder(model: nn.Module, variables: Mapping[str, Any], class_names: Sequence[str],
+                   folder: str | pathlib.Path, data_config: Mapping[str, Any], batch_size: int = 64,
+                   adapt_bn: bool = False, progress: bool = True) -> FolderPredictions:
+    """Classifies every image of `folder` (see `find_images`), read as a model trained with `data_config`
+    sees it; unreadable files are collected, not raised. adapt_bn=True first re-estimates the BatchNorm
+    statistics on the folder's images (`adapted_variables`).
+
+    Raises DataError when `folder` is not a directory or holds no image file.
+    """
+    paths = folder_images(folder)
+    read = image_reader(data_config)
+    if adapt_bn:
+        variables = adapted_variables(model, variables, paths, read, batch_size, progress)
+    return predict_files(model, variables, class_names, paths, read, batch_size, progress)
 
 
 def write_predictions_csv(path: str | pathlib.Path, paths: Sequence[str | pathlib.Path], probabilities: np.ndarray,

@@ -15,21 +15,37 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from urnet_jax.errors import ConfigError
+
 DATA_AXIS = "data"
 MULTIHOST_ENV = "URNET_MULTIHOST"
+NUM_PROCESSES_ENV = "URNET_NUM_PROCESSES"
+PROCESS_ID_ENV = "URNET_PROCESS_ID"
 
 
 def initialize_distributed(enabled: bool = False) -> bool:
     """Joins a multi-host job with `jax.distributed.initialize()` when asked to.
 
-    Asked to = `enabled`, or the environment variable URNET_MULTIHOST=1, or JAX_COORDINATOR_ADDRESS set
-    (the coordinator, process count and id then come from JAX's own environment variables or cluster
-    auto-detection: SLURM, Open MPI, Cloud TPU, ...). Returns whether it initialised.
+    Asked to = `enabled`, or the environment variable URNET_MULTIHOST=1, or JAX_COORDINATOR_ADDRESS set.
+    The coordinator, process count and id come from cluster auto-detection (SLURM, Open MPI, Cloud TPU,
+    Kubernetes, ...) or, elsewhere, from JAX_COORDINATOR_ADDRESS, URNET_NUM_PROCESSES and URNET_PROCESS_ID.
+    Returns whether it initialised; ConfigError (one line) when the job cannot be described.
     """
     wanted = enabled or os.environ.get(MULTIHOST_ENV) == "1" or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
-    if wanted:
-        jax.distributed.initialize()
-    return wanted
+    if not wanted:
+        return False
+    explicit = {}
+    for key, variable in (("num_processes", NUM_PROCESSES_ENV), ("process_id", PROCESS_ID_ENV)):
+        if os.environ.get(variable):
+            if not os.environ[variable].isdigit():
+                raise ConfigError(f"{variable} must be a non-negative integer, got {os.environ[variable]!r}")
+            explicit[key] = int(os.environ[variable])
+    try:
+        jax.distributed.initialize(**explicit)
+    except ValueError as error:  # no cluster detected and the job not described
+        raise ConfigError(f"cannot join the multi-host job: {str(error).splitlines()[0]} (outside a detected "
+                          f"cluster set JAX_COORDINATOR_ADDRESS, {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV})") from None
+    return True
 
 
 def data_mesh(devices: list[jax.Device] | None = None) -> Mesh:

@@ -1,8 +1,8 @@
 """The pure, jit-compiled training and evaluation steps of both phases, and a split's evaluation.
 
-Phase 1 (PRETRAIN) trains the enhancer alone on identity reconstruction (pixel MSE between `enhance(x)`
-and `x`); phase 2 (JOINT) trains enhancer + classifier with softmax cross-entropy. The steps are jitted
-over a data-parallel mesh (`urnet_jax.sharding`): the batch is sharded along 'data', the state is
+Phase 1 (PRETRAIN) trains the enhancer alone to reproduce its target (the input itself unless the batch
+carries 'target'; pixel MSE, or `pretrain.loss`'s `ReconstructionLoss`); phase 2 (JOINT) trains enhancer +
+classifier with softmax cross-entropy. The steps are jitted over a data-parallel mesh (`urnet_jax.sharding`): the batch is sharded along 'data', the state is
 replicated, and XLA inserts the collectives, so every mean is over the global batch. Each step function
 may be traced once (`chex.assert_max_traces`): a second trace means silent recompilation.
 """
@@ -18,19 +18,24 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import urnet_jax.data as data_lib
 from urnet_jax import sharding
 from urnet_jax.errors import RunError
+from urnet_jax.reconstruction_loss import ReconstructionLoss
 from urnet_jax.train_state import JOINT, PRETRAIN, TrainState, Variables, current_learning_rate, phase_apply_fn
 
-__all__ = ["PRETRAIN", "JOINT", "compute_dtype", "to_unit_range", "make_train_step", "make_eval_step",
+__all__ = ["PRETRAIN", "JOINT", "compute_dtype", "to_unit_range", "psnr", "make_train_step", "make_eval_step",
            "evaluate_split"]
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 _step_ids = itertools.count()
+EVAL_BATCH_KEYS = ("image", "label", "mask", "target")  # what an evaluation batch may carry
+SATURATION_MARGIN = 0.01  # an output value this close to 0 or 1 counts as saturated
+MIN_MSE = 1e-10  # the MSE floor of `psnr` (100 dB)
 
 
 def compute_dtype(precision: str) -> jnp.dtype | None:
@@ -77,16 +82,24 @@ def _output(apply_fn: Callable, variables: Variables, images: jax.Array, train: 
     return output.astype(jnp.float32), updates
 
 
+def _phase1_target(batch: Batch) -> jax.Array:
+    """What phase 1 reconstructs, float32 in [0, 1]: batch['target'] when the batch has one, else the input."""
+    return to_unit_range(batch["target"] if "target" in batch else batch["image"])
+
+
 def _per_example_loss(phase: int, output: jax.Array, batch: Batch) -> jax.Array:
-    """Phase 1: pixel MSE against the input image; phase 2: softmax cross-entropy. Shape (N,), float32."""
+    """Phase 1: pixel MSE against the target; phase 2: softmax cross-entropy. Shape (N,), float32."""
     if phase == PRETRAIN:
-        return jnp.mean(jnp.square(output - to_unit_range(batch["image"])), axis=(1, 2, 3))
+        return ReconstructionLoss()(output, _phase1_target(batch))
     return optax.softmax_cross_entropy_with_integer_labels(output, batch["label"])
 
 
-def make_train_step(phase: int, mesh: jax.sharding.Mesh
-                    ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+def make_train_step(phase: int, mesh: jax.sharding.Mesh, reconstruction_loss: ReconstructionLoss | None = None,
+                    loss_variables: Any = None) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """The jit-compiled step (state, batch, rng) -> (new state, metrics); `state` is donated.
+
+    Phase 1 minimises `reconstruction_loss` (default: MSE) against the target (`_phase1_target`);
+    `loss_variables` (replicated; the perceptual VGG's) are passed to it as an argument of the compiled step.
 
     The state brings the model (`apply_fn`) and the optimiser (`tx`). batch: {'image': uint8
     (B, H, W, 3), 'label': int32 (B,)} sharded along 'data'. metrics (replicated scalars): 'loss' (mean
@@ -94,13 +107,19 @@ def make_train_step(phase: int, mesh: jax.sharding.Mesh
     finite), 'learning_rate' (the rate this step applied).
     """
 
-    def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+    def train_step(state: TrainState, batch: Batch, rng: jax.Array,
+                   *extra_variables: Any) -> tuple[TrainState, Metrics]:
         _check_batch(batch, ("label",))
 
         def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Variables]]:
             variables = {"params": params, "batch_stats": state.batch_stats}
             output, updates = _output(state.apply_fn, variables, batch["image"], True, rng)
-            return jnp.mean(_per_example_loss(phase, output, batch)), (output, updates)
+            if phase == PRETRAIN:
+                per_example = (reconstruction_loss or ReconstructionLoss())(output, _phase1_target(batch),
+                                                                             *extra_variables)
+            else:
+                per_example = _per_example_loss(phase, output, batch)
+            return jnp.mean(per_example), (output, updates)
 
         (loss, (output, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
@@ -111,17 +130,30 @@ def make_train_step(phase: int, mesh: jax.sharding.Mesh
         return new_state, metrics
 
     replicated = sharding.replicated(mesh)
-    return jax.jit(_traced_once(train_step, f"phase{phase}_train_step"),
-                   in_shardings=(replicated, sharding.batch_sharded(mesh), replicated),
+    extra = () if loss_variables is None else (loss_variables,)
+    step = jax.jit(_traced_once(train_step, f"phase{phase}_train_step"),
+                   in_shardings=(replicated, sharding.batch_sharded(mesh), replicated) + (replicated,) * len(extra),
                    out_shardings=(replicated, replicated), donate_argnums=0)
+    if not extra:
+        return step
+    return lambda state, batch, rng: step(state, batch, rng, *extra)
+
+
+def psnr(mse: jax.Array) -> jax.Array:
+    """Peak signal-to-noise ratio in dB of images in [0, 1] from their MSE: 10 log10(1 / mse), with the
+    MSE floored at MIN_MSE (a perfect reconstruction reads 100 dB, not infinity)."""
+    return -10.0 * jnp.log10(jnp.maximum(mse, MIN_MSE))
 
 
 def make_eval_step(model: nn.Module, phase: int,
                    mesh: jax.sharding.Mesh) -> Callable[[Variables, Batch], Metrics]:
     """The jit-compiled evaluation (variables, batch) -> sums over the batch's real (mask=True) rows.
 
-    batch: {'image', 'label', 'mask' (bool (B,))} sharded along 'data'. Returns replicated float32
-    scalars 'loss_sum' (phase 1: per-image MSE; phase 2: cross-entropy), 'correct' (phase 2), 'count'.
+    batch: {'image', 'label', 'mask' (bool (B,))[, 'target' (phase 1)]} sharded along 'data'. Returns
+    replicated float32 sums: 'count' (images); phase 1: 'loss_sum' (per-image MSE against the target),
+    'psnr_sum' (per-image PSNR, dB), 'saturated_sum' (per image, the fraction of output values within
+    SATURATION_MARGIN of 0 or 1, as `evaluation.metrics.saturated_fraction`); phase 2: 'loss_sum'
+    (cross-entropy), 'correct', and per class (num_classes,) 'class_correct' and 'class_count'.
     """
     apply_fn = phase_apply_fn(model, phase)
 
@@ -129,9 +161,19 @@ def make_eval_step(model: nn.Module, phase: int,
         _check_batch(batch, ("label", "mask"))
         output, _ = _output(apply_fn, variables, batch["image"], False)
         mask = batch["mask"].astype(jnp.float32)
-        sums = {"loss_sum": jnp.sum(_per_example_loss(phase, output, batch) * mask), "count": jnp.sum(mask)}
-        if phase == JOINT:
-            sums["correct"] = jnp.sum((jnp.argmax(output, axis=-1) == batch["label"]) * mask)
+        per_example_loss = _per_example_loss(phase, output, batch)
+        sums = {"loss_sum": jnp.sum(per_example_loss * mask), "count": jnp.sum(mask)}
+        if phase == PRETRAIN:
+            mse = jnp.mean(jnp.square(output - _phase1_target(batch)), axis=(1, 2, 3))
+            saturated = (output <= SATURATION_MARGIN) | (output >= 1.0 - SATURATION_MARGIN)
+            sums["psnr_sum"] = jnp.sum(psnr(mse) * mask)
+            sums["saturated_sum"] = jnp.sum(jnp.mean(saturated, axis=(1, 2, 3)) * mask)
+        else:
+            correct = (jnp.argmax(output, axis=-1) == batch["label"]) * mask
+            one_hot = jax.nn.one_hot(batch["label"], output.shape[-1]) * mask[:, None]
+            sums["correct"] = jnp.sum(correct)
+            sums["class_correct"] = jnp.sum(one_hot * correct[:, None], axis=0)
+            sums["class_count"] = jnp.sum(one_hot, axis=0)
         return sums
 
     replicated = sharding.replicated(mesh)
@@ -141,17 +183,25 @@ def make_eval_step(model: nn.Module, phase: int,
 
 def evaluate_split(eval_step: Callable[[Variables, Batch], Metrics], variables: Variables,
                    prepared_dir: str | pathlib.Path, split: str, batch_size: int,
-                   mesh: jax.sharding.Mesh) -> tuple[float, float]:
-    """(mean loss, accuracy) of `make_eval_step`'s function over every example of a prepared split.
-
-    In phase 1 the loss is the per-image reconstruction MSE and the accuracy is meaningless (0).
+                   mesh: jax.sharding.Mesh) -> dict[str, float]:
+    """The means over every example of a prepared split ('train', 'val' or 'test') of `make_eval_step`'s
+    sums. Phase 1: 'loss' (= 'mse', per-image MSE), 'psnr' (the mean of per-image PSNR, dB),
+    'saturated_fraction'. Phase 2: 'loss' (cross-entropy), 'accuracy', 'balanced_accuracy' (the mean
+    recall of the classes present in the split).
     """
-    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    totals: dict[str, Any] = {}
     for host_batch in data_lib.eval_batches(prepared_dir, split, batch_size, process_index=jax.process_index(),
                                             process_count=jax.process_count()):
-        batch = sharding.global_batch({key: host_batch[key] for key in ("image", "label", "mask")}, mesh)
-        for key, value in eval_step(variables, batch).items():
-            totals[key] += float(value)
-    if totals["count"] == 0:
+        batch = sharding.global_batch({key: host_batch[key] for key in EVAL_BATCH_KEYS if key in host_batch}, mesh)
+        for key, value in jax.device_get(eval_step(variables, batch)).items():
+            totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
+    count = float(totals.get("count", 0.0))
+    if count == 0:
         raise RunError(f"the {split} split of {prepared_dir} is empty")
-    return totals["loss_sum"] / totals["count"], totals["correct"] / totals["count"]
+    loss = float(totals["loss_sum"]) / count
+    if "psnr_sum" in totals:
+        return {"loss": loss, "mse": loss, "psnr": float(totals["psnr_sum"]) / count,
+                "saturated_fraction": float(totals["saturated_sum"]) / count}
+    present = totals["class_count"] > 0
+    recall = totals["class_correct"][present] / totals["class_count"][present]
+    return {"loss": loss, "accuracy": float(totals["correct"]) / count, "balanced_accuracy": float(np.mean(recall))}

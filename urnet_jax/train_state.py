@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from urnet_jax import sharding
+from urnet_jax import freezing, sharding
 from urnet_jax.errors import ConfigError
 from urnet_jax.models.composite import build_model
 
@@ -54,8 +54,9 @@ class TrainState(train_state.TrainState):
 
 
 def build(config: ml_collections.ConfigDict, num_classes: int, dtype: Any = None) -> nn.Module:
-    """The EnhanceClassify model of config.model, computing in `dtype` (None: float32)."""
-    return build_model(config.model, num_classes, dtype)
+    """The EnhanceClassify model of config.model, computing in `dtype` (None: float32); its enhancer frozen
+    in phase 2 (inference mode, no gradient) with train.freeze_enhancer."""
+    return build_model(config.model, num_classes, dtype, freeze_enhancer=config.train.freeze_enhancer)
 
 
 def learning_rate(optimizer_config: ml_collections.ConfigDict, phase_steps: int) -> float | optax.Schedule:
@@ -70,20 +71,45 @@ def learning_rate(optimizer_config: ml_collections.ConfigDict, phase_steps: int)
     return lr
 
 
-def make_optimizer(optimizer_config: ml_collections.ConfigDict, phase_steps: int) -> optax.GradientTransformation:
+def _parameter_part(params: Any) -> Any:
+    """params with every leaf replaced by its top-level part's name ('enhancer' or 'classifier')."""
+    return {part: jax.tree.map(lambda _, part=part: part, tree) for part, tree in params.items()}
+
+
+def make_optimizer(optimizer_config: ml_collections.ConfigDict, phase_steps: int,
+                   freeze_enhancer: bool = False) -> optax.GradientTransformation:
     """SGD with momentum (torch.optim.SGD semantics, weight decay added to the gradient) or AdamW, at
-    `learning_rate(optimizer_config, phase_steps)`, injected as a hyperparameter. The optimizer state's
-    structure does not depend on `phase_steps`."""
+    `learning_rate(optimizer_config, phase_steps)`, injected as a hyperparameter (the logged lr is this
+    one: the classifier's). The optimizer state's structure does not depend on `phase_steps`.
+    freeze_enhancer: params['enhancer'] is not updated (`freezing.freeze_enhancer`).
+
+    optimizer.clip_norm > 0 first scales the whole gradient down to that global L2 norm when it is larger
+    (torch's clip_grad_norm_ before the step). optimizer.enhancer_lr_scale != 1 multiplies the enhancer's
+    updates (params['enhancer']) by it: the same as giving the enhancer lr * scale, for SGD with momentum
+    and for AdamW (both updates are linear in the lr).
+    """
 
     def optimizer_at(learning_rate: jax.Array) -> optax.GradientTransformation:
         if optimizer_config.name == "adamw":
-            return optax.adamw(learning_rate, weight_decay=optimizer_config.weight_decay)
-        sgd = optax.sgd(learning_rate, momentum=optimizer_config.momentum or None)
-        if optimizer_config.weight_decay:
-            return optax.chain(optax.add_decayed_weights(optimizer_config.weight_decay), sgd)
-        return sgd
+            update = optax.adamw(learning_rate, weight_decay=optimizer_config.weight_decay)
+        else:
+            update = optax.sgd(learning_rate, momentum=optimizer_config.momentum or None)
+            if optimizer_config.weight_decay:
+                update = optax.chain(optax.add_decayed_weights(optimizer_config.weight_decay), update)
+        if optimizer_config.clip_norm:
+            update = optax.chain(optax.clip_by_global_norm(optimizer_config.clip_norm), update)
+        if optimizer_config.enhancer_lr_scale != 1:
+            update = optax.chain(update, optax.multi_transform(
+                {"enhancer": optax.scale(optimizer_config.enhancer_lr_scale), "classifier": optax.identity()},
+                _parameter_part))
+        return update
 
-    return optax.inject_hyperparams(optimizer_at)(learning_rate=learning_rate(optimizer_config, phase_steps))
+    def optimizer_or_frozen_enhancer(learning_rate: jax.Array) -> optax.GradientTransformation:
+        optimizer = optimizer_at(learning_rate)
+        return freezing.freeze_enhancer(optimizer) if freeze_enhancer else optimizer
+
+    return optax.inject_hyperparams(optimizer_or_frozen_enhancer)(
+        learning_rate=learning_rate(optimizer_config, phase_steps))
 
 
 def current_learning_rate(opt_state: Any) -> jax.Array:
@@ -133,22 +159,20 @@ def abstract_variables(model: nn.Module, parts: tuple[str, ...], image_size: int
     return jax.eval_shape(functools.partial(_init_parts, model, parts, image_size), jax.random.PRNGKey(0))
 
 
-def with_pretrained_classifier(variables: Variables, path: str, name: str, num_classes: int, init_key: jax.Array,
+def with_pretrained_classifier(variables: Variables, loaded: Variables, source: str, name: str,
                                mesh: jax.sharding.Mesh) -> Variables:
-    """`variables` with the classifier's replaced by the torchvision weights at `path` (a new head of
-    `num_classes` outputs, initialised from fold_in(init_key, HEAD_KEY_FOLD)), replicated over `mesh`.
-    ConfigError when they do not fit the classifier `name`."""
-    from urnet_jax.port import load_pretrained  # deferred: needs torch only when used
-
-    loaded = load_pretrained(path, name, num_classes, jax.random.fold_in(init_key, HEAD_KEY_FOLD))
-    expected = {collection: variables[collection]["classifier"] for collection in ("params", "batch_stats")}
+    """`variables` with the classifier's replaced by `loaded` ({'params'[, 'batch_stats']} of classifier
+    `name` with its new head: `port.load_pretrained` or `workdir.pretrained_classifier`), replicated over
+    `mesh` as float32. ConfigError naming `source` when they do not fit the classifier."""
+    expected = {collection: variables[collection].get("classifier", {}) for collection in ("params", "batch_stats")}
     got = {collection: loaded.get(collection, {}) for collection in ("params", "batch_stats")}
     mismatch = _describe_mismatch(expected, got)
     if mismatch:
-        raise ConfigError(f"model.pretrained {path} does not fit {name}: {mismatch}")
+        raise ConfigError(f"model.pretrained {source} does not fit {name}: {mismatch}")
     for collection in ("params", "batch_stats"):
-        variables[collection]["classifier"] = sharding.replicate(
-            jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float32), got[collection]), mesh)
+        if got[collection]:
+            variables[collection]["classifier"] = sharding.replicate(
+                jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float32), got[collection]), mesh)
     return variables
 
 

@@ -1,11 +1,15 @@
 """UR-Net's two-phase training loop: `train_and_evaluate(config, workdir)`.
 
-Phase 1 (`config.pretrain.epochs`, skipped without an enhancer): the enhancer alone learns identity
-reconstruction; after each epoch the test split's reconstruction MSE is measured and the lowest-loss
-weights are kept in `checkpoints/pretrain_best`. Phase 2 (`config.train.epochs`): enhancer (from the
-phase-1 best, else freshly initialised) + classifier (from `config.model.pretrained` with a new head, else
-freshly initialised) trained jointly; the test split is evaluated after each epoch and the
-highest-accuracy weights are kept in `checkpoints/best`. The workdir's layout: `urnet_jax.workdir`.
+Phase 1 (`config.pretrain.epochs`, skipped without an enhancer, its own optimiser `pretrain.optimizer`):
+the enhancer alone learns to reproduce its target (the input, or `batch["target"]`); after each epoch the
+validation and test splits' reconstruction MSE, PSNR and saturated-output fraction are measured, and the
+weights of the lowest MSE on the selection split (`train.select_on`: 'val', or 'test' for the paper's
+protocol) are kept in `checkpoints/pretrain_best`; a kept enhancer below `pretrain.min_psnr` is reported.
+Phase 2 (`config.train.epochs`, `optimizer`): enhancer (from the phase-1 best, else freshly initialised) +
+classifier (from `config.model.pretrained` with a new head: torchvision weights or another run's `best`,
+else freshly initialised) trained jointly; both splits are evaluated after each epoch and the weights of
+the highest accuracy on the selection split are kept in `checkpoints/best`. Test metrics are logged but
+choose nothing under select_on='val'. The workdir's layout: `urnet_jax.workdir`.
 
 The run is a deterministic function of (config, position): batch k of epoch e comes from
 `data.train_batches(seed, epoch, start_step=k)` and step g's random key is `fold_in(step key, g)`. A
@@ -18,7 +22,6 @@ checkpoint after the current step and stops the run (`urnet_jax.preemption`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 import time
@@ -27,75 +30,27 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import urnet_jax.data as data_lib
-from urnet_jax import config as config_lib, sharding
+from urnet_jax import config as config_lib, reconstruction_loss, sharding
 from urnet_jax.errors import NoReadableCheckpoint, RunError
+from urnet_jax.port import load_pretrained
 from urnet_jax.preemption import StopRequest, stop_on_signals
-from urnet_jax.steps import JOINT, PRETRAIN, compute_dtype, evaluate_split, make_eval_step, make_train_step
-from urnet_jax.train_state import (PHASE_PARTS, TrainState, Variables, abstract_state, build, init_keys,
-                                   init_variables, make_optimizer, new_state, with_pretrained_classifier)
-from urnet_jax.workdir import Checkpoints, Position, check_workdir_config, empty_partial, prepared_dir_of
+from urnet_jax.steps import JOINT, PRETRAIN, evaluate_split, make_eval_step, make_train_step
+from urnet_jax.run_context import RunContext, make_context
+from urnet_jax.run_log import announce_estimate, open_outputs, print_start, record_epoch
+from urnet_jax.train_state import (HEAD_KEY_FOLD, PHASE_PARTS, TrainState, Variables, abstract_state, init_variables,
+                                   new_state, with_pretrained_classifier)
+from urnet_jax.workdir import (Checkpoints, Position, check_workdir_config, empty_partial, prepared_dir_of,
+                               pretrained_classifier)
 
 # Steps timed (after the first, which compiles) in the first epoch a process runs of a phase, before the
 # phase's time estimate is printed (not at all when that epoch has fewer steps left).
 ETA_STEPS = 5
-
-
-@dataclasses.dataclass(frozen=True)
-class RunContext:
-    """What a run fixes before its first step."""
-
-    config: ml_collections.ConfigDict
-    workdir: pathlib.Path
-    prepared_dir: pathlib.Path
-    info: data_lib.PreparedInfo
-    mesh: jax.sharding.Mesh
-    model: Any
-    steps_per_epoch: int
-    phase_epochs: dict[int, int]  # phase -> epochs (0: the phase is skipped)
-    init_key: np.ndarray
-    step_key: np.ndarray  # what every step's key is folded from (TrainState.rng)
-    fold_in: Callable[[jax.Array, int], jax.Array]  # jitted jax.random.fold_in, replicated output
-    show_progress: bool
-    is_main: bool  # whether this process writes outputs
-
-    @property
-    def replicated(self) -> jax.sharding.NamedSharding:
-        return sharding.replicated(self.mesh)
-
-    @property
-    def image_size(self) -> int:
-        return int(self.info.image_size)
-
-    def optimizer(self, phase: int) -> Any:
-        return make_optimizer(self.config.optimizer, self.phase_epochs[phase] * self.steps_per_epoch)
-
-    def data_epoch(self, phase: int, epoch: int) -> int:
-        """The data pipeline's epoch index: epochs are counted over both phases."""
-        return (self.phase_epochs[PRETRAIN] if phase == JOINT else 0) + epoch
-
-    def global_step(self, phase: int, epoch: int, step_in_epoch: int = 0) -> int:
-        return self.data_epoch(phase, epoch) * self.steps_per_epoch + step_in_epoch
-
-
-def make_context(config: ml_collections.ConfigDict, workdir: pathlib.Path, show_progress: bool) -> RunContext:
-    prepared_dir = prepared_dir_of(config, workdir)
-    info = data_lib.load_info(prepared_dir)
-    has_phase1 = config.model.enhancer != "none" and config.pretrain.epochs > 0
-    init_key, step_key = init_keys(config.seed)
-    mesh = sharding.data_mesh()
-    return RunContext(
-        config=config, workdir=workdir, prepared_dir=prepared_dir, info=info, mesh=mesh,
-        model=build(config, len(info.class_names), compute_dtype(config.precision)),
-        steps_per_epoch=data_lib.steps_per_epoch(prepared_dir, config.batch_size),
-        phase_epochs={PRETRAIN: config.pretrain.epochs if has_phase1 else 0, JOINT: config.train.epochs},
-        init_key=init_key, step_key=step_key, fold_in=jax.jit(jax.random.fold_in, out_shardings=sharding.replicated(mesh)),
-        show_progress=show_progress, is_main=sharding.is_main_process())
+TRAIN_BATCH_KEYS = ("image", "label", "target")  # what a training batch may carry ('target': phase 1's)
 
 
 def _abstract_state(context: RunContext, phase: int) -> TrainState:
@@ -125,6 +80,16 @@ def restore(context: RunContext, checkpoints: Checkpoints) -> tuple[TrainState, 
     return abstract[position.phase].replace(**restored.state), position
 
 
+def pretrained_classifier_variables(context: RunContext) -> Variables:
+    """The classifier variables of model.pretrained with a new head (from fold_in(init key, HEAD_KEY_FOLD)):
+    a training run's `best` classifier (`workdir.pretrained_classifier`), or torchvision weights."""
+    source, name = context.config.model.pretrained, context.config.model.classifier
+    num_classes, head_key = len(context.info.class_names), jax.random.fold_in(context.init_key, HEAD_KEY_FOLD)
+    if config_lib.is_run_directory(source):
+        return pretrained_classifier(source, name, num_classes, head_key)
+    return load_pretrained(source, name, num_classes, head_key)
+
+
 def initial_state(context: RunContext, checkpoints: Checkpoints, phase: int) -> TrainState:
     """The state a phase starts from (phase 2: phase-1 best enhancer and pretrained classifier)."""
     enhancer_from_phase1 = phase == JOINT and context.phase_epochs[PRETRAIN] > 0
@@ -139,25 +104,11 @@ def initial_state(context: RunContext, checkpoints: Checkpoints, phase: int) -> 
             if "enhancer" in trees:
                 variables[collection]["enhancer"] = trees["enhancer"]
     if phase == JOINT and context.config.model.pretrained:
-        variables = with_pretrained_classifier(variables, context.config.model.pretrained,
-                                               context.config.model.classifier, len(context.info.class_names),
-                                               context.init_key, context.mesh)
+        source, name = context.config.model.pretrained, context.config.model.classifier
+        variables = with_pretrained_classifier(variables, pretrained_classifier_variables(context), source, name,
+                                               context.mesh)
     return new_state(context.model, phase, context.optimizer(phase), variables, context.global_step(phase, 0),
                      context.step_key, context.replicated)
-
-
-def format_duration(seconds: float) -> str:
-    """'42 s', '12 min', '3.5 h'."""
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
-def announce_estimate(context: RunContext, phase: int, seconds_per_step: float) -> None:
-    """Prints the estimated time of one epoch and of the whole phase (training steps only)."""
-    epochs, per_epoch = context.phase_epochs[phase], seconds_per_step * context.steps_per_epoch
-    tqdm.write(f"phase {phase}: {seconds_per_step:.3g} s/step, about {format_duration(per_epoch)} per epoch, "
-               f"{format_duration(per_epoch * epochs)} for its {epochs} epoch(s) (without evaluation)")
 
 
 def train_epoch(context: RunContext, state: TrainState, position: Position, train_step: Callable,
@@ -198,13 +149,15 @@ def train_epoch(context: RunContext, state: TrainState, position: Position, trai
 
     batches = data_lib.train_batches(
         context.prepared_dir, batch_size, config.seed, context.data_epoch(phase, epoch),
-        start_step=position.step_in_epoch, process_index=jax.process_index(), process_count=jax.process_count())
+        start_step=position.step_in_epoch, process_index=jax.process_index(), process_count=jax.process_count(),
+        data_config=config.data)
     first = position.step_in_epoch
     pending: tuple[int, dict[str, jax.Array]] | None = None
     for step_in_epoch, host_batch in enumerate(batches, start=first):
         global_step = context.global_step(phase, epoch, step_in_epoch)
         rng = context.fold_in(state.rng, global_step)
-        batch = sharding.global_batch({"image": host_batch["image"], "label": host_batch["label"]}, context.mesh)
+        batch = sharding.global_batch({key: host_batch[key] for key in TRAIN_BATCH_KEYS if key in host_batch},
+                                      context.mesh)
         state, metrics = train_step(state, batch, rng)
         if pending is not None:  # read the previous step's metrics while this one runs
             absorb(*pending)
@@ -230,93 +183,78 @@ def train_epoch(context: RunContext, state: TrainState, position: Position, trai
     return state
 
 
-def evaluate(context: RunContext, eval_step: Callable, variables: Variables, position: Position,
-             checkpoints: Checkpoints) -> dict[str, float | None]:
-    """Mean test loss (phase 1: reconstruction MSE) and, in phase 2, test accuracy."""
-    loss, accuracy = evaluate_split(eval_step, variables, context.prepared_dir, "test",
-                                    context.config.eval_batch_size, context.mesh)
-    if not math.isfinite(loss):
-        raise RunError(f"non-finite test loss ({loss}) after phase {position.phase} epoch {position.epoch + 1}; "
-                       f"{checkpoints.left_behind()}")
-    return {"test_loss": loss, "test_accuracy": accuracy if position.phase == JOINT else None}
+def evaluate(context: RunContext, eval_step: Callable, variables: Variables, split: str, position: Position,
+             checkpoints: Checkpoints) -> dict[str, float]:
+    """`evaluate_split`'s metrics of `split` ('val' or 'test'); RunError when its loss is not finite."""
+    metrics = evaluate_split(eval_step, variables, context.prepared_dir, split, context.config.eval_batch_size,
+                             context.mesh)
+    if not math.isfinite(metrics["loss"]):
+        raise RunError(f"non-finite {split} loss ({metrics['loss']}) after phase {position.phase} epoch "
+                       f"{position.epoch + 1}; {checkpoints.left_behind()}")
+    return metrics
+
+
+def keep_if_best(context: RunContext, state: TrainState, position: Position, checkpoints: Checkpoints,
+                 row: dict[str, Any]) -> bool:
+    """Saves the epoch's variables (params and batch_stats of the same step) as `pretrain_best` (phase 1:
+    lowest MSE) or `best` (phase 2: highest accuracy) when the selection split's metric beats every
+    earlier epoch's; only that split is read. Returns whether it did."""
+    split = context.selection_split
+    if row["phase"] == PRETRAIN:
+        key, store, value = "pretrain_loss", checkpoints.pretrain_best, row[f"{split}_loss"]
+        better = position.best[key] is None or value < position.best[key]
+        record = {f"{split}_loss": value, f"{split}_psnr": row[f"{split}_psnr"]}
+    else:
+        key, store, value = "accuracy", checkpoints.best, row[f"{split}_accuracy"]
+        better = position.best[key] is None or value > position.best[key]
+        record = {f"{split}_accuracy": value, f"{split}_loss": row[f"{split}_loss"]}
+    if better:
+        position.best[key] = value
+        store.save(row["step"], state.variables, {"epoch": row["epoch"], "selected_on": split, **record})
+    return better
+
+
+def phase1_verdict(context: RunContext, phase1_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """{'phase1_psnr': the kept enhancer's PSNR (dB) on the selection split, 'phase1_below_min_psnr'},
+    warning in the log when it is below pretrain.min_psnr."""
+    split, minimum = context.selection_split, context.config.pretrain.min_psnr
+    kept = [row for row in phase1_rows if row["best"]][-1]
+    psnr = kept[f"{split}_psnr"]
+    if psnr < minimum and context.is_main:
+        logging.warning("phase 1 ends below pretrain.min_psnr: the kept enhancer (epoch %d) reconstructs the %s "
+                        "split at %.2f dB < %.1f dB", kept["epoch"], split, psnr, minimum)
+        tqdm.write(f"warning: phase 1 ends below pretrain.min_psnr ({psnr:.2f} dB on {split} < {minimum:.1f} dB): "
+                   "phase 2 starts from an enhancer that does not reproduce its target")
+    return {"phase1_psnr": psnr, "phase1_below_min_psnr": psnr < minimum}
 
 
 def finish_epoch(context: RunContext, state: TrainState, position: Position, eval_step: Callable,
                  checkpoints: Checkpoints) -> dict[str, Any]:
-    """Evaluates the epoch's weights, keeps them if best, moves `position` to the next epoch and saves a
-    periodic checkpoint there. Returns the epoch's metrics row."""
+    """Evaluates the epoch's weights on every split of `context.eval_splits`, keeps them if best on the
+    selection split, moves `position` to the next epoch and saves a periodic checkpoint there. Returns the
+    epoch's metrics row (its keys: `urnet_jax.workdir`)."""
     phase, epoch, partial = position.phase, position.epoch, position.partial
     eval_start = time.perf_counter()
-    test = evaluate(context, eval_step, state.variables, position, checkpoints)
-    row = {
+    row: dict[str, Any] = {
         "phase": phase, "epoch": epoch + 1, "step": int(state.step),
         "train_loss": partial["loss_sum"] / partial["steps"],
         "train_accuracy": partial["correct_sum"] / partial["steps"] if phase == JOINT else None,
-        "test_loss": test["test_loss"], "test_accuracy": test["test_accuracy"],
-        "seconds": partial["seconds"] + time.perf_counter() - eval_start,
     }
+    for split in context.eval_splits:
+        metrics = evaluate(context, eval_step, state.variables, split, position, checkpoints)
+        row.update({f"{split}_{key}": value for key, value in metrics.items()})
     if phase == PRETRAIN:
-        best = position.best["pretrain_test_loss"]
-        row["best"] = best is None or row["test_loss"] < best
-        if row["best"]:
-            position.best["pretrain_test_loss"] = row["test_loss"]
-            checkpoints.pretrain_best.save(row["step"], state.variables,
-                                           {"epoch": epoch + 1, "test_loss": row["test_loss"]})
-    else:
-        best = position.best["test_accuracy"]
-        row["best"] = best is None or row["test_accuracy"] > best
-        if row["best"]:
-            position.best["test_accuracy"] = row["test_accuracy"]
-            checkpoints.best.save(row["step"], state.variables, {
-                "epoch": epoch + 1, "test_accuracy": row["test_accuracy"], "test_loss": row["test_loss"]})
+        row["saturated_fraction"] = row[f"{context.selection_split}_saturated_fraction"]
+    row["selected_on"] = context.selection_split
+    row["best"] = keep_if_best(context, state, position, checkpoints, row)
+    phase1_ends = phase == PRETRAIN and epoch + 1 == context.phase_epochs[PRETRAIN]
+    if phase1_ends:
+        row.update(phase1_verdict(context, [*position.history, row]))
+    row["seconds"] = partial["seconds"] + time.perf_counter() - eval_start
     position.history.append(row)
     position.epoch, position.step_in_epoch, position.partial = epoch + 1, 0, empty_partial()
     checkpoints.save(context.config, state, position)
     return row
-
-
-def open_outputs(context: RunContext, position: Position | None, resume_step: int | None) -> Any:
-    """Writes config.json and metrics.jsonl (the restored history) and opens the TensorBoard writer
-    (dropping events after `resume_step`). Returns the writer; None on processes other than the first."""
-    if not context.is_main:
-        return None
-    workdir = context.workdir
-    (workdir / "config.json").write_text(json.dumps(context.config.to_dict(), indent=2, sort_keys=True) + "\n")
-    rows = position.history if position else []
-    (workdir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    from tensorboardX import SummaryWriter  # deferred: only process 0 writes events
-
-    return SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step)
-
-
-def record_epoch(context: RunContext, writer: Any, row: dict[str, Any]) -> None:
-    """Appends an epoch's row to metrics.jsonl and TensorBoard, and prints it."""
-    if not context.is_main:
-        return
-    with open(context.workdir / "metrics.jsonl", "a") as file:
-        file.write(json.dumps(row) + "\n")
-    for key in ("train_loss", "test_loss", "train_accuracy", "test_accuracy"):
-        if row[key] is not None:
-            writer.add_scalar(f"phase{row['phase']}/{key}", row[key], row["step"])
-    writer.flush()
-    accuracy = (f" train_accuracy {row['train_accuracy']:.4f} test_accuracy {row['test_accuracy']:.4f}"
-                if row["phase"] == JOINT else "")
-    tqdm.write(f"phase {row['phase']} epoch {row['epoch']}/{context.phase_epochs[row['phase']]}: "
-               f"train_loss {row['train_loss']:.4f} test_loss {row['test_loss']:.4f}{accuracy} "
-               f"({row['seconds']:.1f} s{', best' if row['best'] else ''})")
-
-
-def print_start(context: RunContext, position: Position | None, saved_step: int | None) -> None:
-    """The run's first lines: model, data and devices, and whether it resumes or is already complete."""
-    split, config = context.info.num_examples, context.config
-    print(f"training {config.model.enhancer} + {config.model.classifier} on {split['train']} train / "
-          f"{split['test']} test images ({len(context.info.class_names)} classes, {context.image_size} px), "
-          f"{jax.device_count()} device(s), batch {config.batch_size}, {context.steps_per_epoch} steps/epoch")
-    if position is not None and position.is_complete(context.phase_epochs):
-        print(f"the run in {context.workdir} is complete (checkpoint step {saved_step})")
-    elif position is not None:
-        print(f"resuming from checkpoint step {saved_step} (phase {position.phase}, epoch "
-              f"{position.epoch + 1}, step {position.step_in_epoch})")
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
@@ -363,7 +301,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                     position = Position(phase) if position is None else dataclasses.replace(
                         position, phase=phase, epoch=0, step_in_epoch=0, partial=empty_partial())
                     state = initial_state(context, checkpoints, phase)
-                train_step = make_train_step(phase, context.mesh)
+                phase1_loss = (reconstruction_loss.from_config(context.config.pretrain, context.mesh)
+                               if phase == PRETRAIN else ())
+                train_step = make_train_step(phase, context.mesh, *phase1_loss)
                 eval_step = make_eval_step(context.model, phase, context.mesh)
                 first_epoch = position.epoch
                 while position.epoch < context.phase_epochs[phase]:

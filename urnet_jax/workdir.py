@@ -2,15 +2,21 @@
 
     config.json            the resolved configuration (paths made absolute)
     metrics.jsonl          one JSON object per finished epoch: phase, epoch (1-based, within the phase),
-                           step (global), train_loss, train_accuracy, test_loss, test_accuracy (null in
-                           phase 1), seconds, best (whether this epoch's weights were kept as the best);
-                           rewritten from the checkpoint on resume, so it never repeats an epoch
+                           step (global), train_loss, train_accuracy (null in phase 1), for each evaluated
+                           split S in (val, test): S_loss, and in phase 2 S_accuracy, S_balanced_accuracy,
+                           in phase 1 S_mse, S_psnr (dB, the mean of per-image PSNR), S_saturated_fraction;
+                           saturated_fraction (phase 1, of the selection split); selected_on (the split
+                           whose metrics chose: train.select_on), best (whether this epoch's weights were
+                           kept as the best), seconds; the last phase-1 row also has phase1_psnr (the
+                           kept enhancer's PSNR on selected_on) and phase1_below_min_psnr. Rewritten from
+                           the checkpoint on resume, so it never repeats an epoch
     tensorboard/           tensorboardX event files (per-epoch metrics, the step loss and learning rate
                            every log_every_steps)
     checkpoints/periodic/  rotating resume points (every checkpoint.every_steps steps and each epoch end;
                            the newest checkpoint.keep are kept): the train state and the run's position
-    checkpoints/best/      phase 2's highest-test-accuracy weights {'params', 'batch_stats'}
-    checkpoints/pretrain_best/  phase 1's lowest-test-loss enhancer weights
+    checkpoints/best/      phase 2's weights {'params', 'batch_stats'} (of one step) of the highest accuracy on
+                           the selection split (train.select_on: 'val', or 'test' for the paper's protocol)
+    checkpoints/pretrain_best/  phase 1's enhancer weights of the lowest reconstruction MSE on that split
     checkpoints/corrupt/   unreadable checkpoints moved aside on resume (never deleted)
     data/                  the prepared data set (unless config.data.prepared_dir is set)
 """
@@ -30,12 +36,13 @@ import urnet_jax.data as data_lib
 from urnet_jax import config as config_lib, sharding
 from urnet_jax.checkpointing import CheckpointStore
 from urnet_jax.errors import ConfigError, NoReadableCheckpoint
+from urnet_jax.port import replace_head
 from urnet_jax.train_state import JOINT, PHASE_PARTS, PRETRAIN, TrainState, Variables, abstract_variables, build
 
 CHECKPOINT_NAMES = ("best", "latest")
 # Keys that may change between a run and its resumption (they do not alter the computation so far).
 RESUMABLE_KEYS = frozenset({"train.epochs", "checkpoint.every_steps", "checkpoint.keep", "log_every_steps",
-                            "data.prepared_dir"})
+                            "data.prepared_dir", "pretrain.min_psnr"})
 
 
 def _checkpoints_dir(workdir: str | pathlib.Path) -> pathlib.Path:
@@ -103,7 +110,8 @@ class Position:
     """Where a run stands: the next step to take is `step_in_epoch` of `epoch` (0-based) of `phase`.
 
     `partial` holds the running sums of that epoch (loss_sum, correct_sum, steps, seconds), `best` the
-    best test metrics so far, `history` the finished epochs' metrics rows.
+    best metrics so far on the selection split (phase 1's loss, phase 2's accuracy), `history` the
+    finished epochs' metrics rows.
     """
 
     phase: int
@@ -111,7 +119,7 @@ class Position:
     step_in_epoch: int = 0
     partial: dict[str, float] = dataclasses.field(default_factory=empty_partial)
     best: dict[str, float | None] = dataclasses.field(
-        default_factory=lambda: {"pretrain_test_loss": None, "test_accuracy": None})
+        default_factory=lambda: {"pretrain_loss": None, "accuracy": None})
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def is_complete(self, phase_epochs: dict[int, int]) -> bool:
@@ -176,7 +184,8 @@ def _saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
 
 
 def load_run(workdir: str | pathlib.Path, checkpoint: str = "best") -> Run:
-    """Loads the phase-2 weights of the run in `workdir`: 'best' (highest test accuracy) or 'latest'
+    """Loads the phase-2 weights of the run in `workdir`: 'best' (the highest accuracy on the split of
+    train.select_on) or 'latest'
     (the newest periodic checkpoint, of which only the variables are read, not the optimiser state).
 
     Raises ConfigError (one line) when the workdir holds no run or no phase-2 weights yet. The variables
@@ -211,3 +220,16 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = "best") -> Run:
         raise ConfigError(f"{workdir} has no '{checkpoint}' checkpoint yet")
     variables = {"params": restored.state["params"], "batch_stats": restored.state["batch_stats"]}
     return Run(config=config, model=model, variables=variables, class_names=class_names, prepared_dir=prepared_dir)
+
+
+def pretrained_classifier(run_dir: str | pathlib.Path, name: str, num_classes: int, head_key: jax.Array) -> Variables:
+    """The classifier of the `best` weights of the training run in `run_dir` ({'params'[, 'batch_stats']}),
+    its head replaced by a fresh one of `num_classes` outputs initialised from `head_key`, as for
+    torchvision weights (`port.replace_head`). ConfigError (one line) when the run's classifier is not
+    `name` or the run has no `best` weights."""
+    run = load_run(run_dir, "best")
+    if run.config.model.classifier != name:
+        raise ConfigError(f"model.pretrained run {run_dir} trained {run.config.model.classifier}, not {name}")
+    classifier = {collection: trees["classifier"] for collection, trees in run.variables.items()
+                  if "classifier" in trees}
+    return replace_head(classifier, name, num_classes, head_key, width=run.config.model.classifier_width or None)

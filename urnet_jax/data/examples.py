@@ -7,11 +7,11 @@ import pathlib
 
 import numpy as np
 
-from urnet_jax.errors import DataError
 from urnet_jax.data.folders import resolve_class_folders, scan_class_files
 from urnet_jax.data.images import decode_image, sha256_hex
 from urnet_jax.data.prepare import validate_data_config
 from urnet_jax.data.stainfree import stainfree_proxy
+from urnet_jax.errors import DataError
 
 
 def pick_cells(data_config, cells_per_class: int) -> list[tuple[str, np.ndarray, str]]:

@@ -19,8 +19,8 @@ import os
 import pathlib
 from collections.abc import Mapping, Sequence
 
-from urnet_jax.errors import DataError
 from urnet_jax.data.images import is_image_name
+from urnet_jax.errors import DataError
 
 WBC3: dict[str, tuple[str, ...]] = {
     "granulocyte": ("granulocyte", "neutrophil", "eosinophil", "basophil"),

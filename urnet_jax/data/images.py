@@ -4,9 +4,10 @@ Modes: RGB as is; palette, grayscale, 1-bit, CMYK, YCbCr, ... converted to RGB b
 with transparency (RGBA, LA, PA, palette or grayscale with a transparent colour) composited over
 white (a brightfield background is bright); 16-bit integer grayscale (I;16*, I) mapped linearly from
 0..65535 to 0..255, so the relative brightness of images is kept; 32-bit float grayscale (F) stretched
-from its own min..max. Multi-frame files use their first frame. Every image is then resized to
-image_size x image_size (bicubic, antialiased), without keeping the aspect ratio (the PBC cells are
-360x363, the paper's 200x200).
+from its own min..max. Multi-frame files use their first frame. When an image_size is given the image
+is then resized to image_size x image_size (`resize_square`: bicubic, antialiased), without keeping the
+aspect ratio (the PBC cells are 360x363, the paper's 200x200); without one it keeps its own size (what
+`urnet_jax.data.transforms.model_input` takes).
 """
 
 from __future__ import annotations
@@ -54,8 +55,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """Encoded image bytes -> uint8 (image_size, image_size, 3).
+def resize_square(image: np.ndarray, image_size: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (image_size, image_size, 3), bicubic (Pillow's, antialiased)."""
+    if image.shape[:2] == (image_size, image_size):
+        return image
+    resized = Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def decode_image(data: bytes, image_size: int | None = None) -> np.ndarray:
+    """Encoded image bytes -> uint8 (image_size, image_size, 3), or (H, W, 3) at the file's own size
+    when image_size is None.
 
     Raises DataError whose message is the reason to skip the file: 'empty file', 'not an image ...',
     'image too large ...' or 'corrupt or truncated image ...'.
@@ -66,8 +76,9 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             rgb = _to_rgb(image)
-        resized = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
-        return np.asarray(resized, dtype=np.uint8)
+        if image_size is not None:
+            rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        return np.asarray(rgb, dtype=np.uint8)
     except UnidentifiedImageError:
         raise DataError("not an image (format not recognised)") from None
     except Image.DecompressionBombError as error:
@@ -76,8 +87,9 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
         raise DataError(f"corrupt or truncated image ({type(error).__name__}: {error})") from None
 
 
-def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """Reads and decodes one image file (any mode) -> uint8 (image_size, image_size, 3), RGB.
+def load_image(path: str | os.PathLike, image_size: int | None = None) -> np.ndarray:
+    """Reads and decodes one image file (any mode) -> uint8 (image_size, image_size, 3) RGB, or
+    (H, W, 3) at the file's own size when image_size is None.
 
     Raises DataError (one line, naming the file) when the file cannot be read or decoded.
     """

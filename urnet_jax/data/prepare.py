@@ -1,13 +1,14 @@
 """`prepare`: build (or reuse) a prepared data set in out_dir; `load_info` and `read_manifest` read it.
 
 Layout of out_dir:
-- prepared.json: the identity of the data set (data config, resolved source folders, a digest of the
-  source file listing: relative path, size, mtime) and its summary; written last, so its presence
-  means the data set is complete;
+- prepared.json: the identity of the data set (the data config less its location and training-only keys,
+  resolved source folders, a digest of the source file listing: relative path, size, mtime, and a digest
+  of the split files of data.split_dir) and its summary; written last, so its presence means the data
+  set is complete;
 - manifest.csv: one row per example: split, index (record number in that split), path (absolute),
   sha256, label (class name), label_id, source_folder, augmentation;
 - skipped.csv: path, reason for every candidate image file left out;
-- tfds/: the tensorflow-datasets data set (see tfds_builder.py);
+- tfds/: the tensorflow-datasets data set (see tfds_builder.py), splits 'train', 'val', 'test';
 - synthetic_source/: the generated PNG folders, when config.data.dir is empty.
 `prepare` reuses out_dir when prepared.json has the same identity and rebuilds otherwise (deleting only
 the entries above).
@@ -22,6 +23,7 @@ import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -30,17 +32,22 @@ from collections.abc import Iterator, Mapping
 from absl import logging as absl_logging
 
 from urnet_jax.config import base_config
-from urnet_jax.errors import DataError
+from urnet_jax.data.color import COLOUR_NORMALISATIONS
 from urnet_jax.data.folders import resolve_class_folders, scan_class_files
-from urnet_jax.data.plan import SPLITS, VARIANTS
+from urnet_jax.data.online import ONLINE_KEYS
+from urnet_jax.data.plan import SPLITS, TARGETS, VARIANTS
+from urnet_jax.data.split import PARTITIONS, read_split_dir
 from urnet_jax.data.synthetic import write_synthetic_folders
 from urnet_jax.data.tf_runtime import import_tfds
+from urnet_jax.data.transforms import CROPS, PREPROCESSINGS
+from urnet_jax.errors import DataError
 
-FORMAT_VERSION = 1  # bump when a code change alters what `prepare` writes, so old data sets are rebuilt
+FORMAT_VERSION = 2  # bump when a code change alters what `prepare` writes, so old data sets are rebuilt
 MANIFEST_COLUMNS = ("split", "index", "path", "sha256", "label", "label_id", "source_folder", "augmentation")
 _OUTPUTS = ("prepared.json", "manifest.csv", "skipped.csv", "tfds", "synthetic_source", ".work")
-# Where to write and whether synthetic data may stand in, not what the data set holds: not part of its identity.
-_NOT_CONTENT_KEYS = ("prepared_dir", "allow_synthetic")
+# Not what the data set holds, so not part of its identity: where to write, whether synthetic data may stand
+# in, where the split files are (their contents are), and the augmentations applied when training reads it.
+_NOT_CONTENT_KEYS = ("prepared_dir", "allow_synthetic", "split_dir", *ONLINE_KEYS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +59,11 @@ class PrepareSummary:
     class_names: tuple[str, ...]
     image_size: int
     variant: str
-    counts: dict[str, dict[str, int]]  # split -> class -> examples (train: after augmentation)
+    counts: dict[str, dict[str, int]]  # split ('train', 'val', 'test') -> class -> examples (train: augmented)
     train_originals: dict[str, int]  # class -> distinct training images before augmentation
     skipped: dict[str, int]  # reason (text before the first ':') -> files
+    crop: str = "none"  # data.crop
+    crop_fallbacks: int = 0  # with crop "cell": images in which no cell was found (centre crop used)
     reused: bool = False
 
     @property
@@ -67,15 +76,17 @@ class PrepareSummary:
         lines = [("reused" if self.reused else "prepared") + f" {self.out_dir} from {source} "
                  f"({self.image_size}x{self.image_size} px, variant {self.variant})"]
         width = max(len(name) for name in (*self.class_names, "total"))
-        header = f"{'class':<{width}}  {'train originals':>15}  {'train':>7}  {'test':>6}"
+        header = f"{'class':<{width}}  {'train originals':>15}  {'train':>7}  {'val':>6}  {'test':>6}"
         lines += [header, "-" * len(header)]
-        rows = [(name, self.train_originals[name], self.counts["train"][name], self.counts["test"][name])
+        rows = [(name, self.train_originals[name], *(self.counts[split][name] for split in SPLITS))
                 for name in self.class_names]
-        rows.append(("total", *(sum(row[i] for row in rows) for i in (1, 2, 3))))
-        lines += [f"{name:<{width}}  {originals:>15}  {train:>7}  {test:>6}"
-                  for name, originals, train, test in rows]
+        rows.append(("total", *(sum(row[i] for row in rows) for i in (1, 2, 3, 4))))
+        lines += [f"{name:<{width}}  {originals:>15}  {train:>7}  {val:>6}  {test:>6}"
+                  for name, originals, train, val, test in rows]
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items()))
         lines.append(f"skipped {self.num_skipped} files" + (f" ({reasons}; see skipped.csv)" if reasons else ""))
+        if self.crop == "cell":
+            lines.append(f"cell crop: no cell found in {self.crop_fallbacks} images (centre crop used)")
         return "\n".join(lines)
 
 
@@ -85,8 +96,9 @@ class PreparedInfo:
 
     class_names: tuple[str, ...]
     image_size: int
-    num_examples: dict[str, int]  # split -> examples
+    num_examples: dict[str, int]  # split ('train', 'val', 'test') -> examples ('val' may be 0)
     variant: str
+    target: str  # data.target: "image" (no target in the batches) or what batch["target"] holds
     tfds_dir: pathlib.Path  # the tensorflow-datasets data directory (dataset_info.json, ArrayRecord files)
     summary: PrepareSummary
 
@@ -98,6 +110,20 @@ def _check(condition: bool, message: str) -> None:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_range(value, low_bound: float) -> bool:
+    """A (low, high) pair of numbers with low_bound <= low <= high."""
+    return (isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_number, value))
+            and low_bound <= value[0] <= value[1])
+
+
+def _one_of(config: dict, key: str, choices) -> None:
+    _check(config[key] in choices, f"data.{key} must be one of {', '.join(choices)}, got {config[key]!r}")
 
 
 def validate_data_config(data_config) -> dict:
@@ -114,12 +140,33 @@ def validate_data_config(data_config) -> dict:
     if isinstance(class_map, Mapping):
         config["class_map"] = {str(k): ([v] if isinstance(v, str) else list(v)) for k, v in class_map.items()}
     _check(_is_int(config["image_size"]) and config["image_size"] >= 8, "data.image_size must be an integer >= 8")
-    _check(isinstance(config["test_fraction"], (int, float)) and 0 < config["test_fraction"] < 1,
+    _check(_is_number(config["test_fraction"]) and 0 < config["test_fraction"] < 1,
            "data.test_fraction must be between 0 and 1 (exclusive)")
+    _check(_is_number(config["val_fraction"]) and 0 <= config["val_fraction"] < 1
+           and config["test_fraction"] + config["val_fraction"] < 1,
+           "data.val_fraction must be >= 0, with data.test_fraction + data.val_fraction < 1")
+    _check(isinstance(config["split_dir"], str), "data.split_dir must be a path (string)")
+    _one_of(config, "partition", PARTITIONS)
+    _one_of(config, "target", TARGETS)
+    _one_of(config, "crop", CROPS)
+    _check(_is_number(config["crop_scale"]) and config["crop_scale"] > 0, "data.crop_scale must be > 0")
+    _one_of(config, "preprocessing", PREPROCESSINGS)
+    _check(_is_number(config["clahe_clip_limit"]) and 0 < config["clahe_clip_limit"] <= 1,
+           "data.clahe_clip_limit must be in (0, 1]")
+    _check(_is_int(config["clahe_kernel_size"]) and config["clahe_kernel_size"] >= 0,
+           "data.clahe_kernel_size must be an integer >= 0 (0: 1/8 of the image side)")
+    _one_of(config, "color_norm", tuple(COLOUR_NORMALISATIONS))
+    for key in ("grayscale", "online_augment", "color_jitter"):
+        _check(isinstance(config[key], bool), f"data.{key} must be True or False")
+    _check(config["random_scale"] in ((), []) or (_is_range(config["random_scale"], 0) and config["random_scale"][0] > 0),
+           f"data.random_scale must be () or (low, high) with 0 < low <= high, got {config['random_scale']!r}")
+    _check(_is_number(config["stain_augment"]) and 0 <= config["stain_augment"] < 1,
+           "data.stain_augment must be in [0, 1) (0: off)")
+    for key, low_bound in (("severe_contrast", 0), ("severe_blur_sigma", 0), ("severe_noise_std", 0)):
+        _check(_is_range(config[key], low_bound), f"data.{key} must be a (low, high) pair with 0 <= low <= high")
     _check(_is_int(config["seed"]) and config["seed"] >= 0, "data.seed must be an integer >= 0")
     _check(_is_int(config["train_size"]) and config["train_size"] >= 0, "data.train_size must be an integer >= 0")
-    _check(config["variant"] in VARIANTS,
-           f"data.variant must be one of {', '.join(VARIANTS)}, got {config['variant']!r}")
+    _one_of(config, "variant", VARIANTS)
     _check(_is_int(config["synthetic_per_class"]) and config["synthetic_per_class"] >= 2,
            "data.synthetic_per_class must be an integer >= 2")
     return config
@@ -131,6 +178,17 @@ def _listing_digest(root: pathlib.Path, class_folders: Mapping) -> str:
     for source in scan_class_files(root, class_folders):
         stat = source.path.stat()
         digest.update(f"{source.path.relative_to(root)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _split_files_digest(split_dir: str) -> str | None:
+    """sha256 of the split files' names and contents (None without data.split_dir); DataError when unreadable."""
+    if not split_dir:
+        return None
+    read_split_dir(split_dir)  # a bad split folder fails here, before any work
+    digest = hashlib.sha256()
+    for path in (next(pathlib.Path(split_dir).expanduser().glob(f"*{split}.csv")) for split in SPLITS):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
@@ -154,7 +212,9 @@ def _write_csv(path: pathlib.Path, columns, rows) -> None:
 
 def _build(root: pathlib.Path, class_folders: dict, config: dict, out_dir: pathlib.Path):
     """Runs the tensorflow-datasets builder -> (its plan, its data directory)."""
-    from urnet_jax.data.tfds_builder import WbcFolders  # imports TensorFlow: only when building
+    from urnet_jax.data.tfds_builder import (
+        WbcFolders,  # imports TensorFlow: only when building
+    )
 
     tfds = import_tfds()
     download_config = tfds.download.DownloadConfig(manual_dir=root,
@@ -176,7 +236,9 @@ def prepare(data_config, out_dir: str | os.PathLike) -> PrepareSummary:
 
     Writes out_dir/manifest.csv, out_dir/skipped.csv and the tensorflow-datasets files (see the module
     docstring). Raises DataError (one line) for a bad config or unusable data: missing directory, fewer
-    than two classes, a class without a readable image, a class_map naming a missing folder. Processes
+    than two classes, a class without a readable image (or without a training image in its partition),
+    a class_map naming a missing folder, a bad, missing or inconsistent split file in data.split_dir or
+    one listing a file that is not in data.dir. Processes
     preparing the same out_dir at once take turns (out_dir/.prepare.lock): the first builds, the rest reuse.
     """
     config = validate_data_config(data_config)
@@ -188,7 +250,9 @@ def prepare(data_config, out_dir: str | os.PathLike) -> PrepareSummary:
     else:
         root, class_folders, source, listing = out_dir / "synthetic_source", None, "synthetic", None
     content_config = {key: value for key, value in config.items() if key not in _NOT_CONTENT_KEYS}
-    identity = {"format": FORMAT_VERSION, "data": {**content_config, "dir": source}, "listing": listing}
+    identity = json.loads(json.dumps({  # as it reads back from prepared.json (tuples become lists)
+        "format": FORMAT_VERSION, "data": {**content_config, "dir": source}, "listing": listing,
+        "split_files": _split_files_digest(config["split_dir"])}))
     with exclusive_lock(out_dir / ".prepare.lock"):
         state = _read_state(out_dir)
         if state and state.get("identity") == identity and (out_dir / state.get("tfds_dir", "-")).is_dir():
@@ -244,7 +308,8 @@ def _build_outputs(root: pathlib.Path, class_folders: dict | None, config: dict,
         variant=config["variant"],
         counts={split: {name: sum(e.class_name == name for e in plan.examples[split]) for name in plan.class_names}
                 for split in SPLITS},
-        train_originals=plan.train_originals, skipped=skipped)
+        train_originals=plan.train_originals, skipped=skipped, crop=config["crop"],
+        crop_fallbacks=plan.crop_fallbacks)
     state = {"identity": identity, "tfds_dir": str(tfds_dir.relative_to(out_dir)),
              "summary": dataclasses.asdict(summary)}
     (out_dir / "prepared.json.tmp").write_text(json.dumps(state, indent=1))
@@ -265,7 +330,8 @@ def load_info(out_dir: str | os.PathLike) -> PreparedInfo:
     summary = _summary_from_json(state["summary"], reused=True)
     return PreparedInfo(class_names=summary.class_names, image_size=summary.image_size,
                         num_examples={split: sum(summary.counts[split].values()) for split in SPLITS},
-                        variant=summary.variant, tfds_dir=out_dir / state["tfds_dir"], summary=summary)
+                        variant=summary.variant, target=state["identity"]["data"]["target"],
+                        tfds_dir=out_dir / state["tfds_dir"], summary=summary)
 
 
 def read_manifest(out_dir: str | os.PathLike, split: str) -> list[dict]:

@@ -15,14 +15,22 @@ with a random generator seeded by the image's sha256, so a given file always get
 5. sensor noise: additive Gaussian noise, standard deviation 0.01-0.03;
 then clipped, quantised to uint8 and copied into three equal channels (the models take RGB).
 The same ranges apply to the train and test splits: it is the imaging condition, not augmentation.
+
+The *severe* proxy (`severe_proxy`) is the same degradation with harsher ranges (`SEVERE_RANGES`: contrast
+5-12 %, defocus sigma 2.5-4 px at 200 px, illumination 20-40 %, noise 0.03-0.06): much lower contrast,
+stronger blur and noise. Its contrast, blur and noise ranges are config knobs (`data.severe_contrast`,
+`data.severe_blur_sigma`, `data.severe_noise_std`), to be tuned on the validation split.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import numpy as np
 from scipy import ndimage
+
+VARIANTS = ("raw", "stainfree_proxy", "severe_proxy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +45,8 @@ class ProxyRanges:
 
 
 PROXY_RANGES = ProxyRanges()
+SEVERE_RANGES = ProxyRanges(contrast=(0.05, 0.12), blur_sigma=(2.5, 4.0), illumination=(0.20, 0.40),
+                            noise_std=(0.03, 0.06))
 _REFERENCE_SIZE = 200  # pixels at which blur_sigma is given
 
 
@@ -75,3 +85,28 @@ def stainfree_proxy(image: np.ndarray, sha256: str, ranges: ProxyRanges = PROXY_
     gray = gray + rng.normal(0.0, noise_std, size=gray.shape).astype(np.float32)
     gray_u8 = np.round(np.clip(gray, 0.0, 1.0) * 255.0).astype(np.uint8)
     return np.repeat(gray_u8[..., None], 3, axis=-1)
+
+
+def severe_proxy(image: np.ndarray, sha256: str, ranges: ProxyRanges = SEVERE_RANGES) -> np.ndarray:
+    """uint8 RGB (H, W, 3) -> the severe stain-free proxy (see the module docstring): `stainfree_proxy`
+    with `SEVERE_RANGES` by default, deterministic per sha256."""
+    return stainfree_proxy(image, sha256, ranges)
+
+
+def severe_ranges(data_config: Mapping) -> ProxyRanges:
+    """SEVERE_RANGES with the contrast, blur and noise ranges of `config.data` (severe_contrast, ...)."""
+    return dataclasses.replace(SEVERE_RANGES, contrast=tuple(data_config["severe_contrast"]),
+                               blur_sigma=tuple(data_config["severe_blur_sigma"]),
+                               noise_std=tuple(data_config["severe_noise_std"]))
+
+
+def apply_variant(image: np.ndarray, sha256: str, data_config: Mapping) -> np.ndarray:
+    """The imaging condition `data.variant` (one of VARIANTS) applied to a uint8 RGB (H, W, 3) image."""
+    variant = data_config["variant"]
+    if variant == "raw":
+        return image
+    if variant == "stainfree_proxy":
+        return stainfree_proxy(image, sha256)
+    if variant == "severe_proxy":
+        return severe_proxy(image, sha256, severe_ranges(data_config))
+    raise ValueError(f"unknown data variant {variant!r}")

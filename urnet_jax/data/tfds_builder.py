@@ -3,8 +3,9 @@
 The image folders are the builder's manual dir (`tfds.download.DownloadConfig(manual_dir=...)`); the
 data config travels in the BuilderConfig. Storage: ArrayRecord files (random access, so the readers
 can shuffle by index), one record per example holding the image as raw uint8 pixels
-(image_size, image_size, 3) -- already resized, in the requested variant and augmented, so reading is
-a copy, not a JPEG decode -- and the label. ArrayRecord compresses each record (zstd). Records are
+(image_size, image_size, 3) -- already transformed (urnet_jax.data.transforms), in the requested variant
+and augmented, so reading is a copy, not a JPEG decode -- the label, and, when data.target is not "image",
+the phase-1 target (same shape, same augmentation). ArrayRecord compresses each record (zstd). Records are
 written in manifest order (shuffling disabled), so record i of a split is row i of that split in
 manifest.csv.
 """
@@ -53,16 +54,20 @@ class WbcFolders(tfds.core.GeneratorBasedBuilder):
         self.plan: Plan | None = None
 
     def _info(self):
-        size = self.builder_config.data_config["image_size"]
+        data_config = self.builder_config.data_config
+        size = data_config["image_size"]
+
+        def pixels():
+            return tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES)
+
+        features = {"image": pixels(), "label": tfds.features.ClassLabel(names=list(self.builder_config.class_folders))}
+        if data_config["target"] != "image":
+            features["target"] = pixels()
         return tfds.core.DatasetInfo(
             builder=self,
-            description=f"White blood cells, {size}x{size} uint8 RGB, variant "
-                        f"{self.builder_config.data_config['variant']}.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(size, size, 3), dtype=np.uint8,
-                                              encoding=tfds.features.Encoding.BYTES),
-                "label": tfds.features.ClassLabel(names=list(self.builder_config.class_folders)),
-            }),
+            description=f"White blood cells, {size}x{size} uint8 RGB, variant {data_config['variant']}, "
+                        f"phase-1 target {data_config['target']}.",
+            features=tfds.features.FeaturesDict(features),
             supervised_keys=("image", "label"),
             disable_shuffling=True,
         )
@@ -70,9 +75,14 @@ class WbcFolders(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         self.plan = build_plan(dl_manager.manual_dir, self.builder_config.class_folders,
                                self.builder_config.data_config, dl_manager.download_dir)
-        return {split: self._generate_examples(self.plan, split) for split in SPLITS}
+        # an empty split (no validation split when data.val_fraction is 0) is not written: TFDS cannot
+        return {split: self._generate_examples(self.plan, split) for split in SPLITS if self.plan.examples[split]}
 
     def _generate_examples(self, plan: Plan, split: str):
         for index, example in enumerate(plan.examples[split]):
-            image = apply_augmentation(plan.pixels[example.slot], example.augmentation)
-            yield index, {"image": np.ascontiguousarray(image), "label": example.label_id}
+            record = {"image": np.ascontiguousarray(apply_augmentation(plan.pixels[example.slot], example.augmentation)),
+                      "label": example.label_id}
+            if plan.targets is not None:
+                record["target"] = np.ascontiguousarray(apply_augmentation(plan.targets[example.slot],
+                                                                           example.augmentation))
+            yield index, record

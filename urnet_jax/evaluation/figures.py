@@ -103,10 +103,12 @@ def _panel_grid(labels: Sequence[int], class_names: Sequence[str], panels_per_ex
 
 
 def plot_image_pairs(raw: np.ndarray, enhanced: np.ndarray | None, labels: Sequence[int],
-                     class_names: Sequence[str], path: str | pathlib.Path, enhancer_name: str = "") -> None:
+                     class_names: Sequence[str], path: str | pathlib.Path, enhancer_name: str = "",
+                     preprocessing: str = "none") -> None:
     """Raw vs enhanced images (N, H, W, 3) in [0, 1]; one row per true class, pairs side by side.
 
-    `enhanced=None` (a run without an enhancer) shows the raw images only, with a note saying so.
+    `enhanced=None` (a run without an enhancer) shows the raw images only, with a note saying so;
+    `preprocessing` names a fixed step (data.preprocessing, e.g. 'clahe') already applied to `raw`.
     """
     panels = 1 if enhanced is None else 2
     figure, axes, rows = _panel_grid(labels, class_names, panels)
@@ -118,7 +120,9 @@ def plot_image_pairs(raw: np.ndarray, enhanced: np.ndarray | None, labels: Seque
                             interpolation="nearest")
                 axis.set_title(f"{class_names[class_index]}: {'raw' if panel == 0 else 'enhanced'}",
                                fontsize=9)
-    if enhanced is None:
+    if enhanced is None and preprocessing != "none":
+        figure.suptitle(f"No learned enhancer: the classifier sees these images after fixed {preprocessing.upper()}.")
+    elif enhanced is None:
         figure.suptitle("No enhancer in this run: the classifier sees these raw images unchanged.")
     else:
         figure.suptitle(f"Raw vs enhanced images ({enhancer_name or 'enhancer'} output)")

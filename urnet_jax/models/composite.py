@@ -13,13 +13,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from urnet_jax.models.registry import CLASSIFIER_NAMES, ENHANCER_NAMES, NO_ENHANCER, create
+from urnet_jax.models.registry import CLASSIFIER_NAMES, ENHANCER_NAMES, NO_ENHANCER, create, default_width, spec
 
 # torchvision's ImageNet statistics (RGB, for images in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-DEFAULT_ENHANCER_WIDTH = 64
 
 
 def imagenet_normalize(image: jax.Array) -> jax.Array:
@@ -34,10 +32,13 @@ class EnhanceClassify(nn.Module):
 
     Variables: {'params': {'enhancer': ..., 'classifier': ...}, 'batch_stats': {...}} ('enhancer' absent
     when there is none). x: (N, H, W, 3) RGB in [0, 1] -> logits (N, num_classes) float32.
+    freeze_enhancer: in `__call__` the enhancer runs in inference mode (its BatchNorm statistics, if any,
+    stay fixed) and no gradient flows into it; `enhance` (what phase 1 trains) is unaffected.
     """
 
     enhancer: nn.Module | None
     classifier: nn.Module
+    freeze_enhancer: bool = False
 
     def enhance(self, x: jax.Array, train: bool = False) -> jax.Array:
         """(N, H, W, 3) in [0, 1] -> the enhanced image (N, H, W, 3) in [0, 1] (x itself without enhancer)."""
@@ -47,14 +48,21 @@ class EnhanceClassify(nn.Module):
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """(N, H, W, 3) in [0, 1] -> logits (N, num_classes)."""
-        return self.classifier(imagenet_normalize(self.enhance(x, train)), train=train)
+        if self.freeze_enhancer:
+            enhanced = jax.lax.stop_gradient(self.enhance(x, train=False))
+        else:
+            enhanced = self.enhance(x, train)
+        return self.classifier(imagenet_normalize(enhanced), train=train)
 
 
-def build_model(model_config: Any, num_classes: int, dtype: Any = None) -> EnhanceClassify:
+def build_model(model_config: Any, num_classes: int, dtype: Any = None,
+                freeze_enhancer: bool = False) -> EnhanceClassify:
     """Builds the model described by `config.model` (keys enhancer, classifier, enhancer_width,
-    classifier_width; a width of 0 means the default: 64 for enhancers, torchvision's for classifiers).
+    classifier_width; a width of 0 means the default: the registry's `default_width` for enhancers,
+    torchvision's for classifiers; enhancer_output, norm and num_groups where the model accepts them).
 
     dtype: computation dtype of both parts (e.g. jnp.bfloat16); parameters stay float32.
+    freeze_enhancer: see `EnhanceClassify` (train.freeze_enhancer).
     Raises ValueError (one line) on an unknown enhancer or classifier name.
     """
     enhancer_name, classifier_name = model_config.enhancer, model_config.classifier
@@ -65,7 +73,14 @@ def build_model(model_config: Any, num_classes: int, dtype: Any = None) -> Enhan
         raise ValueError(f"unknown classifier {classifier_name!r}; expected one of {', '.join(CLASSIFIER_NAMES)}")
     enhancer = None
     if enhancer_name != NO_ENHANCER:
-        enhancer = create(enhancer_name, width=model_config.enhancer_width or DEFAULT_ENHANCER_WIDTH, dtype=dtype)
+        options = {}
+        if spec(enhancer_name).residual_output:
+            options["output_activation"] = getattr(model_config, "enhancer_output", "sigmoid")
+        enhancer = create(enhancer_name, width=model_config.enhancer_width or default_width(enhancer_name),
+                          dtype=dtype, **options)
+    options = {}
+    if spec(classifier_name).group_norm:
+        options = {"norm": getattr(model_config, "norm", "batch"), "num_groups": getattr(model_config, "num_groups", 32)}
     classifier = create(classifier_name, num_classes=num_classes, width=model_config.classifier_width or None,
-                        dtype=dtype)
-    return EnhanceClassify(enhancer, classifier)
+                        dtype=dtype, **options)
+    return EnhanceClassify(enhancer, classifier, freeze_enhancer)

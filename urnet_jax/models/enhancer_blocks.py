@@ -9,7 +9,12 @@ Choices the UR-Net paper leaves open, shared by every enhancer and exposed as co
   * `output_activation` (`OUTPUT_ACTIVATIONS`), applied in float32 to the 1x1 output head h:
       'sigmoid'  (default) y = sigmoid(h);
       'clip'     y = clip(h, 0, 1);
-      'residual' y = clip(x + h, 0, 1): the network predicts a correction of the input image.
+      'residual' y = clip(x + h, 0, 1): the network predicts a correction of the input image. Its head
+                 starts at zero (kernel and bias), so the enhancer starts as the identity. At that start
+                 the head's own gradient is h's input features times dL/dy (non-zero), while the layers
+                 below it receive none (the zero kernel passes nothing back); the first update makes the
+                 kernel non-zero and from then on every layer learns. The clip passes no gradient for a
+                 pixel pushed past 0 or 1, which only stops corrections that would leave the image range.
   * `leaky_slope`: negative slope of the activations; 0.0 is ReLU.
 
 Resolution bookkeeping: level l has spatial size s_l, s_0 = (H, W). Max pooling (kernel 2, stride 2)
@@ -65,6 +70,14 @@ def match_size(x: Array, height: int, width: int) -> Array:
     if pad_h or pad_w:
         x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
     return x
+
+
+def output_head(features: Array, image: Array, kind: str, dtype: layers.Dtype) -> Array:
+    """The enhancers' 'head' (1x1 conv with bias, features -> the image's channels, zero-initialised for
+    'residual'; call it inside the enhancer's compact `__call__`), then `apply_output_activation`."""
+    kernel_init = nn.initializers.zeros if kind == "residual" else layers.kaiming_fan_out
+    conv = layers.conv(image.shape[-1], 1, use_bias=True, dtype=dtype, kernel_init=kernel_init, name="head")
+    return apply_output_activation(conv(features), image, kind)
 
 
 def apply_output_activation(head: Array, image: Array, kind: str) -> Array:
@@ -186,7 +199,7 @@ class UShapedEnhancer(nn.Module):
         'skip{l}_1x1'                    1x1 conv C_l -> C_l with bias on the skip (only when skip_conv);
         'up{l}_block'                    ConvBlock(C_l) on concat([skip, upsampled], channel axis);
       'head'                             1x1 conv C_0 -> C (image channels) with bias, then
-                                         `output_activation`.
+                                         `output_activation` (`output_head`).
     ConvBlocks are residual when `residual_blocks`; every activation uses `leaky_slope`.
     """
 
@@ -235,5 +248,4 @@ class UShapedEnhancer(nn.Module):
             if self.skip_conv:
                 skip = layers.conv(features, 1, use_bias=True, dtype=self.dtype, name=f"skip{level}_1x1")(skip)
             h = block(level, f"up{level}_block")(jnp.concatenate([skip, h.astype(skip.dtype)], axis=-1), train)
-        head = layers.conv(x.shape[-1], 1, use_bias=True, dtype=self.dtype, name="head")(h)
-        return apply_output_activation(head, x, self.output_activation)
+        return output_head(h, x, self.output_activation, self.dtype)

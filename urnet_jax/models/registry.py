@@ -17,6 +17,8 @@ CLASSIFIER = "classifier"
 NO_ENHANCER = "none"  # the config value of `model.enhancer` for a classifier alone
 
 _DOWNLOADS = "https://download.pytorch.org/models"
+# `conv_frontend.width_matching_urnet(64)`, kept as a number so that importing the registry stays cheap.
+URNET_MATCHED_CONV_FRONTEND_WIDTH = 1155
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,17 +46,23 @@ class ModelSpec:
     display_name: str  # as the paper's tables spell it
     factory: str
     torchvision: TorchvisionLayout | None = None  # classifiers only
+    default_width: int | None = None  # enhancers only: the width that model.enhancer_width=0 selects
+    residual_output: bool = False  # enhancers only: accepts output_activation="residual" (model.enhancer_output)
+    paper_method: str = ""  # enhancers only: the row of the paper's Table 4 that this enhancer reimplements
+    group_norm: bool = False  # classifiers only: accepts norm="group" (model.norm)
 
 
 def _classifier(name: str, display_name: str, module: str, head: str, weights: Mapping[str, str],
                 flattened_input: str = "") -> ModelSpec:
     files = {version: f"{_DOWNLOADS}/{file}" for version, file in weights.items()}
     return ModelSpec(name, CLASSIFIER, display_name, f"urnet_jax.models.{module}:{name}",
-                     TorchvisionLayout(head, files, flattened_input))
+                     TorchvisionLayout(head, files, flattened_input), group_norm=module == "resnet")
 
 
-def _enhancer(name: str, display_name: str, factory: str) -> ModelSpec:
-    return ModelSpec(name, ENHANCER, display_name, f"urnet_jax.models.{factory}")
+def _enhancer(name: str, display_name: str, factory: str, default_width: int, residual_output: bool = False,
+              paper_method: str = "") -> ModelSpec:
+    return ModelSpec(name, ENHANCER, display_name, f"urnet_jax.models.{factory}", default_width=default_width,
+                     residual_output=residual_output, paper_method=paper_method)
 
 
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
@@ -74,14 +82,24 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
                 {"IMAGENET1K_V1": "mobilenet_v2-b0353104.pth", "IMAGENET1K_V2": "mobilenet_v2-7ebf99e0.pth"}),
     _classifier("densenet121", "DenseNet121", "densenet", "classifier",
                 {"IMAGENET1K_V1": "densenet121-a639ec97.pth"}),
-    _enhancer("unet", "UNet", "unet:UNet"),
-    _enhancer("unetpp", "UNet++", "unetpp:UNetPlusPlus"),
-    _enhancer("resunet", "ResUNet", "resunet:ResUNet"),
-    _enhancer("urnet", "UR-Net", "urnet:URNetEnhancer"),
+    _enhancer("unet", "UNet", "unet:UNet", 64, residual_output=True),
+    _enhancer("unetpp", "UNet++", "unetpp:UNetPlusPlus", 64, residual_output=True),
+    _enhancer("resunet", "ResUNet", "resunet:ResUNet", 64, residual_output=True),
+    _enhancer("urnet", "UR-Net", "urnet:URNetEnhancer", 64, residual_output=True, paper_method="UR-Net"),
+    # RSGUNet: the authors' 16-32-64-128.
+    _enhancer("rsgunet", "RSGUNet (Huang et al. 2018)", "rsgunet:RSGUNet", 16, paper_method="Huang et al. 2018"),
+    _enhancer("dynamic_enhancement", "Dynamic enhancement (Sharma et al. 2018)",
+              "dynamic_enhancement:DynamicEnhancer", 16, paper_method="Sharma et al. 2018"),
+    # The capacity control: its default width gives about the parameter count of UR-Net's default (width 64);
+    # `conv_frontend.width_matching_urnet(w)` gives the width matching UR-Net of width w.
+    _enhancer("conv_frontend", "Conv front end", "conv_frontend:ConvFrontend", URNET_MATCHED_CONV_FRONTEND_WIDTH,
+              residual_output=True),
 )}
 
 CLASSIFIER_NAMES: tuple[str, ...] = tuple(name for name, spec in MODELS.items() if spec.kind == CLASSIFIER)
 ENHANCER_NAMES: tuple[str, ...] = tuple(name for name, spec in MODELS.items() if spec.kind == ENHANCER)
+RESIDUAL_OUTPUT_ENHANCERS: tuple[str, ...] = tuple(name for name in ENHANCER_NAMES if MODELS[name].residual_output)
+GROUP_NORM_CLASSIFIERS: tuple[str, ...] = tuple(name for name in CLASSIFIER_NAMES if MODELS[name].group_norm)
 
 
 def names() -> tuple[str, ...]:
@@ -108,6 +126,14 @@ def create(name: str, **kwargs: Any) -> Any:
     Raises ValueError naming the known models when `name` is unknown.
     """
     return factory(name)(**kwargs)
+
+
+def default_width(name: str) -> int:
+    """The width of enhancer `name` when model.enhancer_width is 0 (ValueError for a non-enhancer)."""
+    width = spec(name).default_width
+    if width is None:
+        raise ValueError(f"{name!r} is not an enhancer; enhancers: {', '.join(ENHANCER_NAMES)}")
+    return width
 
 
 def display_name(name: str) -> str:

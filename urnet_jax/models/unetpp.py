@@ -13,10 +13,10 @@ from urnet_jax.models.enhancer_blocks import (
     ConvBlock,
     MaxPool2x2,
     UpConv2x2,
-    apply_output_activation,
     check_choice,
     check_image,
     match_size,
+    output_head,
 )
 
 
@@ -61,5 +61,4 @@ class UNetPlusPlus(nn.Module):
                 up = UpConv2x2(self.width * 2**i, self.dtype, name=f"x{i}_{j}_up")(nodes[i + 1, j - 1])
                 up = match_size(up, same_level[0].shape[1], same_level[0].shape[2]).astype(same_level[0].dtype)
                 nodes[i, j] = node(i, j)(jnp.concatenate([*same_level, up], axis=-1), train)
-        head = layers.conv(x.shape[-1], 1, use_bias=True, dtype=self.dtype, name="head")(nodes[0, self.depth])
-        return apply_output_activation(head, x, self.output_activation)
+        return output_head(nodes[0, self.depth], x, self.output_activation, self.dtype)

@@ -25,8 +25,11 @@ from urnet_jax.data.plan import VARIANTS
 from urnet_jax.errors import ConfigError
 from urnet_jax.evaluation.report import MISSING, markdown_table, table3
 from urnet_jax.models.registry import display_name
+from urnet_jax.study import paired
+from urnet_jax.study.paired import signed as _signed
 from urnet_jax.study.results import (TABLE3_KEYS, FinishedRun, collect_finished_runs, column_header,
-                                     epoch_to_epoch_change, ordered, read_baseline, unselected_accuracy)
+                                     epoch_to_epoch_change, ordered, read_baseline, read_comparisons,
+                                     unselected_accuracy)
 from urnet_jax.study.sweep import ABLATION_MODELS, IGNORED_KEYS
 
 MARKER_BEGIN = "<!-- results:begin {name} -->"
@@ -86,11 +89,6 @@ def paired_differences(first: Sequence[FinishedRun], second: Sequence[FinishedRu
 def _points(values: Sequence[float]) -> pd.Series:
     """Fractions as percentage points."""
     return 100.0 * pd.Series(values, dtype=np.float64)
-
-
-def _signed(value: float) -> str:
-    """'+1.25' or '−0.50' (a minus sign); values that round to zero print as '+0.00', never '−0.00'."""
-    return f"{round(value, 2) + 0.0:+.2f}".replace("-", "−")
 
 
 def _mean_std_points(values: Sequence[float], signed: bool = False) -> str:
@@ -234,13 +232,16 @@ def baseline_table(runs: Sequence[FinishedRun], baseline_runs: Sequence[Finished
 
 
 def _baseline_settings(runs: Sequence[FinishedRun], baseline_runs: Sequence[FinishedRun]) -> list[str]:
-    """The config differences ('key: baseline != this') between paired runs, each once (locations and
-    bookkeeping aside, as for skipping finished runs)."""
+    """The config differences ('key: baseline != this') between paired runs, each once, in the keys either
+    run's config.json records (locations and bookkeeping aside, as for skipping finished runs; a key added
+    since both runs holds the value derived from their settings, not a setting of its own)."""
     by_name = {run.name: run for run in baseline_runs}
     found: list[str] = []
     for run in runs:
         if run.name in by_name:
-            for line in config_lib.config_differences(by_name[run.name].config, run.config, ignored=IGNORED_KEYS):
+            recorded = run.recorded_keys | by_name[run.name].recorded_keys
+            ignored = IGNORED_KEYS | (frozenset(config_lib.flatten(run.config)) - recorded)
+            for line in config_lib.config_differences(by_name[run.name].config, run.config, ignored=ignored):
                 if line not in found:
                     found.append(line)
     return found
@@ -302,13 +303,19 @@ def results_block(results_dir: str | os.PathLike) -> str:
                       f"`{key}` {_display(_shared_value(of_variant, key))}" for key in PROTOCOL_KEYS)
                   + f"; test images per class (eval/metrics.json): {_test_images(of_variant)}.", ""]
         classes = common_classes([run.metrics for run in of_variant])
-        paired = paired_table(of_variant, classes)
-        if paired is not None:
-            parts += [paired, "",
+        by_seed = paired_table(of_variant, classes)
+        if by_seed is not None:
+            parts += [by_seed, "",
                       "Paired differences in percentage points, first model minus second, over the seeds both "
                       "have finished (same seed, same data): mean ± sample standard deviation, then how many "
                       "of those seeds the first model was better/equal/worse. The t-interval (n − 1 degrees of "
                       "freedom) covers only the spread over seeds, not over other test sets.", ""]
+        comparisons = read_comparisons(results_dir) or paired.all_pairs(models)
+        compared_images = paired.compare({(run.model, run.seed): results_dir / run.name for run in of_variant},
+                                         comparisons)
+        if compared_images:
+            table, note = paired.comparison_table(compared_images, column_header)
+            parts += [table, "", note, ""]
         parts += [error_table(cells, classes), "",
                   "Test errors by true and predicted class: images, mean over each column's finished seeds "
                   "(from each run's confusion matrix).", ""]

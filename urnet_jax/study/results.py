@@ -33,6 +33,8 @@ class FinishedRun:
     metrics: Mapping[str, Any]
     # (epoch, test accuracy in [0, 1]) after every phase-2 epoch, from metrics.jsonl.
     test_accuracy_curve: tuple[tuple[int, float], ...] = ()
+    # The dotted keys its config.json holds (`config` also has those added since, at their defaults).
+    recorded_keys: frozenset[str] = frozenset()
 
 
 def _is_number(value: Any) -> bool:
@@ -86,7 +88,8 @@ def collect_finished_runs(results_dir: str | os.PathLike) -> list[FinishedRun]:
             raise ConfigError(f"{child / 'config.json'} has seed {saved_seed!r} and data.variant {saved_variant!r}, "
                               f"but the folder's name says seed {seed} and {variant!r}")
         runs.append(FinishedRun(name=child.name, model=match["model"], data_variant=variant, seed=seed,
-                                config=config, metrics=metrics, test_accuracy_curve=_phase2_curve(child)))
+                                config=config, metrics=metrics, test_accuracy_curve=_phase2_curve(child),
+                                recorded_keys=frozenset(config_lib.flatten(saved))))
     return runs
 
 
@@ -97,6 +100,18 @@ def read_baseline(results_dir: pathlib.Path) -> str:
     except (OSError, ValueError, AttributeError):
         return ""
     return baseline if isinstance(baseline, str) and NAME_PART.match(baseline) else ""
+
+
+def read_comparisons(results_dir: pathlib.Path) -> list[tuple[str, str]]:
+    """The (first, second) model pairs named by `comparisons` in a results folder's study.json ([] when
+    it has none: the report then compares every pair)."""
+    try:
+        pairs = json.loads((results_dir / "study.json").read_text()).get("comparisons", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 for p in pairs)):
+        raise ConfigError(f"{results_dir / 'study.json'}: 'comparisons' must be a list of [first, second] model names")
+    return [(str(first), str(second)) for first, second in pairs]
 
 
 def ordered(values: Sequence[str], preferred: Sequence[str]) -> list[str]:

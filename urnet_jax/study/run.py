@@ -1,11 +1,16 @@
 """The study runner: trains and evaluates every unfinished run of a study config, one after another.
 
 Run `<model>-<data variant>-seed<seed>` trains in OUT/<run>/ (`urnet_jax.trainer.train_and_evaluate`) and is
-then evaluated on the test split with its best checkpoint (`urnet_jax.evaluation.runner.evaluate_run`, which
-writes OUT/<run>/eval/). A run is finished when OUT/<run>/eval/metrics.json exists and parses: finished runs
-are skipped, unfinished ones resume from their checkpoints, so the study can be stopped and restarted at any
-point. The runs of one data variant share the prepared data set OUT/_prepared/<variant>/; the subset is a
-folder of links, OUT/_prepared/subset/.
+then evaluated on the test split (`urnet_jax.evaluation.runner.evaluate_run`) twice: with its last epoch's
+weights into OUT/<run>/eval_last/, then with the checkpoint selected during training into OUT/<run>/eval/
+(both with per-image predictions, for the paired comparisons of `paired`). A run is finished when
+OUT/<run>/eval/metrics.json exists and parses: finished runs are skipped, unfinished ones resume from their
+checkpoints, so the study can be stopped and restarted at any point. The runs of one data variant share the
+prepared data set OUT/_prepared/<variant>/ (one per data seed with seed groups, and one per model variant
+that changes data.*); the subset is a folder of links, OUT/_prepared/subset/.
+
+A study with a pretrained classifier (`sweep`: 'pretrained_classifier') first trains it, once per data seed,
+as OUT/standin_dataseed<k>/ (evaluated on its own test split into its eval/), then the runs that load it.
 
 Locations in a finished run's config.json and in OUT/study.json (data.dir, data.prepared_dir,
 model.pretrained) are written relative to the directory the study runs from (the repository root in every
@@ -35,9 +40,12 @@ from urnet_jax.data.folders import resolve_class_folders, scan_class_files
 from urnet_jax.data.prepare import exclusive_lock
 from urnet_jax.errors import ConfigError, DataError, RunError
 from urnet_jax.evaluation import runner
-from urnet_jax.study.sweep import IGNORED_KEYS, check_study_config, plain, plan_runs
+from urnet_jax.study.paired import EVALUATION_FOLDERS
+from urnet_jax.study.sweep import (IGNORED_KEYS, STANDIN_NAME, check_study_config, data_seed_of, external_sets,
+                                   plain, plan_runs, plan_standins)
 
 LOCATION_KEYS = (("data", "dir"), ("data", "prepared_dir"), ("model", "pretrained"))
+LAST_EPOCH_FOLDER = EVALUATION_FOLDERS["last"]  # the last epoch's evaluation (eval/: the selected checkpoint's)
 
 
 def link_subset(source: str | os.PathLike, class_map: Any, per_class: int, seed: int,
@@ -116,8 +124,9 @@ def finished_config_differences(workdir: pathlib.Path, config: ml_collections.Co
         saved = json.loads((workdir / "config.json").read_text())
     except (OSError, ValueError):
         return ["no readable config.json"]
-    return config_lib.config_differences(absolute_locations(saved), absolute_locations(config.to_dict()),
-                                         ignored=IGNORED_KEYS)
+    # Both with every key (the run's missing ones at the defaults of its time) and through JSON (tuples as lists).
+    return config_lib.config_differences(absolute_locations(config_lib.saved_config(saved).to_dict()),
+                                         absolute_locations(config.to_dict()), ignored=IGNORED_KEYS)
 
 
 def format_duration(seconds: float) -> str:
@@ -143,9 +152,25 @@ class StudyOutcome:
     not_started: list[str] = dataclasses.field(default_factory=list)  # left for later by `limit`
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, show_progress: bool) -> dict:
-    """Trains (or resumes) and evaluates one run; returns its test metrics (metrics.json)."""
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, show_progress: bool,
+                        last_epoch: bool, external: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
+    """Trains (or resumes) and evaluates one run on the test split; returns its test metrics (metrics.json).
+
+    With `last_epoch`, the last epoch's weights (the 'latest' checkpoint) are evaluated first, into
+    workdir/eval_last/; then the `external` sets ({name: {data_dir, class_map, adapt_bn}}) with the selected
+    checkpoint, into workdir/eval/<name>/; then the selected ('best') checkpoint on the test split into
+    workdir/eval/, whose metrics.json, written last, marks the run finished.
+    """
+    config_lib.validate(config)  # again: model.pretrained may name a run trained since the study was planned
     trainer.train_and_evaluate(config, workdir, show_progress=show_progress)
+    if last_epoch:
+        shutil.rmtree(workdir / "eval", ignore_errors=True)
+        runner.evaluate_run(workdir, "latest", "test", progress=show_progress)
+        shutil.rmtree(workdir / LAST_EPOCH_FOLDER, ignore_errors=True)
+        os.replace(workdir / "eval", workdir / LAST_EPOCH_FOLDER)
+    for name, external_set in (external or {}).items():
+        runner.evaluate_external(workdir, external_set["data_dir"], external_set["class_map"], name=name,
+                                 adapt_bn=external_set["adapt_bn"], progress=show_progress)
     metrics = runner.evaluate_run(workdir, "best", "test", progress=show_progress)
     make_locations_relative(workdir)
     return metrics
@@ -157,6 +182,10 @@ def run_study(study: ml_collections.ConfigDict, out_dir: str | os.PathLike, only
     """Trains and evaluates every unfinished run of `study` (see the module docstring); never raises for a
     failed run (it is listed in the outcome), but ConfigError/DataError for a bad study config or data folder.
     A KeyboardInterrupt (TrainingStopped included) ends the study.
+
+    When the study has a pretrained classifier, its runs (one per data seed of the selected runs,
+    OUT/standin_dataseed<k>/) come first; a run whose classifier failed is not started (listed as failed).
+    Their checkpoints are kept whatever `delete_checkpoints` says: the study's runs load them.
 
     only: glob patterns of run names (fnmatch; a run is selected when any matches; empty: every run).
     limit: the most runs to train in this call (finished runs do not count).
@@ -170,20 +199,33 @@ def run_study(study: ml_collections.ConfigDict, out_dir: str | os.PathLike, only
     if study.subset_per_class:
         data_dir = link_subset(study.base.data.dir, study.base.data.class_map, study.subset_per_class,
                                study.base.data.seed, prepared_root / "subset")
-    runs = plan_runs(study, prepared_root, data_dir)
+    runs = plan_runs(study, prepared_root, data_dir, out_dir)
     selected = [run for run in runs if not only or any(fnmatch.fnmatchcase(run.name, p) for p in only)]
     if not selected:
         raise ConfigError(f"--only {' '.join(only)} matches none of the {len(runs)} runs (e.g. {runs[0].name})")
+    standins = plan_standins(study, prepared_root, [data_seed_of(study, run.seed) for run in selected])
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {**study.to_dict(), "base": relative_locations(study.base.to_dict())}
+    if standins:
+        record["pretrained_classifier"] = relative_locations(study.pretrained_classifier.to_dict())
+    for external in record.get("external", {}).values():
+        external["data_dir"] = os.path.relpath(pathlib.Path(external["data_dir"]).expanduser().resolve())
     (out_dir / "study.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
 
     outcome = StudyOutcome()
     attempts = 0
     study_start = time.monotonic()
-    for position, run in enumerate(selected, start=1):
-        prefix = f"[{position}/{len(selected)}] {run.name}"
+    study_runs = {run.name for run in selected}
+    everything = [*standins, *selected]
+    for position, run in enumerate(everything, start=1):
+        prefix = f"[{position}/{len(everything)}] {run.name}"
         workdir = out_dir / run.name
+        is_study_run = run.name in study_runs
+        standin = STANDIN_NAME.format(data_seed=run.config.data.seed)
+        if is_study_run and standins and any(line.startswith(f"{standin}: ") for line in outcome.failed):
+            outcome.failed.append(f"{run.name}: its pretrained classifier {standin} failed")
+            print(f"{prefix}: not started: its pretrained classifier {standin} failed", flush=True)
+            continue
         if read_finished_metrics(workdir) is not None:
             differences = finished_config_differences(workdir, run.config)
             if differences:
@@ -202,7 +244,8 @@ def run_study(study: ml_collections.ConfigDict, out_dir: str | os.PathLike, only
         print(f"{prefix}: training in {workdir} (study time so far {format_duration(run_start - study_start)})",
               flush=True)
         try:
-            metrics = _train_and_evaluate(run.config, workdir, show_progress)
+            metrics = _train_and_evaluate(run.config, workdir, show_progress, last_epoch=is_study_run,
+                                          external=external_sets(study, run.model) if is_study_run else {})
         except Exception as error:  # noqa: BLE001 - one failed run must not stop the study
             reason = _one_line(error)
             if not isinstance(error, (ConfigError, DataError, RunError)):
@@ -213,8 +256,8 @@ def run_study(study: ml_collections.ConfigDict, out_dir: str | os.PathLike, only
             print(f"{prefix}: FAILED after {format_duration(time.monotonic() - run_start)}: {reason}", flush=True)
             continue
         finally:
-            jax.clear_caches()  # this run's compiled programs (24 runs in one process must not pile them up)
-        if delete_checkpoints:
+            jax.clear_caches()  # this run's compiled programs (dozens of runs in one process must not pile them up)
+        if delete_checkpoints and is_study_run:  # a pretrained classifier's are read by the study's runs
             shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
         outcome.trained.append(run.name)
         print(f"{prefix}: finished in {format_duration(time.monotonic() - run_start)}: test accuracy "

@@ -10,7 +10,20 @@ A study config (`get_config()` of configs/study_*.py, plain data) holds
   subset_per_class: images drawn per class from data.dir before anything else (0: every image); the
                     draw is seeded by data.seed, made once and shared by every run;
   baseline:         optional: the name of another study's results folder beside this one (e.g.
-                    'study_cpu'); the report then compares each run with the baseline's run of the same name.
+                    'study_cpu'); the report then compares each run with the baseline's run of the same name;
+  data_seeds:       optional: one data.seed per entry of `seeds` (the seed groups): the runs of a seed take
+                    that data seed (with data.partition, which half of the training split they see), and
+                    keep a prepared data set per data seed; absent: base's data.seed for every run;
+  pretrained_classifier: optional: a complete run config that trains a classifier alone (e.g.
+                    configs/pretrain_standin.py, on the other data.partition than base's). The runner trains
+                    it once per data seed, as OUT/standin_dataseed<k>/, before the study's runs, and every run
+                    of that data seed starts from its classifier (model.pretrained = that folder);
+  comparisons:      optional: the (first, second) model pairs the report compares image by image (first
+                    minus second); absent: every pair;
+  external:         optional: {name: {data_dir, class_map, adapt_bn, models}}: class-per-folder image sets
+                    (e.g. another lab's cells) every finished run is also evaluated on, into OUT/<run>/eval/<name>/
+                    (`evaluation.runner.evaluate_external`); adapt_bn re-estimates the BatchNorm statistics on
+                    them first; models (empty: all) names the model variants it applies to.
 """
 
 from __future__ import annotations
@@ -20,7 +33,7 @@ import dataclasses
 import os
 import pathlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -32,13 +45,16 @@ from urnet_jax.errors import ConfigError
 ABLATION_MODELS = ("net1", "net2", "net3", "net4")  # the paper's ablation, in its order
 NAME_PART = re.compile(r"^[A-Za-z0-9_]+$")
 RUN_NAME = re.compile(r"^(?P<model>[A-Za-z0-9_]+)-(?P<data>[A-Za-z0-9_]+)-seed(?P<seed>\d+)$")
-STUDY_KEYS = ("base", "models", "data_variants", "seeds", "subset_per_class")
+STUDY_KEYS = ("base", "models", "data_variants", "seeds", "subset_per_class")  # required (the others are optional)
 # Keys in which two runs of one protocol may differ: locations (the subset's links and the prepared data may
 # live elsewhere after a move) and bookkeeping that does not change what is computed. Any other difference
 # (train.epochs included) means another protocol: a finished run of it is not skipped, and the report names
 # it when comparing with a baseline study.
 IGNORED_KEYS = frozenset({"data.dir", "data.prepared_dir", "checkpoint.every_steps", "checkpoint.keep",
                           "log_every_steps"})
+
+
+STANDIN_NAME = "standin_dataseed{data_seed}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,31 +135,120 @@ def check_study_config(study: ml_collections.ConfigDict) -> None:
     baseline = study.get("baseline", "")
     _check(isinstance(baseline, str) and (baseline == "" or bool(NAME_PART.match(baseline))),
            f"study 'baseline' must be the name of a sibling results folder (letters, digits, _), got {baseline!r}")
+    data_seeds = tuple(study.get("data_seeds", ()))
+    _check(not data_seeds or (len(data_seeds) == len(seeds) and all(map(_is_count, data_seeds))),
+           f"study 'data_seeds' must give one integer >= 0 per seed, got {data_seeds!r}")
+    for pair in study.get("comparisons", ()):
+        _check(len(pair) == 2 and all(name in study.models for name in pair) and pair[0] != pair[1],
+               f"study 'comparisons' must pair two distinct model variants of 'models', got {tuple(pair)!r}")
+    for name, external in study.get("external", {}).items():
+        _check(bool(NAME_PART.match(name)), f"external set name {name!r} may hold only letters, digits and _")
+        _check(set(external) <= {"data_dir", "class_map", "adapt_bn", "models"} and bool(external.get("data_dir")),
+               f"external set {name}: expected data_dir and optionally class_map, adapt_bn, models")
+        _check(all(model in study.models for model in external.get("models", ())),
+               f"external set {name}: 'models' must name model variants of 'models'")
+    standin = study.get("pretrained_classifier")
+    if standin is not None:
+        _check(isinstance(standin, ml_collections.ConfigDict),
+               "study 'pretrained_classifier' must be a run config (e.g. configs/pretrain_standin.py)")
+        _check(standin.model.enhancer == "none", "study 'pretrained_classifier' must train a classifier alone")
+        partitions = (standin.data.partition, study.base.data.partition)
+        _check("all" not in partitions and partitions[0] != partitions[1],
+               f"the pretrained classifier and the study must train on the two halves of the training split "
+               f"(data.partition 'a' and 'b'), got {partitions[0]!r} and {partitions[1]!r}")
+
+
+def external_sets(study: ml_collections.ConfigDict, model: str) -> dict[str, dict[str, Any]]:
+    """{name: {data_dir, class_map, adapt_bn}} of the study's external sets that apply to model variant `model`."""
+    return {name: {"data_dir": external.data_dir, "class_map": plain(external.get("class_map")),
+                   "adapt_bn": bool(external.get("adapt_bn", False))}
+            for name, external in study.get("external", {}).items()
+            if not external.get("models") or model in external.models}
+
+
+def data_seed_of(study: ml_collections.ConfigDict, seed: int) -> int:
+    """The data.seed of the runs of `seed` (its entry of 'data_seeds', else base's data.seed)."""
+    data_seeds = tuple(study.get("data_seeds", ()))
+    return data_seeds[tuple(study.seeds).index(seed)] if data_seeds else study.base.data.seed
+
+
+def prepared_name(study: ml_collections.ConfigDict, data_variant: str, data_seed: int, model: str) -> str:
+    """The prepared data set a run reads, below the prepared root: '<variant>', plus '-dataseed<k>' when the
+    study has data seed groups, plus '-<model>' when the model variant changes data.* (e.g. CLAHE)."""
+    name = data_variant
+    if study.get("data_seeds"):
+        name += f"-dataseed{data_seed}"
+    if "data" in study.models[model]:
+        name += f"-{model}"
+    return name
+
+
+def plan_standins(study: ml_collections.ConfigDict, prepared_root: str | os.PathLike,
+                  data_seeds: Sequence[int] | None = None) -> list[StudyRun]:
+    """The pretrained classifier's runs ('standin_dataseed<k>', one per data seed of the study, or of
+    `data_seeds`), configs validated; [] when the study has no 'pretrained_classifier'."""
+    check_study_config(study)
+    if study.get("pretrained_classifier") is None:
+        return []
+    if data_seeds is None:
+        data_seeds = [data_seed_of(study, seed) for seed in study.seeds]
+    runs = []
+    for data_seed in dict.fromkeys(data_seeds):
+        name = STANDIN_NAME.format(data_seed=data_seed)
+        config = copy.deepcopy(study.pretrained_classifier)
+        config.seed = data_seed
+        config.data.seed = data_seed
+        config.data.prepared_dir = str(pathlib.Path(prepared_root).resolve() / name)
+        try:
+            config_lib.validate(config)
+        except ConfigError as error:
+            raise ConfigError(f"run {name}: {error}") from None
+        runs.append(StudyRun(name=name, model="standin", data_variant=config.data.variant, seed=data_seed,
+                             config=config))
+    return runs
 
 
 def plan_runs(study: ml_collections.ConfigDict, prepared_root: str | os.PathLike,
-              data_dir: str | os.PathLike | None = None) -> list[StudyRun]:
+              data_dir: str | os.PathLike | None = None, out_dir: str | os.PathLike = ".") -> list[StudyRun]:
     """Every run of the study, seed by seed, then data variant, then model variant; configs validated.
 
-    Each run's config: base + the model variant's overrides, data.variant, seed, data.prepared_dir =
-    prepared_root/<variant> (absolute), and data.dir = `data_dir` when given (the subset's folder). Going
+    Each run's config: base + the model variant's overrides, data.variant, seed, data.seed (its seed
+    group's), data.prepared_dir = prepared_root/`prepared_name` (absolute), data.dir = `data_dir` when
+    given (the subset's folder), and model.pretrained = out_dir/standin_dataseed<k> when the study has a
+    pretrained classifier (validated as if that run existed: its architecture must be the run's). Going
     seed by seed means a partly finished study already fills every table cell.
     """
     check_study_config(study)
+    standin = study.get("pretrained_classifier")
     runs = []
     for seed in study.seeds:
+        data_seed = data_seed_of(study, seed)
         for variant in study.data_variants:
             for model, overrides in study.models.items():
                 name = run_name(model, variant, seed)
                 config = with_overrides(study.base, overrides, f"model variant {model}")
                 config.seed = seed
+                config.data.seed = data_seed
                 config.data.variant = variant
-                config.data.prepared_dir = str(pathlib.Path(prepared_root).resolve() / variant)
+                config.data.prepared_dir = str(pathlib.Path(prepared_root).resolve()
+                                               / prepared_name(study, variant, data_seed, model))
                 if data_dir is not None:
                     config.data.dir = str(data_dir)
                 try:
-                    config_lib.validate(config)
+                    config_lib.validate(config)  # model.pretrained is set below: the run it names comes first
+                    if standin is not None:
+                        _check_standin_architecture(standin, config)
                 except ConfigError as error:
                     raise ConfigError(f"run {name}: {error}") from None
+                if standin is not None:
+                    config.model.pretrained = str(pathlib.Path(out_dir).resolve()
+                                                  / STANDIN_NAME.format(data_seed=data_seed))
                 runs.append(StudyRun(name=name, model=model, data_variant=variant, seed=seed, config=config))
     return runs
+
+
+def _check_standin_architecture(standin: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
+    """ConfigError unless the pretrained classifier's architecture is the run's (what model.pretrained needs)."""
+    for key in ("classifier", "classifier_width", "norm", "num_groups"):
+        _check(standin.model[key] == config.model[key],
+               f"the pretrained classifier's model.{key} {standin.model[key]!r} != the run's {config.model[key]!r}")

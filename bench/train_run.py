@@ -1,0 +1,190 @@
+"""Whole-run throughput: images/s of `train.py` epochs against the train step alone, on the same model.
+
+  python bench/train_run.py --enhancer urnet --enhancer-width 32 --classifier resnet18 --size 128 \
+      --batch 16 [--train-size 320] [--epochs 3] [--threads N] [--out DIR] [--step-img-s X]
+
+Runs `train.py` (phase 2 only: `pretrain.epochs=0`) in a subprocess on a fixed synthetic data set
+(`data.allow_synthetic=True`, prepared once under `--out` and reused), with the model, batch, image size
+and SGD optimiser of `bench/train_step.py`, and watches the run's `metrics.jsonl`: an epoch's wall time
+is the time between two of its rows appearing, so it holds everything the run does per epoch (the train
+steps with their input pipeline and host reads, the evaluation of the test split, the best-weights and
+periodic checkpoints, TensorBoard and metrics logging). The first epoch compiles and is reported apart;
+the run's images/s is the training images of an epoch over the median wall time of the later epochs.
+Then `bench/train_step.py --skip-torch --skip-inference` times the JAX train step alone on a fixed
+batch (or `--step-img-s` gives its images/s), and `run_vs_step` = run images/s / step images/s.
+
+Prints a summary and, as the last line, `RESULT {json}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import pathlib
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (bench/ is not a package)
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+POLL_S = 0.02
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--enhancer", default="urnet")
+    parser.add_argument("--enhancer-width", type=int, default=32)
+    parser.add_argument("--classifier", default="resnet18", help="a classifier at its standard width")
+    parser.add_argument("--size", type=int, default=128, help="image height = width, pixels")
+    parser.add_argument("--batch", type=int, default=16, help="training batch (also the evaluation batch)")
+    parser.add_argument("--train-size", type=int, default=320, help="training images per epoch")
+    parser.add_argument("--per-class", type=int, default=40, help="synthetic source images per class")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs (>= 2: the first one compiles)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "bench_train_run"),
+                        help="the prepared data set (kept) and the run's workdir (replaced) go here")
+    parser.add_argument("--step-img-s", type=float, default=None,
+                        help="the step benchmark's images/s for this model (default: measured now)")
+    parser.add_argument("--step-rounds", type=int, default=3, help="timed blocks of the step benchmark")
+    args = parser.parse_args(argv)
+    for name in ("enhancer_width", "size", "batch", "train_size", "per_class", "step_rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.epochs < 2:
+        parser.error(f"--epochs must be >= 2 (the first epoch compiles), got {args.epochs}")
+    if args.train_size < args.batch:
+        parser.error(f"--train-size ({args.train_size}) must hold at least one batch ({args.batch})")
+    return args
+
+
+def config_overrides(args: argparse.Namespace, prepared_dir: pathlib.Path) -> dict[str, Any]:
+    """The `--config.KEY=VALUE` settings of the run (on top of configs/urnet.py, the paper's protocol)."""
+    return {
+        "model.enhancer": args.enhancer, "model.enhancer_width": args.enhancer_width,
+        "model.classifier": args.classifier, "model.classifier_width": 0,
+        "data.allow_synthetic": True, "data.image_size": args.size, "data.synthetic_per_class": args.per_class,
+        "data.train_size": args.train_size, "data.prepared_dir": str(prepared_dir),
+        "pretrain.epochs": 0, "train.epochs": args.epochs, "batch_size": args.batch, "eval_batch_size": args.batch,
+        "precision": args.precision,
+    }
+
+
+def run_training(args: argparse.Namespace, out: pathlib.Path) -> tuple[list[dict[str, Any]], list[float], float]:
+    """Runs train.py; returns (its metrics rows, the seconds since start at which each row appeared, the
+    whole run's seconds). Exits with train.py's last stderr line if it fails."""
+    workdir = out / "run"
+    shutil.rmtree(workdir, ignore_errors=True)
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "--config", str(REPO_ROOT / "configs" / "urnet.py"),
+               f"--workdir={workdir}", "--noprogress",
+               *(f"--config.{key}={value}" for key, value in config_overrides(args, out / "prepared").items())]
+    metrics = workdir / "metrics.jsonl"
+    arrivals: list[float] = []
+    with open(out / "train.log", "w") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        size = 0
+        while True:
+            running = process.poll() is None
+            if metrics.exists() and metrics.stat().st_size != size:
+                size = metrics.stat().st_size
+                rows = metrics.read_text().count("\n")
+                arrivals += [time.perf_counter() - started] * (rows - len(arrivals))
+            if not running:
+                break
+            time.sleep(POLL_S)
+        total = time.perf_counter() - started
+    if process.returncode != 0:
+        lines = (out / "train.log").read_text().strip().splitlines()
+        sys.exit(f"error: train.py failed ({lines[-1] if lines else f'exit status {process.returncode}'}); "
+                 f"see {out / 'train.log'}")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return rows, arrivals, total
+
+
+def step_images_per_second(args: argparse.Namespace) -> dict[str, Any]:
+    """The RESULT of `bench/train_step.py` (JAX train step only) for the same model and batch."""
+    command = [sys.executable, str(REPO_ROOT / "bench" / "train_step.py"), "--enhancer", args.enhancer,
+               "--enhancer-width", str(args.enhancer_width), "--classifier", args.classifier,
+               "--size", str(args.size), "--batch", str(args.batch), "--precision", args.precision,
+               "--steps", "1", "--rounds", str(args.step_rounds), "--warmup", "1", "--skip-torch",
+               "--skip-inference"]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+    lines = completed.stdout.strip().splitlines()
+    if completed.returncode != 0 or not lines or not lines[-1].startswith("RESULT "):
+        stderr = completed.stderr.strip().splitlines()
+        sys.exit(f"error: the step benchmark failed: {stderr[-1] if stderr else completed.returncode}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def epoch_breakdown(rows: list[dict[str, Any]], arrivals: list[float], images_per_epoch: int) -> dict[str, Any]:
+    """Per-epoch wall seconds (between rows appearing), the part inside the row's own `seconds` (train steps
+    + evaluation) and the rest (checkpoints, logging), and the run's images/s over the epochs after the first."""
+    walls = [arrivals[0]] + [later - earlier for earlier, later in itertools.pairwise(arrivals)]
+    steady = walls[1:]
+    inside = [row["seconds"] for row in rows[1:]]
+    median_wall = statistics.median(steady)
+    return {
+        "first_epoch_wall_s": round(walls[0], 2),  # start-up, data loading, compilation included
+        "epoch_wall_s": [round(w, 2) for w in steady],
+        "epoch_metrics_s": [round(s, 2) for s in inside],
+        "epoch_outside_metrics_s": [round(w - s, 2) for w, s in zip(steady, inside)],
+        "epoch_wall_s_median": round(median_wall, 3),
+        "run_img_s": round(images_per_epoch / median_wall, 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    try:
+        threads = common.pin_threads(args.threads)  # inherited by train.py and the step benchmark
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    out = pathlib.Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    load_at_start = common.load_average()
+    rows, arrivals, total_s = run_training(args, out)
+    if len(rows) != args.epochs or len(arrivals) != args.epochs:
+        sys.exit(f"error: train.py wrote {len(rows)} metrics rows, expected {args.epochs}")
+    steps_per_epoch = rows[1]["step"] - rows[0]["step"]  # the rows' `step`: the global step at the epoch's end
+    breakdown = epoch_breakdown(rows, arrivals, steps_per_epoch * args.batch)
+    step = None
+    if args.step_img_s is None:
+        step = step_images_per_second(args)
+    step_img_s = args.step_img_s if step is None else step["jax_img_s"]
+    result = {
+        **breakdown,
+        "step_img_s": step_img_s,
+        "run_vs_step": round(breakdown["run_img_s"] / step_img_s, 3),
+        "steps_per_epoch": steps_per_epoch,
+        "images_per_epoch": steps_per_epoch * args.batch,
+        "run_total_s": round(total_s, 2),
+        "step_benchmark": None if step is None else {k: step[k] for k in ("jax_train", "jax_compile_s", "params")},
+        "threads": threads,
+        "cpu": common.cpu_description(),
+        "load_avg_start": load_at_start,
+        "load_avg_end": common.load_average(),
+        "args": vars(args),
+    }
+    print(f"{args.enhancer}(width {args.enhancer_width}) + {args.classifier}, {args.size} px, batch {args.batch}, "
+          f"{steps_per_epoch} steps/epoch, {threads} threads, {result['cpu']['model']}")
+    print(f"train.py: first epoch {breakdown['first_epoch_wall_s']} s; later epochs {breakdown['epoch_wall_s']} s "
+          f"wall, of which train+eval {breakdown['epoch_metrics_s']} s, checkpoints+logging "
+          f"{breakdown['epoch_outside_metrics_s']} s")
+    print(f"run {breakdown['run_img_s']} img/s, step alone {step_img_s} img/s: run_vs_step {result['run_vs_step']}")
+    print(f"load average start {load_at_start} end {result['load_avg_end']}")
+    common.print_result(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

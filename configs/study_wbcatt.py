@@ -1,0 +1,130 @@
+"""The study of docs/RESULTS.md's decision rule: does joint enhancement help a pretrained classifier on
+low-contrast cells? Selection on validation, a pretrained-classifier stand-in, paired statistics.
+
+    python -m urnet_jax.study run --config configs/study_wbcatt.py --out results/study_wbcatt \\
+        --only 'net*-raw-*' --only 'c*-raw-*' --delete-checkpoints   # the core models (and controls) first
+    python -m urnet_jax.study run --config configs/study_wbcatt.py --out results/study_wbcatt \\
+        --only '*-raw-*' --delete-checkpoints                           # then the other models of that variant
+    python -m urnet_jax.study report results/study_wbcatt --out docs/RESULTS.md
+    python -m urnet_jax.study run --config configs/study_wbcatt.py:/other/pbc ...   # PBC elsewhere
+
+Data: PBC through the published WBCAtt split (`data.split_dir`: 6169 train / 1030 validation / 3099 test
+images), mapped to 3 classes (granulocyte, monocyte, lymphocyte). The training split is halved
+(`data.partition`, stratified and seeded by `data.seed`): the stand-in classifier (configs/pretrain_standin.py,
+ResNet18 on the 5 folder classes of the stained images) trains on half "a", every study run on half "b", so
+no image is seen by both stages. Two seed groups (`data_seeds`): seeds 1-3 use data seed 1, seeds 4-5 data
+seed 2, so two different halvings and two stand-ins; the runner trains each stand-in first
+(results/study_wbcatt/standin_dataseed<k>/) and starts every run of its group from it.
+
+Variants: `raw` (stained), `stainfree_proxy`, `severe_proxy` (its strength `data.severe_*` to be tuned on
+the validation split until Net1 lands around 65-75%, never on test). Models (first minus second in the
+`comparisons` below):
+- net1: the stand-in classifier alone, fine-tuned;
+- net3: + the UR-Net enhancer (width 8) started at the identity (`enhancer_output` 'residual': zero head),
+  no phase 1;
+- net4: + the paper's UR-Net enhancer (sigmoid output) pre-trained to reproduce its input (phase 1, its own
+  Adam optimiser; a run below `pretrain.min_psnr` 30 dB says so). Net4 - Net3: does phase-1 pre-training
+  matter beyond starting at the identity;
+- conv_frontend: the extra-layers control: a plain 5-layer convolutional front end, sigmoid output (the
+  residual output is for the U-shaped enhancers only), no phase 1. Its width, 20, makes its compute per
+  image (about 0.11 GMAC at 96 px, all at full resolution) of the order of the UR-Net enhancer's, with
+  about 12 thousand parameters against UR-Net's 567 thousand. The parameter-matched width 144
+  (`conv_frontend.width_matching_urnet(8)`) costs about 5 GMAC per image, 15x ResNet18: it did not finish
+  one benchmark step within 15 min on this CPU (width 48 trained at 0.7 images/s). On a GPU, run it with
+  --config.models.conv_frontend.model.enhancer_width=144;
+- clahe: the fixed-enhancement control (Shahzad et al. 2021, configs/shahzad2021.py: CLAHE before the
+  classifier, no learned enhancer);
+- rsgunet, dynamic_enhancement: Table 4's learned enhancers (configs/huang2018_rsgunet.py,
+  configs/sharma2018.py) with this study's classifier and phase-1 budget.
+
+Protocol: ResNet18 (torchvision width, as the stand-in) at 96 px, batch 32, SGD momentum 0.9 lr 0.01 with
+150 warm-up steps then cosine to 0, gradient-norm clipping at 1.0, weight decay 1e-4, online random flips
+and 90-degree rotations, the training originals only (no offline augmentation), 4 epochs of joint
+training (fine-tuning a pretrained classifier), phase 1 of 3 epochs (Net4, RSGUNet, dynamic enhancement),
+model selection on the validation split, test evaluated at the selected and the last epoch.
+
+Sizing and cost (2-core CPU). Measured with bench/train_step.py at 96 px, batch 32 (other jobs sharing the
+machine, so upper bounds): ResNet18 alone trains at about 21 images/s and predicts 144 images/s; with the
+UR-Net enhancer of width 8, 15.5 and 90 images/s. At 64 px the same networks are 10x slower (3x3
+convolutions on 2x2 maps), so 96 px is the smallest usable size. A first real run of the stand-in (1 epoch)
+prepared all 10298 WBCAtt images at 96 px in 3 min and then estimated 7.7 s/step (12 min per epoch of 96
+steps) with the machine loaded about 6x over its 2 cores; unloaded, the benchmark's 1.5 s/step gives about
+2.5 min. Half the training split is about 3080 images (2299 granulocytes, 414 monocytes, 368
+lymphocytes). On an unloaded machine a joint epoch takes about 2.5 min (Net1, CLAHE) to 3.3 min (Net3,
+Net4), plus 0.1-0.2 min for the validation split and 0.4-0.6 min for the test split logged each epoch;
+each finished run is evaluated on the 3099 test images twice (0.7-1.2 min). A run costs about 13 min
+(Net1, CLAHE) to 20 min (Net4 with its 3 phase-1 epochs), the conv front end about a Net3 run. Five
+seeds of net1, net3, net4, conv_frontend and clahe take about 6-7 hours per data variant. RSGUNet and
+dynamic enhancement (width 16) trained at only 3.3 and 2.7 images/s in the same benchmark: about 17 min
+per epoch, 1.5 hours a run with phase 1, so their 15 runs per variant do not fit a CPU's few hours: run
+them with --only where time allows, or on a GPU. Each stand-in (15 epochs on half "a") takes about 40 min,
+twice.
+"""
+
+import pathlib
+import runpy
+
+import ml_collections
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent
+PBC_DIR = CONFIG_DIR.parent.parent / "shared" / "data" / "pbc"  # ../shared/data/pbc from the repository root
+# What each model variant changes in the study's base (Net3: the UR-Net enhancer, residual, no phase 1).
+MODELS = {
+    "net1": {"model": {"enhancer": "none"}, "pretrain": {"epochs": 0}},
+    "net3": {"pretrain": {"epochs": 0}},
+    "net4": {"model": {"enhancer_output": "sigmoid"}},
+    "conv_frontend": {"model": {"enhancer": "conv_frontend", "enhancer_width": 20, "enhancer_output": "sigmoid"},
+                      "pretrain": {"epochs": 0}},
+    "clahe": {"model": {"enhancer": "none"}, "pretrain": {"epochs": 0},
+              "data": {"preprocessing": "clahe", "clahe_clip_limit": 0.01, "clahe_kernel_size": 0}},
+    "rsgunet": {"model": {"enhancer": "rsgunet", "enhancer_width": 0, "enhancer_output": "sigmoid"},
+                "data": {"target": "stained"}, "pretrain": {"loss": "rsgunet"}, "train": {"freeze_enhancer": True}},
+    "dynamic_enhancement": {"model": {"enhancer": "dynamic_enhancement", "enhancer_width": 0,
+                                      "enhancer_output": "sigmoid"},
+                            "data": {"target": "unsharp_mask"}},
+}
+# The paired comparisons of the report (first minus second); the decision rule reads the first three.
+COMPARISONS = (("net4", "net1"), ("net4", "conv_frontend"), ("net4", "clahe"), ("net3", "net1"), ("net4", "net3"),
+               ("conv_frontend", "net1"), ("clahe", "net1"), ("rsgunet", "net1"), ("dynamic_enhancement", "net1"))
+
+
+def config_file(name: str, *args: str) -> ml_collections.ConfigDict:
+    """get_config(*args) of configs/<name>.py, read by path (the configs folder is not a package)."""
+    return runpy.run_path(str(CONFIG_DIR / f"{name}.py"))["get_config"](*args)
+
+
+def get_config(data_dir: str = "") -> ml_collections.ConfigDict:
+    data_dir = data_dir or str(PBC_DIR)
+    standin = config_file("pretrain_standin", data_dir)
+    base = config_file("net4")  # the paper's protocol, changed below
+    base.model.classifier = standin.model.classifier  # the stand-in's architecture, so its weights load
+    base.model.classifier_width = standin.model.classifier_width
+    base.model.enhancer_width = 8
+    base.model.enhancer_output = "residual"
+    base.data.dir = data_dir
+    base.data.split_dir = standin.data.split_dir
+    base.data.partition = "b"
+    base.data.image_size = standin.data.image_size
+    base.data.train_size = 0  # the originals of half "b" only
+    base.data.online_augment = True
+    base.pretrain.epochs = 3
+    base.pretrain.optimizer.name = "adamw"
+    base.pretrain.optimizer.lr = 2e-3
+    base.pretrain.optimizer.schedule = "cosine"
+    base.pretrain.optimizer.warmup_steps = 50
+    base.train.epochs = 4
+    base.train.select_on = "val"
+    base.optimizer.lr = 0.01
+    base.optimizer.schedule = "cosine"
+    base.optimizer.warmup_steps = 150
+    base.optimizer.clip_norm = 1.0
+    base.optimizer.weight_decay = 1e-4
+    base.batch_size = 32
+    base.eval_batch_size = 64
+    base.checkpoint.every_steps = 0  # a checkpoint at every epoch end: 'latest' is the last epoch's weights
+    base.checkpoint.keep = 1
+    base.log_every_steps = 10
+    return ml_collections.ConfigDict({
+        "base": base, "models": MODELS, "data_variants": ("raw", "stainfree_proxy", "severe_proxy"),
+        "seeds": (1, 2, 3, 4, 5), "data_seeds": (1, 1, 1, 2, 2), "subset_per_class": 0, "baseline": "",
+        "pretrained_classifier": standin, "comparisons": COMPARISONS})
