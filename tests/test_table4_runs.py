@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from urnet_jax import config as config_lib, sharding, train_state, trainer
+from urnet_jax.cli import load_config_file
 from urnet_jax.checkpointing import CheckpointStore
 from urnet_jax.evaluation.runner import evaluate_run
 from urnet_jax.workdir import load_run
@@ -84,3 +85,15 @@ def check_frozen_enhancer(workdir, config):
     moved = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)),
                          fresh["params"]["classifier"], phase2["params"]["classifier"])
     assert any(jax.tree.leaves(moved))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_demo_config_scales_each_method_to_the_synthetic_quick_try(name):
+    """`configs/demo.py:NAME` keeps the method (enhancer, preprocessing, phase-1 target, freezing) at demo scale."""
+    method = load_config_file(str(REPO_ROOT / "configs" / f"{name}.py"))
+    demo = config_lib.validate(load_config_file(str(REPO_ROOT / "configs" / f"demo.py:{name}")), device_count=1)
+    kept = ("model.enhancer", "data.preprocessing", "data.target", "data.variant", "pretrain.loss",
+            "train.freeze_enhancer")
+    assert {key: demo[key.split(".")[0]][key.split(".")[1]] for key in kept} == {
+        key: method[key.split(".")[0]][key.split(".")[1]] for key in kept}
+    assert (demo.data.allow_synthetic, demo.data.image_size, demo.model.classifier_width) == (True, 96, 8)
