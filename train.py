@@ -31,11 +31,11 @@ def main(argv: list[str]) -> None:
         workdir = _WORKDIR.value or f"runs/{cli.config_path(_CONFIG).stem}"
         history = trainer.train_and_evaluate(config, workdir, show_progress=_PROGRESS.value)
         if sharding.is_main_process():
-            joint = [row for row in history if row["phase"] == steps.JOINT]
-            if joint:
-                best = max(joint, key=lambda row: row["test_accuracy"])
-                print(f"best test accuracy {best['test_accuracy']:.4f} (phase 2 epoch {best['epoch']}); "
-                      f"run in {workdir}")
+            kept = [row for row in history if row["phase"] == steps.JOINT and row["best"]]
+            if kept:
+                best, split = kept[-1], kept[-1]["selected_on"]
+                print(f"kept phase 2 epoch {best['epoch']} (best {split} accuracy {best[f'{split}_accuracy']:.4f}); "
+                      f"its test accuracy {best['test_accuracy']:.4f}; run in {workdir}")
 
 
 if __name__ == "__main__":

@@ -162,3 +162,13 @@ def test_predict_errors_are_one_line(trained_run, tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert message in result.stderr, result.stderr
+
+
+def test_a_run_loads_from_a_relative_workdir(trained_run, monkeypatch):  # noqa: F811
+    """`--workdir runs/x` as users type it: orbax needs absolute paths, the library makes them so."""
+    from urnet_jax.workdir import load_run
+
+    monkeypatch.chdir(trained_run.parent)
+    for checkpoint in ("best", "latest"):
+        run = load_run(trained_run.name, checkpoint)
+        assert set(run.variables) == {"params", "batch_stats"}

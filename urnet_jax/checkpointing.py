@@ -52,7 +52,7 @@ class CheckpointStore:
     """
 
     def __init__(self, directory: str | pathlib.Path, max_to_keep: int | None = None, for_writing: bool = True):
-        self.directory = pathlib.Path(directory)
+        self.directory = pathlib.Path(directory).expanduser().resolve()  # orbax needs an absolute path
         self._for_writing = for_writing
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,

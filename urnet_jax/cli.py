@@ -57,7 +57,8 @@ def define_run_flags() -> RunFlags:
     return RunFlags(
         workdir=flags.DEFINE_string("workdir", None, "the training run's directory"),
         checkpoint=flags.DEFINE_string(
-            "checkpoint", "best", "best: the weights of the highest test accuracy; latest: the last checkpoint"),
+            "checkpoint", "best",
+            "best: the weights chosen on the run's selection split (train.select_on); latest: the last checkpoint"),
         batch_size=flags.DEFINE_integer("batch-size", None, "images per batch (default: the run's eval_batch_size)",
                                         lower_bound=1),
         progress=flags.DEFINE_bool("progress", True, "show progress bars"))

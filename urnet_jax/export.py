@@ -268,7 +268,7 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "the training run's directory")
     flags.DEFINE_string("out", None, "the folder to create with the exported model (must not exist yet)")
     flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
-                      "best: the weights of the highest test accuracy; latest: the last checkpoint")
+                      "best: the weights chosen on the run's selection split (train.select_on); latest: the last checkpoint")
 
 
 def main(argv: list[str]) -> None:

@@ -221,10 +221,9 @@ def phase1_verdict(context: RunContext, phase1_rows: list[dict[str, Any]]) -> di
     kept = [row for row in phase1_rows if row["best"]][-1]
     psnr = kept[f"{split}_psnr"]
     if psnr < minimum and context.is_main:
-        logging.warning("phase 1 ends below pretrain.min_psnr: the kept enhancer (epoch %d) reconstructs the %s "
-                        "split at %.2f dB < %.1f dB", kept["epoch"], split, psnr, minimum)
-        tqdm.write(f"warning: phase 1 ends below pretrain.min_psnr ({psnr:.2f} dB on {split} < {minimum:.1f} dB): "
-                   "phase 2 starts from an enhancer that does not reproduce its target")
+        tqdm.write(f"warning: phase 1 ends below pretrain.min_psnr: the kept enhancer (epoch {kept['epoch']}) "
+                   f"reconstructs the {split} split at {psnr:.2f} dB < {minimum:.1f} dB, so phase 2 starts from an "
+                   "enhancer that does not reproduce its target")
     return {"phase1_psnr": psnr, "phase1_below_min_psnr": psnr < minimum}
 
 

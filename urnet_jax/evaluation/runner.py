@@ -100,7 +100,7 @@ def _kept_epoch(rows: Sequence[Mapping[str, Any]], checkpoint: str) -> str:
     best = [row for row in joint if row.get("best")]
     if not best:
         return f"checkpoint '{checkpoint}'"
-    chosen_on = "val" if best[-1].get("val_accuracy") is not None else "test"
+    chosen_on = best[-1].get("selected_on", "test")  # runs from before validation selection chose on test
     accuracy = best[-1].get(f"{chosen_on}_accuracy")
     during = f", {chosen_on} accuracy {100 * accuracy:.2f}% when saved" if accuracy is not None else ""
     return (f"checkpoint 'best' (highest {chosen_on} accuracy during training): phase-2 epoch {best[-1]['epoch']} "
