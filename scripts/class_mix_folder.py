@@ -5,7 +5,9 @@ a differential count against a known truth (e.g. a monocyte-rich sample from PBC
         --split test --mix granulocyte=150,monocyte=200,lymphocyte=150 --seed 0 --out /tmp/monocyte_rich
 
 The folder gets one symbolic link per chosen image (flat: the class is not visible to `predict.py`) and
-`truth.csv` (file, class); classes are the paper's three (`wbc3`: neutrophil, eosinophil and basophil
+`truth.csv` (file, class). With `--as-prepared-by RUN`, each image is instead written (PNG) as that run's
+`prepare` stored its images: framed at its size and through its imaging condition (e.g. the stain-free
+proxy), so a run trained on a degraded variant is counted on images degraded the same way; classes are the paper's three (`wbc3`: neutrophil, eosinophil and basophil
 make granulocyte). Images are drawn without replacement with a seeded generator; a class with fewer
 images than asked for is a one-line error.
 """
@@ -13,12 +15,16 @@ images than asked for is a one-line error.
 from __future__ import annotations
 
 import csv
+import json
 import pathlib
 
 import numpy as np
 from absl import app, flags
+from PIL import Image
 
-from urnet_jax import cli
+from urnet_jax import cli, config as config_lib
+from urnet_jax.data.images import sha256_hex
+from urnet_jax.data.plan import prepared_image
 from urnet_jax.data.folders import WBC3
 from urnet_jax.data.split import read_split_dir
 from urnet_jax.errors import ConfigError
@@ -29,6 +35,8 @@ _SPLIT = flags.DEFINE_enum("split", "test", ["train", "val", "test"], "the split
 _MIX = flags.DEFINE_string("mix", None, "images per class, e.g. granulocyte=150,monocyte=200,lymphocyte=150")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the draw")
 _OUT = flags.DEFINE_string("out", None, "folder to create (must not exist)")
+_AS_PREPARED_BY = flags.DEFINE_string("as-prepared-by", None,
+                                      "a training run's workdir: write the images as its data were prepared")
 
 FOLDER_TO_CLASS = {folder: name for name, folders in WBC3.items() for folder in folders}
 
@@ -75,13 +83,25 @@ def main(argv: list[str]) -> None:
             raise ConfigError(f"--out {out} already exists")
         chosen = draw(pathlib.Path(_DATA_DIR.value).resolve(), read_split_dir(_SPLIT_DIR.value), _SPLIT.value,
                       parse_mix(_MIX.value), _SEED.value)
+        data_config = None
+        if _AS_PREPARED_BY.value:
+            config_file = pathlib.Path(_AS_PREPARED_BY.value) / "config.json"
+            if not config_file.is_file():
+                raise ConfigError(f"--as-prepared-by {_AS_PREPARED_BY.value} holds no training run (no config.json)")
+            data_config = config_lib.saved_config(json.loads(config_file.read_text())).data
         out.mkdir(parents=True)
         with open(out / "truth.csv", "w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow(["file", "class"])
             for path, name in chosen:
-                (out / path.name).symlink_to(path)
-                writer.writerow([path.name, name])
+                if data_config is None:
+                    file_name = path.name
+                    (out / file_name).symlink_to(path)
+                else:
+                    file_name = f"{path.stem}.png"
+                    data = path.read_bytes()
+                    Image.fromarray(prepared_image(data, sha256_hex(data), data_config)[0]).save(out / file_name)
+                writer.writerow([file_name, name])
         counts = ", ".join(f"{name} {sum(1 for _, label in chosen if label == name)}" for name in WBC3)
         print(f"{len(chosen)} images ({counts}) linked into {out}; truth in {out / 'truth.csv'}")
 

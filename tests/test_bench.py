@@ -214,7 +214,7 @@ def test_bf16_gradient_differences_are_rounding_not_disagreement():
     """In bf16 the two frameworks' first gradients differ a lot; --against-fp32 shows that each one's bf16
     gradient is about as far from its own fp32 gradient, while the two fp32 gradients agree."""
     if jax.__version_info__ >= (0, 11):
-        pytest.skip("bf16 on XLA:CPU gives wrong results with jaxlib 0.11 (README, Known issues)")
+        pytest.skip("bf16 on XLA:CPU gives wrong results with jaxlib 0.11 (docs/TRAINING.md, Precision)")
     agreement = _run_benchmark("--batch", "8", "--steps", "1", "--rounds", "1", "--warmup", "1",
                                "--precision", "bfloat16", "--against-fp32", "--skip-inference",
                                "--torch-variants", "eager")["first_step_agreement"]

@@ -51,3 +51,29 @@ def test_too_many_images_asked_for_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == "error: the test split has 1 lymphocyte images, fewer than 5"
     assert not (tmp_path / "mix").exists()
+
+
+def test_as_prepared_by_writes_the_images_as_the_runs_prepare_stored_them(tmp_path):
+    import json
+
+    import numpy as np
+
+    from urnet_jax.config import base_config
+    from urnet_jax.data.images import sha256_hex
+    from urnet_jax.data.plan import prepared_image
+
+    write_pbc_like(tmp_path)
+    config = base_config()
+    config.data.variant, config.data.image_size = "stainfree_proxy", 32
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config.to_dict()))
+    out = tmp_path / "mix"
+    result = run(f"--data-dir={tmp_path / 'images'}", f"--split-dir={tmp_path / 'splits'}", "--mix=monocyte=2",
+                 f"--as-prepared-by={tmp_path / 'run'}", f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    written = sorted(out.glob("*.png"))
+    assert len(written) == 2 and not any(path.is_symlink() for path in written)
+    source = (tmp_path / "images" / "monocyte" / written[0].name).read_bytes()
+    expected = prepared_image(source, sha256_hex(source), config.data)[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(written[0]).convert("RGB")), expected)
+    assert np.ptp(expected[..., 0] - expected[..., 1]) == 0  # the proxy is gray: three equal channels

@@ -26,7 +26,7 @@ from urnet_jax.data.folders import SourceFile, scan_class_files
 from urnet_jax.data.images import decode_image, sha256_hex
 from urnet_jax.data.split import SPLITS
 from urnet_jax.data.stainfree import VARIANTS, apply_variant
-from urnet_jax.data.transforms import finish, frame
+from urnet_jax.data.transforms import Framed, finish, frame
 from urnet_jax.errors import DataError
 
 TARGETS = ("image", "stained", *OPERATORS)
@@ -58,6 +58,13 @@ class Plan:
     crop_fallbacks: int  # examples' originals whose cell crop fell back to a centre crop
 
 
+def prepared_image(data: bytes, digest: str, data_config: Mapping) -> tuple[np.ndarray, Framed]:
+    """Encoded image bytes (sha256 `digest`) -> (the uint8 (S, S, 3) image as `prepare` stores it: framed,
+    through the variant's imaging condition, finished; the framed image before the variant)."""
+    framed = frame(decode_image(data), data_config)
+    return finish(apply_variant(framed.image, digest, data_config), data_config), framed
+
+
 def _decode_into(store: tuple[np.ndarray, np.ndarray | None, np.ndarray], slot: int, source: SourceFile,
                  data_config: Mapping) -> tuple[str | None, str | None]:
     """Decodes one file into the stores' row `slot` -> (sha256, None), or (None, skip reason)."""
@@ -68,10 +75,9 @@ def _decode_into(store: tuple[np.ndarray, np.ndarray | None, np.ndarray], slot: 
         return None, f"unreadable file ({error.strerror or error})"
     digest = sha256_hex(data)
     try:
-        framed = frame(decode_image(data), data_config)
+        pixels[slot], framed = prepared_image(data, digest, data_config)
     except DataError as error:
         return None, str(error)
-    pixels[slot] = finish(apply_variant(framed.image, digest, data_config), data_config)
     fallbacks[slot] = framed.used_fallback
     target = data_config["target"]
     if target == "stained":
