@@ -103,7 +103,8 @@ def main(argv: list[str]) -> None:
                     Image.fromarray(prepared_image(data, sha256_hex(data), data_config)[0]).save(out / file_name)
                 writer.writerow([file_name, name])
         counts = ", ".join(f"{name} {sum(1 for _, label in chosen if label == name)}" for name in WBC3)
-        print(f"{len(chosen)} images ({counts}) linked into {out}; truth in {out / 'truth.csv'}")
+        how = "written (as prepared) into" if data_config is not None else "linked into"
+        print(f"{len(chosen)} images ({counts}) {how} {out}; truth in {out / 'truth.csv'}")
 
 
 if __name__ == "__main__":
