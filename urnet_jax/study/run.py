@@ -40,6 +40,7 @@ from urnet_jax.data.folders import resolve_class_folders, scan_class_files
 from urnet_jax.data.prepare import exclusive_lock
 from urnet_jax.errors import ConfigError, DataError, RunError
 from urnet_jax.evaluation import runner
+from urnet_jax.run_log import rough_duration
 from urnet_jax.study.paired import EVALUATION_FOLDERS
 from urnet_jax.study.sweep import (IGNORED_KEYS, STANDIN_NAME, check_study_config, data_seed_of, external_sets,
                                    plain, plan_runs, plan_standins)
@@ -127,15 +128,6 @@ def finished_config_differences(workdir: pathlib.Path, config: ml_collections.Co
     # Both with every key (the run's missing ones at the defaults of its time) and through JSON (tuples as lists).
     return config_lib.config_differences(absolute_locations(config_lib.saved_config(saved).to_dict()),
                                          absolute_locations(config.to_dict()), ignored=IGNORED_KEYS)
-
-
-def format_duration(seconds: float) -> str:
-    """e.g. '1h02m03s', '4m05s', '12s'."""
-    hours, rest = divmod(int(round(seconds)), 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m{secs:02d}s"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _one_line(error: BaseException) -> str:
@@ -241,7 +233,7 @@ def run_study(study: ml_collections.ConfigDict, out_dir: str | os.PathLike, only
             continue
         attempts += 1
         run_start = time.monotonic()
-        print(f"{prefix}: training in {workdir} (study time so far {format_duration(run_start - study_start)})",
+        print(f"{prefix}: training in {workdir} (study time so far {rough_duration(run_start - study_start)})",
               flush=True)
         try:
             metrics = _train_and_evaluate(run.config, workdir, show_progress, last_epoch=is_study_run,
@@ -253,14 +245,14 @@ def run_study(study: ml_collections.ConfigDict, out_dir: str | os.PathLike, only
                 (workdir / "error.log").write_text(traceback.format_exc())
                 reason = f"{type(error).__name__}: {reason} (traceback in {workdir / 'error.log'})"
             outcome.failed.append(f"{run.name}: {reason}")
-            print(f"{prefix}: FAILED after {format_duration(time.monotonic() - run_start)}: {reason}", flush=True)
+            print(f"{prefix}: FAILED after {rough_duration(time.monotonic() - run_start)}: {reason}", flush=True)
             continue
         finally:
             jax.clear_caches()  # this run's compiled programs (dozens of runs in one process must not pile them up)
         if delete_checkpoints and is_study_run:  # a pretrained classifier's are read by the study's runs
             shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
         outcome.trained.append(run.name)
-        print(f"{prefix}: finished in {format_duration(time.monotonic() - run_start)}: test accuracy "
+        print(f"{prefix}: finished in {rough_duration(time.monotonic() - run_start)}: test accuracy "
               f"{100 * metrics['accuracy']:.2f}%, macro F1 {100 * metrics['macro']['f1']:.2f}% "
-              f"(study time {format_duration(time.monotonic() - study_start)})", flush=True)
+              f"(study time {rough_duration(time.monotonic() - study_start)})", flush=True)
     return outcome
