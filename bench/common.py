@@ -173,6 +173,8 @@ def environment() -> dict[str, Any]:
 
     import jax
 
+    from urnet_jax import compiler_options
+
     info: dict[str, Any] = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -182,6 +184,7 @@ def environment() -> dict[str, Any]:
         "jax": jax.__version__,
         "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jax_compiler_options": compiler_options.for_platform(jax.default_backend()),
     }
     for name in ("flax", "optax", "torch", "torchvision"):
         try:

@@ -1,7 +1,7 @@
 """The cross-lab study (docs/CROSS_LAB.md): train on PBC, evaluate on PBC's test split and on another lab's cells.
 
-    python -m urnet_jax.study run --config configs/cross_lab.py --out results/cross_lab
-    python -m urnet_jax.study report results/cross_lab     # PBC test tables; Tecom: OUT/<run>/eval/tecom*/
+    python -m urnet_jax.study run --config configs/cross_lab.py --out results/cross_lab --delete-checkpoints
+    python -m urnet_jax.study report results/cross_lab --out docs/CROSS_LAB.md   # PBC test and Tecom tables
 
 ResNet18 alone (random initialisation) at 96 px on the WBCAtt split of PBC (3 classes), every choice (best
 checkpoint) on the validation split, 3 seeds. Each model variant changes one thing of the baseline, or all

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from urnet_jax import compiler_options
 from urnet_jax.errors import ConfigError, DataError
 from urnet_jax.models import layers
 from urnet_jax.steps import to_unit_range
@@ -80,7 +81,7 @@ def _batch_moments(model: nn.Module, prepare_input: Callable[[jax.Array], jax.Ar
             model.apply(variables, prepare_input(images), train=False, mutable=["batch_stats"])
         return collected
 
-    return jax.jit(moments)
+    return compiler_options.jit(moments)
 
 
 def adapt_batch_stats(model: nn.Module, variables: Variables, image_batches: Iterable[np.ndarray],

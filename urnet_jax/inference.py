@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from urnet_jax import compiler_options
 from urnet_jax.adapt_bn import adapt_batch_stats
 from urnet_jax.calibration import temperature_scaled
 from urnet_jax.data import load_image
@@ -45,7 +46,7 @@ def find_images(folder: str | pathlib.Path) -> list[pathlib.Path]:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "bypass_enhancer"))
+@functools.partial(compiler_options.jit, static_argnames=("model", "bypass_enhancer"))
 def class_logits(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
                  bypass_enhancer: bool = False) -> jax.Array:
     """Logits (N, K) float32 of `model` (an EnhanceClassify) for uint8 images (N, H, W, 3), eval mode.
@@ -69,7 +70,7 @@ def class_probabilities(model: nn.Module, variables: Mapping[str, Any], images: 
     return jax.nn.softmax(class_logits(model, variables, images, bypass_enhancer), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
+@functools.partial(compiler_options.jit, static_argnames=("model",))
 def enhanced_images(model: nn.Module, variables: Mapping[str, Any], images: jax.Array) -> jax.Array:
     """What the classifier of `model` (an EnhanceClassify with an enhancer) sees, before ImageNet
     normalisation: the enhancer's output (N, H, W, 3) float32 in [0, 1] for uint8 images (N, H, W, 3).

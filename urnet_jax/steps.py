@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 import urnet_jax.data as data_lib
-from urnet_jax import sharding
+from urnet_jax import compiler_options, sharding
 from urnet_jax.errors import RunError
 from urnet_jax.reconstruction_loss import ReconstructionLoss
 from urnet_jax.train_state import JOINT, PRETRAIN, TrainState, Variables, current_learning_rate, phase_apply_fn
@@ -133,7 +133,8 @@ def make_train_step(phase: int, mesh: jax.sharding.Mesh, reconstruction_loss: Re
     extra = () if loss_variables is None else (loss_variables,)
     step = jax.jit(_traced_once(train_step, f"phase{phase}_train_step"),
                    in_shardings=(replicated, sharding.batch_sharded(mesh), replicated) + (replicated,) * len(extra),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+                   out_shardings=(replicated, replicated), donate_argnums=0,
+                   compiler_options=compiler_options.for_mesh(mesh))
     if not extra:
         return step
     return lambda state, batch, rng: step(state, batch, rng, *extra)
@@ -178,7 +179,8 @@ def make_eval_step(model: nn.Module, phase: int,
 
     replicated = sharding.replicated(mesh)
     return jax.jit(_traced_once(eval_step, f"phase{phase}_eval_step"),
-                   in_shardings=(replicated, sharding.batch_sharded(mesh)), out_shardings=replicated)
+                   in_shardings=(replicated, sharding.batch_sharded(mesh)), out_shardings=replicated,
+                   compiler_options=compiler_options.for_mesh(mesh))
 
 
 def evaluate_split(eval_step: Callable[[Variables, Batch], Metrics], variables: Variables,
@@ -190,11 +192,21 @@ def evaluate_split(eval_step: Callable[[Variables, Batch], Metrics], variables: 
     recall of the classes present in the split).
     """
     totals: dict[str, Any] = {}
+
+    def absorb(sums: Metrics) -> None:  # waits for the batch's sums, adds them up in float64 on the host
+        for key, value in jax.device_get(sums).items():
+            totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
+
+    pending = None  # the previous batch's sums, read while the next batch is read, sharded and dispatched
     for host_batch in data_lib.eval_batches(prepared_dir, split, batch_size, process_index=jax.process_index(),
                                             process_count=jax.process_count()):
         batch = sharding.global_batch({key: host_batch[key] for key in EVAL_BATCH_KEYS if key in host_batch}, mesh)
-        for key, value in jax.device_get(eval_step(variables, batch)).items():
-            totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
+        sums = eval_step(variables, batch)
+        if pending is not None:
+            absorb(pending)
+        pending = sums
+    if pending is not None:
+        absorb(pending)
     count = float(totals.get("count", 0.0))
     if count == 0:
         raise RunError(f"the {split} split of {prepared_dir} is empty")

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from urnet_jax import compiler_options
+
 TARGET = "last_conv"
 
 
@@ -37,7 +39,7 @@ def _target_path(tree: Mapping[str, Any], collection: str) -> tuple[str, ...]:
     return paths[0]
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
+@functools.partial(compiler_options.jit, static_argnames=("model",))
 def _gradcam(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
              class_index: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """Heatmaps (N, H, W) in [0, 1] and the explained class (N,) for `images` (N, H, W, 3)."""

@@ -1,11 +1,13 @@
 """The study's results in the paper's Table 3 layout (mean ± std over seeds), paired comparisons of the
-ablation's models, test errors by class, and the comparison with a baseline study, as Markdown.
+ablation's models, test errors by class, the comparison with a baseline study, the outcome of phase 1
+(enhancer pre-training) of each pre-trained run (`phase1`), and the runs on the study's external image sets
+beside their own test split (`external`), as Markdown.
 
-`results_block` writes the tables of each data variant between the markers `<!-- results:begin NAME -->` and
-`<!-- results:end NAME -->` (NAME: the results folder's name); `replace_block` puts them into a document,
-leaving the text around them alone, and `check_document` tells whether a document's tables are up to date.
-Statistics come from pandas (means, sample standard deviations over seeds, paired by seed) and scipy (the
-t-interval); numbers are in percent with two decimals.
+`results_block` writes the tables of each data variant, then those of each external set, between the markers
+`<!-- results:begin NAME -->` and `<!-- results:end NAME -->` (NAME: the results folder's name);
+`replace_block` puts them into a document, leaving the text around them alone, and `check_document` tells
+whether a document's tables are up to date. Statistics come from `seed_stats` (pandas: means, sample standard
+deviations over seeds, paired by seed; scipy: the t-interval); numbers are in percent with two decimals.
 """
 
 from __future__ import annotations
@@ -13,23 +15,21 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
-from scipy import stats
 
 from urnet_jax import config as config_lib
 from urnet_jax.data.plan import VARIANTS
 from urnet_jax.errors import ConfigError
 from urnet_jax.evaluation.report import MISSING, markdown_table, table3
 from urnet_jax.models.registry import display_name
-from urnet_jax.study import paired
-from urnet_jax.study.paired import signed as _signed
-from urnet_jax.study.results import (TABLE3_KEYS, FinishedRun, collect_finished_runs, column_header,
-                                     epoch_to_epoch_change, ordered, read_baseline, read_comparisons,
-                                     unselected_accuracy)
+from urnet_jax.study import external, paired, phase1
+from urnet_jax.study.results import (FinishedRun, collect_finished_runs, column_header, epoch_to_epoch_change,
+                                     ordered, read_baseline, read_comparisons, unselected_accuracy)
+from urnet_jax.study.seed_stats import (Pick, aggregate_metrics, common_classes, difference_cell, mean_std_points,
+                                        paired_differences, t_interval)
 from urnet_jax.study.sweep import ABLATION_MODELS, IGNORED_KEYS
 
 MARKER_BEGIN = "<!-- results:begin {name} -->"
@@ -48,78 +48,6 @@ PROTOCOL_KEYS = ("model.classifier", "model.classifier_width", "model.enhancer_w
                  "data.image_size", "data.train_size", "data.test_fraction", "data.seed", "train.epochs",
                  "optimizer.name", "optimizer.lr", "optimizer.schedule", "optimizer.warmup_steps",
                  "optimizer.momentum", "optimizer.weight_decay", "batch_size", "precision")
-Pick = Callable[[FinishedRun], "float | None"]
-
-# ----------------------------------------------------------------------------------------------------
-# Statistics.
-
-
-def common_classes(metrics: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The classes of the first metrics.json that every one of them has, in its order."""
-    return [name for name in metrics[0]["classes"] if all(name in m["per_class"] for m in metrics)]
-
-
-def aggregate_metrics(metrics: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(mean, sample standard deviation (ddof 1)) over runs of every number the Table-3 layout shows,
-    each in metrics.json's shape; a std is None for fewer than two runs, a class some run lacks is left out."""
-    classes = common_classes(metrics)
-    numbers = pd.DataFrame([{**{(name, key): m["per_class"][name][key] for name in classes for key in TABLE3_KEYS},
-                             **{("macro", key): m["macro"][key] for key in TABLE3_KEYS},
-                             ("accuracy", ""): m["accuracy"]} for m in metrics], dtype=np.float64)
-
-    def shaped(values: pd.Series) -> dict[str, Any]:
-        def number(label: tuple[str, str]) -> float | None:
-            return None if pd.isna(values[label]) else float(values[label])
-
-        return {"classes": classes, "per_class": {name: {key: number((name, key)) for key in TABLE3_KEYS}
-                                                  for name in classes},
-                "macro": {key: number(("macro", key)) for key in TABLE3_KEYS}, "accuracy": number(("accuracy", ""))}
-
-    return shaped(numbers.mean()), shaped(numbers.std())  # std: ddof 1, NaN (None) for one run
-
-
-def paired_differences(first: Sequence[FinishedRun], second: Sequence[FinishedRun], pick: Pick) -> list[float]:
-    """pick(first) - pick(second) for every seed both lists have a value for, in seed order (units of `pick`)."""
-    def by_seed(runs: Sequence[FinishedRun]) -> pd.Series:
-        return pd.Series({run.seed: pick(run) for run in runs}, dtype=np.float64)
-
-    return (by_seed(first) - by_seed(second)).dropna().sort_index().tolist()
-
-
-def _points(values: Sequence[float]) -> pd.Series:
-    """Fractions as percentage points."""
-    return 100.0 * pd.Series(values, dtype=np.float64)
-
-
-def _mean_std_points(values: Sequence[float], signed: bool = False) -> str:
-    """'96.00 ± 1.07' (or '+0.98 ± 0.67' when signed): mean ± sample std of fractions, in percentage
-    points; the mean alone for one value, 'n/a' for none."""
-    if not values:
-        return MISSING
-    points = _points(values)
-    mean = _signed(points.mean()) if signed else f"{points.mean():.2f}"
-    return mean + (f" ± {points.std():.2f}" if len(points) > 1 else "")
-
-
-def _difference_cell(differences: Sequence[float]) -> str:
-    """'+1.20 ± 0.80 (2/0/1)': mean ± sample std in percentage points, then seeds better/equal/worse
-    ('n/a' for no differences)."""
-    if not differences:
-        return MISSING
-    points = _points(differences)
-    counts = ((points > 1e-9).sum(), (points.abs() <= 1e-9).sum(), (points < -1e-9).sum())
-    return f"{_mean_std_points(differences, signed=True)} ({'/'.join(map(str, counts))})"
-
-
-def _t_interval(differences: Sequence[float], level: float = 0.95) -> str:
-    """The two-sided t-interval (n - 1 degrees of freedom) of the mean difference, in percentage points
-    ('n/a' for fewer than 2)."""
-    if len(differences) < 2:
-        return MISSING
-    points = _points(differences)
-    low, high = stats.t.interval(level, len(points) - 1, loc=points.mean(), scale=stats.sem(points))
-    return f"[{_signed(low)}, {_signed(high)}]"
-
 
 # ----------------------------------------------------------------------------------------------------
 # Tables.
@@ -172,7 +100,7 @@ def mean_std_table(cells: Mapping[str, Sequence[FinishedRun]]) -> str:
         return [_display(_shared_value(runs, key)) if runs else MISSING for runs in cells.values()]
 
     def unselected(last_epochs: int) -> list[str]:
-        return [_mean_std_points([v for v in (unselected_accuracy(run, last_epochs) for run in runs) if v is not None])
+        return [mean_std_points([v for v in (unselected_accuracy(run, last_epochs) for run in runs) if v is not None])
                 for runs in cells.values()]
 
     rows = [["enhancer", *describe("model.enhancer")],
@@ -198,7 +126,7 @@ def paired_table(runs: Sequence[FinishedRun], classes: Sequence[str]) -> str | N
                              for _, pick in columns]
         if accuracy:
             rows.append([f"{column_header(first)} − {column_header(second)}", measures, str(len(accuracy)),
-                         _difference_cell(accuracy), _t_interval(accuracy), *map(_difference_cell, others)])
+                         difference_cell(accuracy), t_interval(accuracy), *map(difference_cell, others)])
     if not rows:
         return None
     return markdown_table(["comparison", "what it measures", "seeds", "test accuracy", "95% t-interval (accuracy)",
@@ -222,9 +150,9 @@ def baseline_table(runs: Sequence[FinishedRun], baseline_runs: Sequence[Finished
         swings = [(epoch_to_epoch_change(run), epoch_to_epoch_change(there[run.seed])) for run in paired]
         swings = [pair for pair in swings if None not in pair]
         rows.append([column_header(model), str(len(paired)),
-                     *(_difference_cell(paired_differences(here, list(there.values()), pick)) for _, pick in differences),
-                     _mean_std_points([here_swing for here_swing, _ in swings]),
-                     _mean_std_points([there_swing for _, there_swing in swings])])
+                     *(difference_cell(paired_differences(here, list(there.values()), pick)) for _, pick in differences),
+                     mean_std_points([here_swing for here_swing, _ in swings]),
+                     mean_std_points([there_swing for _, there_swing in swings])])
     if not rows:
         return None
     return markdown_table(["model", "seeds", *(f"{label}, difference" for label, _ in differences),
@@ -332,6 +260,8 @@ def results_block(results_dir: str | os.PathLike) -> str:
                       "here. Epoch-to-epoch change: the mean absolute change of test accuracy between "
                       "consecutive epochs among the last 5 phase-2 epochs, in points, mean ± std over the same "
                       "seeds.", ""]
+        parts += phase1.phase1_section(name, variant, of_variant)
+    parts += external.external_sections(results_dir, runs)
     parts.append(MARKER_END.format(name=name))
     return "\n".join(parts)
 

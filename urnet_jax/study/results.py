@@ -1,5 +1,6 @@
 """Finished runs of a results folder read back from their files (config.json, eval/metrics.json,
-metrics.jsonl, and the folder's study.json), and the per-run numbers the report derives from them."""
+metrics.jsonl: the phase-1 rows and the phase-2 test accuracies, eval/<external set>/metrics.json, and the
+folder's study.json), and the per-run numbers the report derives from them."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import ml_collections
 import numpy as np
 
 from urnet_jax import config as config_lib, workdir as workdir_lib
@@ -19,6 +21,7 @@ from urnet_jax.evaluation.report import read_evaluated_run
 from urnet_jax.study.sweep import ABLATION_MODELS, NAME_PART, RUN_NAME
 
 TABLE3_KEYS = ("recall", "precision", "f1")
+TABLE3_FIELDS = "classes, per_class recall/precision/f1, macro, accuracy, confusion_matrix"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,11 +36,14 @@ class FinishedRun:
     metrics: Mapping[str, Any]
     # (epoch, test accuracy in [0, 1]) after every phase-2 epoch, from metrics.jsonl.
     test_accuracy_curve: tuple[tuple[int, float], ...] = ()
+    # The well-formed phase-1 (enhancer pre-training) rows of metrics.jsonl, in epoch order.
+    phase1_rows: tuple[Mapping[str, Any], ...] = ()
     # The dotted keys its config.json holds (`config` also has those added since, at their defaults).
     recorded_keys: frozenset[str] = frozenset()
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """Whether a parsed JSON value is a number (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -45,19 +51,24 @@ def has_table3_numbers(metrics: Any) -> bool:
     """Whether a parsed metrics.json holds every number of the Table-3 layout."""
     try:
         classes, confusion = metrics["classes"], metrics["confusion_matrix"]
-        return (_is_number(metrics["accuracy"]) and all(_is_number(metrics["macro"][k]) for k in TABLE3_KEYS)
-                and all(_is_number(metrics["per_class"][name][k]) for name in classes for k in TABLE3_KEYS)
+        return (is_number(metrics["accuracy"]) and all(is_number(metrics["macro"][k]) for k in TABLE3_KEYS)
+                and all(is_number(metrics["per_class"][name][k]) for name in classes for k in TABLE3_KEYS)
                 and len(confusion) == len(classes)
-                and all(len(row) == len(classes) and all(map(_is_number, row)) for row in confusion))
+                and all(len(row) == len(classes) and all(map(is_number, row)) for row in confusion))
     except (KeyError, TypeError):
         return False
 
 
-def _phase2_curve(workdir: pathlib.Path) -> tuple[tuple[int, float], ...]:
-    """(epoch, test accuracy) of every well-formed phase-2 row of the run's metrics.jsonl."""
-    return tuple((row["epoch"], row["test_accuracy"]) for row in workdir_lib.read_metrics_rows(workdir)
-                 if isinstance(row, dict) and row.get("phase") == 2 and isinstance(row.get("epoch"), int)
-                 and _is_number(row.get("test_accuracy")))
+def _rows_of_phase(rows: Sequence[Any], phase: int) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl that are JSON objects of `phase` with an integer epoch."""
+    return [row for row in rows if isinstance(row, dict) and row.get("phase") == phase
+            and isinstance(row.get("epoch"), int)]
+
+
+def _phase2_curve(rows: Sequence[Any]) -> tuple[tuple[int, float], ...]:
+    """(epoch, test accuracy) of every well-formed phase-2 row of a run's metrics.jsonl rows."""
+    return tuple((row["epoch"], row["test_accuracy"]) for row in _rows_of_phase(rows, 2)
+                 if is_number(row.get("test_accuracy")))
 
 
 def collect_finished_runs(results_dir: str | os.PathLike) -> list[FinishedRun]:
@@ -80,17 +91,42 @@ def collect_finished_runs(results_dir: str | os.PathLike) -> list[FinishedRun]:
         except ValueError as error:
             raise ConfigError(str(error)) from None
         if not has_table3_numbers(metrics):
-            raise ConfigError(f"{child / 'eval' / 'metrics.json'} lacks some of classes, per_class "
-                              f"recall/precision/f1, macro, accuracy, confusion_matrix")
+            raise ConfigError(f"{child / 'eval' / 'metrics.json'} lacks some of {TABLE3_FIELDS}")
         seed, variant = int(match["seed"]), match["data"]
         saved_seed, saved_variant = saved.get("seed"), saved.get("data", {}).get("variant")
         if (saved_seed, saved_variant) != (seed, variant):
             raise ConfigError(f"{child / 'config.json'} has seed {saved_seed!r} and data.variant {saved_variant!r}, "
                               f"but the folder's name says seed {seed} and {variant!r}")
+        rows = workdir_lib.read_metrics_rows(child)
         runs.append(FinishedRun(name=child.name, model=match["model"], data_variant=variant, seed=seed,
-                                config=config, metrics=metrics, test_accuracy_curve=_phase2_curve(child),
+                                config=config, metrics=metrics, test_accuracy_curve=_phase2_curve(rows),
+                                phase1_rows=tuple(_rows_of_phase(rows, 1)),
                                 recorded_keys=frozenset(config_lib.flatten(saved))))
     return runs
+
+
+def read_external_metrics(run_dir: pathlib.Path, set_name: str) -> dict[str, Any] | None:
+    """A run's metrics.json on the external set `set_name` (RUN/eval/<set_name>/metrics.json), None when the
+    run has none. Raises ConfigError when it does not parse or lacks a number of the Table-3 layout."""
+    path = run_dir / "eval" / set_name / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot read {path}: {error}") from None
+    if not has_table3_numbers(metrics):
+        raise ConfigError(f"{path} lacks some of {TABLE3_FIELDS}")
+    return metrics
+
+
+def read_study_config(results_dir: pathlib.Path) -> ml_collections.ConfigDict | None:
+    """The study config recorded in a results folder's study.json (None when it is missing or not a JSON object)."""
+    try:
+        record = json.loads((results_dir / "study.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return ml_collections.ConfigDict(record) if isinstance(record, dict) else None
 
 
 def read_baseline(results_dir: pathlib.Path) -> str:
