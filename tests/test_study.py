@@ -606,9 +606,10 @@ def test_committed_runs_hold_relative_paths_and_count_as_finished(tmp_path):
     assert len(files) > 50
     for path in files:
         saved = json.loads(path.read_text())
-        for section in (saved, saved.get("base", {})):
-            for location in (section.get("data", {}).get("dir"), section.get("data", {}).get("prepared_dir")):
-                assert location is None or not pathlib.Path(location).is_absolute(), (path, location)
+        for section in (saved, saved.get("base", {}), saved.get("pretrained_classifier") or {}):
+            for part, key in study_run.LOCATION_KEYS:
+                location = (section.get(part) or {}).get(key)
+                assert not location or not pathlib.Path(location).is_absolute(), (path, location)
     for name, prepared in (("study_cpu", "study_cpu"), ("study_cpu_cosine", "study_cpu"), ("study_gpu", "study_gpu")):
         config = cli.load_config_file(str(REPO_ROOT / "configs" / f"{name}.py"))
         runs = sweep.plan_runs(config, REPO_ROOT / "results" / prepared / "_prepared", data_dir=str(tmp_path))

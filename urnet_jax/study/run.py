@@ -45,7 +45,7 @@ from urnet_jax.study.paired import EVALUATION_FOLDERS
 from urnet_jax.study.sweep import (IGNORED_KEYS, STANDIN_NAME, check_study_config, data_seed_of, external_sets,
                                    plain, plan_runs, plan_standins)
 
-LOCATION_KEYS = (("data", "dir"), ("data", "prepared_dir"), ("model", "pretrained"))
+LOCATION_KEYS = (("data", "dir"), ("data", "prepared_dir"), ("data", "split_dir"), ("model", "pretrained"))
 LAST_EPOCH_FOLDER = EVALUATION_FOLDERS["last"]  # the last epoch's evaluation (eval/: the selected checkpoint's)
 
 
