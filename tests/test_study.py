@@ -234,6 +234,33 @@ def test_the_pretrained_classifier_is_trained_once_per_data_seed_before_the_runs
                               "tiny2-raw-seed3: its pretrained classifier standin_dataseed13 failed"]
 
 
+def test_a_study_can_load_the_stand_ins_of_another_studys_folder(tmp_path, fake_runs):
+    """standins_dir: the runs load the owner's finished stand-ins, none is trained; a missing or differently
+    configured stand-in is a one-line ConfigError before any run starts."""
+    calls, _ = fake_runs
+    owner = tmp_path / "owner"
+    study_run.run_study(standin_study(), owner, only=["tiny-*-seed1"], show_progress=False)
+    calls.clear()
+    borrower = standin_study()
+    borrower.standins_dir = str(owner)
+    outcome = study_run.run_study(borrower, tmp_path / "tuning", only=["*-seed1", "*-seed2"], show_progress=False)
+    assert calls == ["tiny-raw-seed1", "tiny2-raw-seed1", "tiny-raw-seed2", "tiny2-raw-seed2"] and not outcome.failed
+    saved = json.loads((tmp_path / "tuning" / "tiny-raw-seed1" / "config.json").read_text())
+    assert pathlib.Path(saved["model"]["pretrained"]).resolve() == (owner / "standin_dataseed11").resolve()
+    assert not (tmp_path / "tuning" / "standin_dataseed11").exists()
+    with pytest.raises(errors.ConfigError, match="standin_dataseed12 is not a finished run"):
+        study_run.run_study(borrower, tmp_path / "tuning", only=["*-seed3"], show_progress=False)
+    other = standin_study()
+    other.pretrained_classifier.optimizer.lr = 0.5
+    other.standins_dir = str(owner)
+    with pytest.raises(errors.ConfigError, match="trained with another configuration"):
+        study_run.run_study(other, tmp_path / "tuning2", only=["*-seed1"], show_progress=False)
+    alone = tiny_study()
+    alone.standins_dir = str(owner)
+    with pytest.raises(errors.ConfigError, match="needs 'pretrained_classifier'"):
+        study_run.run_study(alone, tmp_path / "tuning3", show_progress=False)
+
+
 def test_external_sets_are_evaluated_for_the_model_variants_they_name(tmp_path, fake_runs, monkeypatch):
     """configs/cross_lab.py's shape: every run evaluated on an external set, the BatchNorm ones also with
     adapted statistics; the test split's metrics.json is written last (it marks the run finished)."""
@@ -293,6 +320,18 @@ def test_a_finished_run_of_another_configuration_is_reported_not_skipped(tmp_pat
     outcome = study_run.run_study(changed, tmp_path, show_progress=False)
     assert outcome.failed == ["tiny-raw-seed1: finished with another configuration (train.epochs: 1 != 5)"]
     assert calls == ["tiny-raw-seed1"]
+    # Phase 1's settings do not count for a run without phase 1 (the tiny model has no enhancer) ...
+    calls.clear()
+    other_phase1 = tiny_study(seeds=(1,))
+    other_phase1.base.pretrain.optimizer.lr = 0.5
+    assert study_run.run_study(other_phase1, tmp_path, show_progress=False).skipped == ["tiny-raw-seed1"]
+    # ... but do for one with it.
+    enhanced = {"pre": {"model": {"enhancer": "urnet"}, "pretrain": {"epochs": 1}}}
+    study_run.run_study(tiny_study(seeds=(1,), models=enhanced), tmp_path, show_progress=False)
+    other_phase1 = tiny_study(seeds=(1,), models=enhanced)
+    other_phase1.base.pretrain.optimizer.lr = 0.5
+    outcome = study_run.run_study(other_phase1, tmp_path, show_progress=False)
+    assert len(outcome.failed) == 1 and "pretrain.optimizer.lr" in outcome.failed[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -370,6 +409,26 @@ def test_study_wbcatt_is_the_validated_protocol_with_a_pretrained_stand_in(tmp_p
     assert by_name["clahe-raw-seed1"].data.preprocessing == "clahe"
     assert [run.name for run in sweep.plan_standins(study, tmp_path)] == ["standin_dataseed1", "standin_dataseed2"]
     assert tuple(study.comparisons[0]) == ("net4", "net1")
+
+
+def test_severe_tuning_runs_net1_of_the_study_at_each_strength_and_reports_validation_only(tmp_path):
+    """configs/severe_tuning.py: every candidate is the study's net1 run on severe_proxy but for data.severe_*,
+    starting from the study's own stand-in; its report is the validation-only one."""
+    tuning = cli.load_config_file(str(REPO_ROOT / "configs" / "severe_tuning.py"))
+    study = cli.load_config_file(str(REPO_ROOT / "configs" / "study_wbcatt.py"))
+    net1 = {run.seed: run.config for run in sweep.plan_runs(study, tmp_path, out_dir=tmp_path / "study")
+            if run.name.startswith("net1-severe_proxy-")}
+    assert tuning.report == "validation" and tuple(tuning.target_range) == (65.0, 75.0)
+    assert tuning.standins_dir == "results/study_wbcatt" and len(tuning.models) >= 3
+    candidates = sweep.plan_runs(tuning, tmp_path, out_dir=tmp_path / "study")
+    assert len({tuple(run.config.data.severe_contrast) for run in candidates}) == len(tuning.models)
+    for run in candidates:
+        differences = {key for key, value in config_lib.flatten(run.config.to_dict()).items()
+                       if value != config_lib.flatten(net1[run.seed].to_dict()).get(key)}
+        assert differences <= {"data.severe_contrast", "data.severe_blur_sigma", "data.severe_noise_std",
+                               "data.prepared_dir"}
+    with pytest.raises(errors.ConfigError, match="target_range"):
+        sweep.check_study_config(ml_collections.ConfigDict({**tuning.to_dict(), "target_range": (75.0, 65.0)}))
 
 
 def test_bad_study_configs_give_one_line_errors(tmp_path):

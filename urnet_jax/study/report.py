@@ -1,7 +1,8 @@
 """The study's results in the paper's Table 3 layout (mean ± std over seeds), paired comparisons of the
 ablation's models, test errors by class, the comparison with a baseline study, the outcome of phase 1
 (enhancer pre-training) of each pre-trained run (`phase1`), and the runs on the study's external image sets
-beside their own test split (`external`), as Markdown.
+beside their own test split (`external`), as Markdown; a tuning study (`report: 'validation'`) gets the
+validation-only table of `tuning` instead.
 
 `results_block` writes the tables of each data variant, then those of each external set, between the markers
 `<!-- results:begin NAME -->` and `<!-- results:end NAME -->` (NAME: the results folder's name);
@@ -25,9 +26,10 @@ from urnet_jax.data.plan import VARIANTS
 from urnet_jax.errors import ConfigError
 from urnet_jax.evaluation.report import MISSING, markdown_table, table3
 from urnet_jax.models.registry import display_name
-from urnet_jax.study import external, paired, phase1
+from urnet_jax.study import external, paired, phase1, tuning
 from urnet_jax.study.results import (FinishedRun, collect_finished_runs, column_header, epoch_to_epoch_change,
-                                     ordered, read_baseline, read_comparisons, unselected_accuracy)
+                                     ordered, read_baseline, read_comparisons, read_study_config,
+                                     unselected_accuracy)
 from urnet_jax.study.seed_stats import (Pick, aggregate_metrics, common_classes, difference_cell, mean_std_points,
                                         paired_differences, t_interval)
 from urnet_jax.study.sweep import ABLATION_MODELS, IGNORED_KEYS
@@ -214,6 +216,10 @@ def results_block(results_dir: str | os.PathLike) -> str:
              f"markers only -->", ""]
     if not runs:
         parts += [f"No finished runs in `results/{name}` yet.", ""]
+    study = read_study_config(results_dir)
+    if study is not None and study.get("report") == "validation":  # a tuning study: never its test numbers
+        return "\n".join([*parts, *(tuning.tuning_block(results_dir, runs, study) if runs else []),
+                          MARKER_END.format(name=name)])
     models = ordered([run.model for run in runs], ABLATION_MODELS)
     baseline = read_baseline(results_dir)
     baseline_runs = collect_finished_runs(results_dir.parent / baseline) if baseline else []

@@ -10,7 +10,8 @@ prepared data set OUT/_prepared/<variant>/ (one per data seed with seed groups, 
 that changes data.*); the subset is a folder of links, OUT/_prepared/subset/.
 
 A study with a pretrained classifier (`sweep`: 'pretrained_classifier') first trains it, once per data seed,
-as OUT/standin_dataseed<k>/ (evaluated on its own test split into its eval/), then the runs that load it.
+as OUT/standin_dataseed<k>/ (evaluated on its own test split into its eval/), then the runs that load it;
+with 'standins_dir' it loads the finished stand-ins of another study's folder instead (checked, never trained).
 
 Locations in a finished run's config.json and in OUT/study.json (data.dir, data.prepared_dir,
 model.pretrained) are written relative to the directory the study runs from (the repository root in every
@@ -43,7 +44,7 @@ from urnet_jax.evaluation import runner
 from urnet_jax.run_log import rough_duration
 from urnet_jax.study.paired import EVALUATION_FOLDERS
 from urnet_jax.study.sweep import (IGNORED_KEYS, STANDIN_NAME, check_study_config, data_seed_of, external_sets,
-                                   plain, plan_runs, plan_standins)
+                                   plain, plan_runs, plan_standins, unused_keys)
 
 LOCATION_KEYS = (("data", "dir"), ("data", "prepared_dir"), ("data", "split_dir"), ("model", "pretrained"))
 LAST_EPOCH_FOLDER = EVALUATION_FOLDERS["last"]  # the last epoch's evaluation (eval/: the selected checkpoint's)
@@ -120,14 +121,17 @@ def read_finished_metrics(workdir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def finished_config_differences(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> list[str]:
-    """How a finished run's config.json differs from the study's config of that run (IGNORED_KEYS aside)."""
+    """How a finished run's config.json differs from the study's config of that run (IGNORED_KEYS aside, and
+    the settings neither uses: `unused_keys`, e.g. phase 1's optimiser in runs without phase 1)."""
     try:
         saved = json.loads((workdir / "config.json").read_text())
     except (OSError, ValueError):
         return ["no readable config.json"]
     # Both with every key (the run's missing ones at the defaults of its time) and through JSON (tuples as lists).
-    return config_lib.config_differences(absolute_locations(config_lib.saved_config(saved).to_dict()),
-                                         absolute_locations(config.to_dict()), ignored=IGNORED_KEYS)
+    saved_config = config_lib.saved_config(saved).to_dict()
+    ignored = IGNORED_KEYS | (unused_keys(saved_config) & unused_keys(config.to_dict()))
+    return config_lib.config_differences(absolute_locations(saved_config), absolute_locations(config.to_dict()),
+                                         ignored=ignored)
 
 
 def _one_line(error: BaseException) -> str:
@@ -168,6 +172,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     return metrics
 
 
+def _check_borrowed_standins(standins: Sequence[Any], standins_root: pathlib.Path) -> None:
+    """ConfigError unless every stand-in run is finished in `standins_root` with the study's configuration."""
+    for standin in standins:
+        workdir = standins_root / standin.name
+        if read_finished_metrics(workdir) is None:
+            raise ConfigError(f"standins_dir: {workdir} is not a finished run (train it with the study that "
+                              f"owns it first)")
+        differences = finished_config_differences(workdir, standin.config)
+        if differences:
+            raise ConfigError(f"standins_dir: {workdir} was trained with another configuration "
+                              f"({'; '.join(differences[:3])})")
+
+
 def run_study(study: ml_collections.ConfigDict, out_dir: str | os.PathLike, only: Sequence[str] = (),
               limit: int | None = None, delete_checkpoints: bool = False,
               prepared_root: str | os.PathLike | None = None, show_progress: bool = True) -> StudyOutcome:
@@ -191,13 +208,18 @@ def run_study(study: ml_collections.ConfigDict, out_dir: str | os.PathLike, only
     if study.subset_per_class:
         data_dir = link_subset(study.base.data.dir, study.base.data.class_map, study.subset_per_class,
                                study.base.data.seed, prepared_root / "subset")
-    runs = plan_runs(study, prepared_root, data_dir, out_dir)
+    standins_root = pathlib.Path(study.get("standins_dir") or out_dir).expanduser().resolve()
+    runs = plan_runs(study, prepared_root, data_dir, standins_root)
     selected = [run for run in runs if not only or any(fnmatch.fnmatchcase(run.name, p) for p in only)]
     if not selected:
         raise ConfigError(f"--only {' '.join(only)} matches none of the {len(runs)} runs (e.g. {runs[0].name})")
     standins = plan_standins(study, prepared_root, [data_seed_of(study, run.seed) for run in selected])
+    if study.get("standins_dir"):
+        _check_borrowed_standins(standins, standins_root)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {**study.to_dict(), "base": relative_locations(study.base.to_dict())}
+    if study.get("standins_dir"):
+        record["standins_dir"] = os.path.relpath(standins_root)
     if standins:
         record["pretrained_classifier"] = relative_locations(study.pretrained_classifier.to_dict())
     for external in record.get("external", {}).values():
@@ -208,7 +230,7 @@ def run_study(study: ml_collections.ConfigDict, out_dir: str | os.PathLike, only
     attempts = 0
     study_start = time.monotonic()
     study_runs = {run.name for run in selected}
-    everything = [*standins, *selected]
+    everything = [*selected] if study.get("standins_dir") else [*standins, *selected]
     for position, run in enumerate(everything, start=1):
         prefix = f"[{position}/{len(everything)}] {run.name}"
         workdir = out_dir / run.name

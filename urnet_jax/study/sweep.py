@@ -18,6 +18,14 @@ A study config (`get_config()` of configs/study_*.py, plain data) holds
                     configs/pretrain_standin.py, on the other data.partition than base's). The runner trains
                     it once per data seed, as OUT/standin_dataseed<k>/, before the study's runs, and every run
                     of that data seed starts from its classifier (model.pretrained = that folder);
+  standins_dir:     optional, with pretrained_classifier: another study's results folder (e.g.
+                    'results/study_wbcatt', relative to where the study runs) whose finished
+                    standin_dataseed<k>/ runs of the same pretrained_classifier this study loads instead of
+                    training its own (e.g. a tuning study that reuses the main study's stand-ins);
+  report:           optional: 'test' (default: the test-split tables) or 'validation' (a tuning study: each
+                    model variant is a candidate setting, reported on the validation split only; see `tuning`);
+  target_range:     optional, with report 'validation': (low, high) validation balanced accuracy in percent
+                    that the chosen candidate must reach (e.g. the severe proxy's 65-75% for Net1);
   comparisons:      optional: the (first, second) model pairs the report compares image by image (first
                     minus second); absent: every pair;
   external:         optional: {name: {data_dir, class_map, adapt_bn, models}}: class-per-folder image sets
@@ -55,6 +63,15 @@ IGNORED_KEYS = frozenset({"data.dir", "data.prepared_dir", "checkpoint.every_ste
 
 
 STANDIN_NAME = "standin_dataseed{data_seed}"
+
+
+def unused_keys(config: Mapping[str, Any]) -> frozenset[str]:
+    """The dotted keys of a nested run config that do not change what the run computes: the phase-1 settings
+    (pretrain.*, pretrain.epochs aside) of a run without phase 1 (no enhancer, or pretrain.epochs 0)."""
+    if config["model"]["enhancer"] != "none" and config["pretrain"]["epochs"] > 0:
+        return frozenset()
+    return frozenset(key for key in config_lib.flatten(config)
+                     if key.startswith("pretrain.") and key != "pretrain.epochs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +173,13 @@ def check_study_config(study: ml_collections.ConfigDict) -> None:
         _check("all" not in partitions and partitions[0] != partitions[1],
                f"the pretrained classifier and the study must train on the two halves of the training split "
                f"(data.partition 'a' and 'b'), got {partitions[0]!r} and {partitions[1]!r}")
+    _check(study.get("report", "test") in ("test", "validation"),
+           f"study 'report' must be 'test' or 'validation', got {study.get('report')!r}")
+    target = tuple(study.get("target_range", ()))
+    _check(not target or (study.get("report") == "validation" and len(target) == 2 and target[0] < target[1]),
+           f"study 'target_range' must be (low, high) with low < high, for a 'validation' report; got {target!r}")
+    _check(not study.get("standins_dir") or standin is not None,
+           "study 'standins_dir' names where the pretrained classifier's runs are: it needs 'pretrained_classifier'")
 
 
 def external_sets(study: ml_collections.ConfigDict, model: str) -> dict[str, dict[str, Any]]:
