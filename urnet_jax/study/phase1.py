@@ -69,13 +69,18 @@ def _outcome_row(outcome: Phase1Outcome) -> list[str]:
             _cell(100.0 * saturated if is_number(saturated) else None, ".2f"), below]
 
 
+def _count(number: int, noun: str) -> str:
+    """'1 seed', '2 seeds'."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _model_summary(model: str, outcomes: Sequence[Phase1Outcome]) -> str:
     """'- Net4: PSNR 28.00 ± 4.24 dB over 2 seeds; 1 of 2 runs below their `pretrain.min_psnr`.'"""
     psnrs = [psnr for psnr in (outcome.selection_value("psnr") for outcome in outcomes) if psnr is not None]
     verdicts = [outcome.below_min_psnr for outcome in outcomes if outcome.below_min_psnr is not None]
     unrecorded = len(outcomes) - len(verdicts)
-    return (f"- {column_header(model)}: PSNR {mean_std(psnrs)} dB over {len(psnrs)} seeds; {sum(verdicts)} of "
-            f"{len(verdicts)} runs below their `pretrain.min_psnr`"
+    return (f"- {column_header(model)}: PSNR {mean_std(psnrs)} dB over {_count(len(psnrs), 'seed')}; {sum(verdicts)} "
+            f"of {_count(len(verdicts), 'run')} below {'its' if len(verdicts) == 1 else 'their'} `pretrain.min_psnr`"
             + (f" ({unrecorded} without a recorded verdict)" if unrecorded else "") + ".")
 
 
