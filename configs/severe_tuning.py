@@ -15,11 +15,12 @@ configs/study_wbcatt.py (`data.severe_*`), which is what the study's `severe_pro
 
 The candidates differ in the three knobs of urnet_jax/data/stainfree.py (contrast factor, defocus sigma in
 pixels at 200 px, noise std in [0, 1] units; the illumination range stays 20-40%):
+- mild:    contrast 12-26%, blur 1.25-2.25 px, noise 0.015-0.035 (added when `milder` too fell below the
+  range: between it and the stain-free proxy's 15-35%, 1-2 px, 0.01-0.03);
 - milder:  contrast 10-20%, blur 1.5-2.5 px, noise 0.02-0.04;
-- moderate: contrast 7-16%, blur 2-3.25 px, noise 0.025-0.05 (added when `default` came out near chance:
-  between it and `milder`);
 - default: contrast 5-12%, blur 2.5-4 px, noise 0.03-0.06 (the library's SEVERE_RANGES);
-- harsher: contrast 2-5%, blur 3.5-5 px, noise 0.05-0.08.
+- harsher: contrast 2-5%, blur 3.5-5 px, noise 0.05-0.08 (not run: `default` was already below the range).
+They were run in the order default, milder, mild, each chosen from the previous result.
 Each run loads the study's stand-in (`standins_dir`: results/study_wbcatt/standin_dataseed1, trained on the
 other half of the training split) and prepares its own data set (about 3 min), then trains like a Net1 run
 of the study (about 10 min on a 2-core CPU).
@@ -32,8 +33,8 @@ import ml_collections
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent
 CANDIDATES = {
+    "mild": {"severe_contrast": (0.12, 0.26), "severe_blur_sigma": (1.25, 2.25), "severe_noise_std": (0.015, 0.035)},
     "milder": {"severe_contrast": (0.10, 0.20), "severe_blur_sigma": (1.5, 2.5), "severe_noise_std": (0.02, 0.04)},
-    "moderate": {"severe_contrast": (0.07, 0.16), "severe_blur_sigma": (2.0, 3.25), "severe_noise_std": (0.025, 0.05)},
     "default": {"severe_contrast": (0.05, 0.12), "severe_blur_sigma": (2.5, 4.0), "severe_noise_std": (0.03, 0.06)},
     "harsher": {"severe_contrast": (0.02, 0.05), "severe_blur_sigma": (3.5, 5.0), "severe_noise_std": (0.05, 0.08)},
 }

@@ -320,10 +320,12 @@ def test_a_finished_run_of_another_configuration_is_reported_not_skipped(tmp_pat
     outcome = study_run.run_study(changed, tmp_path, show_progress=False)
     assert outcome.failed == ["tiny-raw-seed1: finished with another configuration (train.epochs: 1 != 5)"]
     assert calls == ["tiny-raw-seed1"]
-    # Phase 1's settings do not count for a run without phase 1 (the tiny model has no enhancer) ...
+    # Phase 1's settings do not count for a run without phase 1 (the tiny model has no enhancer), nor the
+    # severe proxy's strength for a run on raw images ...
     calls.clear()
     other_phase1 = tiny_study(seeds=(1,))
     other_phase1.base.pretrain.optimizer.lr = 0.5
+    other_phase1.base.data.severe_contrast = (0.2, 0.3)
     assert study_run.run_study(other_phase1, tmp_path, show_progress=False).skipped == ["tiny-raw-seed1"]
     # ... but do for one with it.
     enhanced = {"pre": {"model": {"enhancer": "urnet"}, "pretrain": {"epochs": 1}}}
@@ -429,6 +431,28 @@ def test_severe_tuning_runs_net1_of_the_study_at_each_strength_and_reports_valid
                                "data.prepared_dir"}
     with pytest.raises(errors.ConfigError, match="target_range"):
         sweep.check_study_config(ml_collections.ConfigDict({**tuning.to_dict(), "target_range": (75.0, 65.0)}))
+
+
+def test_the_study_uses_the_severe_proxy_strength_its_committed_tuning_chose():
+    """configs/study_wbcatt.py's data.severe_* are the candidate that results/severe_tuning's validation numbers
+    choose (the same rule as its report), so neither can change without the other."""
+    from urnet_jax.study import tuning as tuning_lib
+
+    folder = REPO_ROOT / "results" / "severe_tuning"
+    runs = study_results.collect_finished_runs(folder)
+    if not runs:
+        pytest.skip("results/severe_tuning holds no finished run")
+    config = cli.load_config_file(str(REPO_ROOT / "configs" / "severe_tuning.py"))
+    by_model: dict[str, list[float]] = {}
+    for run in runs:
+        numbers = tuning_lib.validation_at_selected_and_last(folder / run.name)
+        by_model.setdefault(run.model, []).append(numbers["val_balanced_accuracy"])
+    means = {model: statistics.mean(values) for model, values in by_model.items()}
+    chosen = tuning_lib.choose(means, config.target_range)
+    assert chosen is not None, f"no tuning candidate inside {tuple(config.target_range)}: {means}"
+    study = cli.load_config_file(str(REPO_ROOT / "configs" / "study_wbcatt.py"))
+    for key, value in config.models[chosen].data.items():
+        assert tuple(study.base.data[key]) == tuple(value), key
 
 
 def test_bad_study_configs_give_one_line_errors(tmp_path):

@@ -67,11 +67,15 @@ STANDIN_NAME = "standin_dataseed{data_seed}"
 
 def unused_keys(config: Mapping[str, Any]) -> frozenset[str]:
     """The dotted keys of a nested run config that do not change what the run computes: the phase-1 settings
-    (pretrain.*, pretrain.epochs aside) of a run without phase 1 (no enhancer, or pretrain.epochs 0)."""
-    if config["model"]["enhancer"] != "none" and config["pretrain"]["epochs"] > 0:
-        return frozenset()
-    return frozenset(key for key in config_lib.flatten(config)
-                     if key.startswith("pretrain.") and key != "pretrain.epochs")
+    (pretrain.*, pretrain.epochs aside) of a run without phase 1 (no enhancer, or pretrain.epochs 0), and
+    the severe proxy's strength (data.severe_*) of a run on another data variant."""
+    keys = config_lib.flatten(config)
+    unused = set()
+    if config["model"]["enhancer"] == "none" or config["pretrain"]["epochs"] == 0:
+        unused |= {key for key in keys if key.startswith("pretrain.") and key != "pretrain.epochs"}
+    if config["data"]["variant"] != "severe_proxy":
+        unused |= {key for key in keys if key.startswith("data.severe_")}
+    return frozenset(unused)
 
 
 @dataclasses.dataclass(frozen=True)
