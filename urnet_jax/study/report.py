@@ -38,7 +38,9 @@ MARKER_BEGIN = "<!-- results:begin {name} -->"
 MARKER_END = "<!-- results:end {name} -->"
 DATA_DESCRIPTIONS = {"raw": "the stained PBC images as they are",
                      "stainfree_proxy": "the same images through the stain-free proxy, a degradation, "
-                                        "not stain-free data"}
+                                        "not stain-free data",
+                     "severe_proxy": "the same images through the severe proxy (the stain-free proxy with lower "
+                                     "contrast, more blur and noise, at the run's data.severe_* strength)"}
 # The paper's ablation questions as paired comparisons: (first model, second model, what first - second measures).
 PAIRED_COMPARISONS = (("net2", "net1", "a plain ResUNet enhancer"),
                       ("net3", "net1", "the UR-Net enhancer, not pre-trained"),
