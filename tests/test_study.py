@@ -443,11 +443,7 @@ def test_the_study_uses_the_severe_proxy_strength_its_committed_tuning_chose():
     if not runs:
         pytest.skip("results/severe_tuning holds no finished run")
     config = cli.load_config_file(str(REPO_ROOT / "configs" / "severe_tuning.py"))
-    by_model: dict[str, list[float]] = {}
-    for run in runs:
-        numbers = tuning_lib.validation_at_selected_and_last(folder / run.name)
-        by_model.setdefault(run.model, []).append(numbers["val_balanced_accuracy"])
-    means = {model: statistics.mean(values) for model, values in by_model.items()}
+    means = tuning_lib.candidate_means(tuning_lib.validation_by_candidate(folder, runs))
     chosen = tuning_lib.choose(means, config.target_range)
     assert chosen is not None, f"no tuning candidate inside {tuple(config.target_range)}: {means}"
     study = cli.load_config_file(str(REPO_ROOT / "configs" / "study_wbcatt.py"))

@@ -66,19 +66,32 @@ def choose(means: Mapping[str, float], target_range: Sequence[float]) -> str | N
     return min(inside, key=lambda name: abs(inside[name] - (low + high) / 2)) if inside else None
 
 
+def validation_by_candidate(results_dir: pathlib.Path, runs: Sequence[FinishedRun]) -> dict[str, dict[str, list]]:
+    """{model variant: {key of `validation_at_selected_and_last`: one value per seed}}, in run order; a
+    variant none of whose runs has validation rows maps to {}."""
+    numbers = {run.name: validation_at_selected_and_last(results_dir / run.name) for run in runs}
+    columns: dict[str, dict[str, list]] = {}
+    for run in runs:
+        column = columns.setdefault(run.model, {})
+        for key, value in (numbers[run.name] or {}).items():
+            column.setdefault(key, []).append(value)
+    return columns
+
+
+def candidate_means(columns: Mapping[str, Mapping[str, list]]) -> dict[str, float]:
+    """{model variant: mean validation balanced accuracy at the selected epoch} of `validation_by_candidate`."""
+    return {model: float(np.mean(column["val_balanced_accuracy"])) for model, column in columns.items() if column}
+
+
 def tuning_block(results_dir: pathlib.Path, runs: Sequence[FinishedRun], study: ml_collections.ConfigDict) -> list[str]:
     """The Markdown lines of a tuning study's report (see the module docstring)."""
     settings = candidate_settings(runs)
-    numbers = {run.name: validation_at_selected_and_last(results_dir / run.name) for run in runs}
     keys = sorted({key for values in settings.values() for key in values})
-    rows, means = [], {}
-    for model in dict.fromkeys(run.model for run in runs):
-        of_model = [run for run in runs if run.model == model and numbers[run.name] is not None]
-        column = {key: [numbers[run.name][key] for run in of_model] for key in numbers[of_model[0].name]} \
-            if of_model else {}
-        if of_model:
-            means[model] = float(np.mean(column["val_balanced_accuracy"]))
-        rows.append([model, *(str(settings[model].get(key)) for key in keys), str(len(of_model)),
+    columns = validation_by_candidate(results_dir, runs)
+    means = candidate_means(columns)
+    rows = []
+    for model, column in columns.items():
+        rows.append([model, *(str(settings[model].get(key)) for key in keys), str(len(column.get("val_accuracy", []))),
                      _mean_cell(column.get("val_accuracy", [])), _mean_cell(column.get("val_balanced_accuracy", [])),
                      _mean_cell(column.get("last_val_accuracy", [])),
                      _mean_cell(column.get("last_val_balanced_accuracy", []))])
