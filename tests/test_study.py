@@ -107,6 +107,63 @@ def test_runner_skips_finished_runs_and_reruns_only_an_unfinished_one(tmp_path, 
     assert study_run.read_finished_metrics(out / names[1]) is not None
 
 
+def phase1_tuning_study() -> ml_collections.ConfigDict:
+    """The tiny study as a tuning study of phase 1: a UR-Net enhancer pre-trained for one epoch, no phase 2."""
+    study = tiny_study(seeds=(1,), models={"lr_a": {"pretrain": {"optimizer": {"lr": 1e-3}}},
+                                           "lr_b": {"pretrain": {"optimizer": {"lr": 2e-2}}}})
+    study.base = sweep.with_overrides(study.base, {
+        "model": {"enhancer": "urnet"}, "data": {"val_fraction": 0.2}, "train": {"epochs": 0, "select_on": "val"},
+        "pretrain": {"epochs": 1, "optimizer": {"name": "adamw"}}})
+    study.report, study.tuning_metric = "validation", "phase1_psnr"
+    study.target_range, study.target_rule = (0.0, 100.0), "highest"
+    return study
+
+
+def test_a_phase1_only_run_is_finished_by_its_kept_phase1_row_and_its_tuning_report_chooses_on_psnr(
+        tmp_path, monkeypatch):
+    """train.epochs 0: no classifier to evaluate; the kept phase-1 row goes to eval/phase1.json, which marks the
+    run finished (skipped on the next call), and the tuning report reads the validation PSNR from the runs."""
+    out = tmp_path / "results" / "phase1_tuning"
+    evaluate_spy = Spy(runner.evaluate_run)
+    monkeypatch.setattr(runner, "evaluate_run", evaluate_spy)
+    first = study_run.run_study(phase1_tuning_study(), out, show_progress=False, delete_checkpoints=True)
+    assert first.trained == ["lr_a-raw-seed1", "lr_b-raw-seed1"] and not first.failed
+    assert evaluate_spy.workdirs == []  # no test split read
+    psnrs = {}
+    for name in first.trained:
+        kept = json.loads((out / name / "eval" / "phase1.json").read_text())
+        rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert kept == [row for row in rows if row["phase"] == 1 and row["best"]][-1]
+        assert kept["selected_on"] == "val" and not (out / name / "eval" / "metrics.json").exists()
+        assert not any(row["phase"] == 2 for row in rows)
+        psnrs[name.split("-")[0]] = kept["val_psnr"]
+    second = study_run.run_study(phase1_tuning_study(), out, show_progress=False)
+    assert second.skipped == first.trained and not second.trained
+
+    finished = study_results.collect_finished_runs(out)
+    assert [run.name for run in finished] == first.trained and all(run.metrics == {} for run in finished)
+    block = report.results_block(out)
+    assert "phase-1 val PSNR (dB, kept epoch)" in block and "val accuracy" not in block
+    best = max(psnrs, key=psnrs.get)
+    assert f"Chosen: **{best}** (mean {psnrs[best]:.2f})." in block
+    for name, psnr in psnrs.items():
+        assert f"| {name} | {'0.001' if name == 'lr_a' else '0.02'} | 1 | {psnr:.2f} |" in block
+
+
+def test_a_phase1_only_run_belongs_to_a_tuning_study(tmp_path):
+    study = phase1_tuning_study()
+    study.report = "test"
+    del study["tuning_metric"], study["target_range"], study["target_rule"]
+    with pytest.raises(errors.ConfigError, match="run lr_a-raw-seed1: train.epochs is 0 .* tuning study"):
+        sweep.plan_runs(study, tmp_path)
+    for key, value, message in (("tuning_metric", "psnr", "'tuning_metric' must be one of"),
+                                ("target_rule", "lowest", "'target_rule' must be one of")):
+        bad = phase1_tuning_study()
+        bad[key] = value
+        with pytest.raises(errors.ConfigError, match=message):
+            sweep.check_study_config(bad)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The runner's bookkeeping, with training and evaluation replaced by stand-ins.
 
@@ -449,6 +506,40 @@ def test_the_study_uses_the_severe_proxy_strength_its_committed_tuning_chose():
     study = cli.load_config_file(str(REPO_ROOT / "configs" / "study_wbcatt.py"))
     for key, value in config.models[chosen].data.items():
         assert tuple(study.base.data[key]) == tuple(value), key
+
+
+def test_phase1_tuning_runs_net4_of_the_study_phase1_only_at_each_learning_rate(tmp_path):
+    """configs/phase1_tuning.py: every candidate is the study's net4-raw-seed1 but for train.epochs (0) and
+    phase 1's learning rate, chosen by the highest validation PSNR at or above the study's min_psnr."""
+    tuning = cli.load_config_file(str(REPO_ROOT / "configs" / "phase1_tuning.py"))
+    study = cli.load_config_file(str(REPO_ROOT / "configs" / "study_wbcatt.py"))
+    net4 = next(run.config for run in sweep.plan_runs(study, tmp_path, out_dir=tmp_path / "study")
+                if run.name == "net4-raw-seed1")
+    assert (tuning.report, tuning.tuning_metric, tuning.target_rule) == ("validation", "phase1_psnr", "highest")
+    assert tuning.target_range[0] == net4.pretrain.min_psnr and tuning.standins_dir == "results/study_wbcatt"
+    candidates = sweep.plan_runs(tuning, tmp_path, out_dir=tmp_path / "study")
+    assert len({run.config.pretrain.optimizer.lr for run in candidates}) == len(tuning.models) >= 3
+    for run in candidates:
+        differences = {key for key, value in config_lib.flatten(run.config.to_dict()).items()
+                       if value != config_lib.flatten(net4.to_dict()).get(key)}
+        assert "train.epochs" in differences <= {"train.epochs", "pretrain.optimizer.lr"}
+
+
+def test_the_study_uses_the_phase1_learning_rate_its_committed_tuning_chose():
+    """configs/study_wbcatt.py's pretrain.optimizer.lr is the candidate that results/phase1_tuning's validation
+    PSNRs choose (the rule of its report)."""
+    from urnet_jax.study import tuning as tuning_lib
+
+    folder = REPO_ROOT / "results" / "phase1_tuning"
+    runs = study_results.collect_finished_runs(folder)
+    if not runs:
+        pytest.skip("results/phase1_tuning holds no finished run")
+    config = cli.load_config_file(str(REPO_ROOT / "configs" / "phase1_tuning.py"))
+    means = tuning_lib.candidate_means(tuning_lib.validation_by_candidate(folder, runs), config.tuning_metric)
+    chosen = tuning_lib.choose(means, config.target_range, config.target_rule)
+    assert chosen is not None, f"no phase-1 candidate inside {tuple(config.target_range)}: {means}"
+    study = cli.load_config_file(str(REPO_ROOT / "configs" / "study_wbcatt.py"))
+    assert study.base.pretrain.optimizer.lr == config.models[chosen].pretrain.optimizer.lr
 
 
 def test_bad_study_configs_give_one_line_errors(tmp_path):

@@ -70,3 +70,40 @@ def test_choose_picks_the_candidate_nearest_the_middle_of_the_range_or_none():
 def test_a_tuning_study_without_a_candidate_in_range_says_so(tuning_folder):
     (tuning_folder / "study.json").write_text(json.dumps({"report": "validation", "target_range": [95.0, 99.0]}))
     assert "No candidate lies inside the range yet." in report.results_block(tuning_folder)
+
+
+def test_choose_with_the_highest_rule_picks_the_highest_inside_the_range():
+    assert tuning.choose({"a": 23.6, "b": 30.5, "c": 32.5}, (30, 100), "highest") == "c"
+    assert tuning.choose({"a": 23.6, "b": 130.0}, (30, 100), "highest") is None
+
+
+def write_phase1_candidate(folder: pathlib.Path, model: str, seed: int, lr: float,
+                           epochs: list[tuple[float, float, bool]], selected_on: str = "val") -> None:
+    """A finished phase-1-only run: phase-1 rows (PSNR and MSE on `selected_on`, best) and eval/phase1.json."""
+    run = folder / f"{model}-raw-seed{seed}"
+    config = base_config()
+    config.seed, config.train.epochs, config.pretrain.optimizer.lr = seed, 0, lr
+    (run / "eval").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    rows = [{"phase": 1, "epoch": epoch, "best": best, "selected_on": selected_on, f"{selected_on}_psnr": psnr,
+             f"{selected_on}_mse": mse, "phase1_psnr": psnr, "phase1_below_min_psnr": psnr < 30}
+            for epoch, (psnr, mse, best) in enumerate(epochs, start=1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (run / "eval" / "phase1.json").write_text(json.dumps([row for row in rows if row["best"]][-1]))
+
+
+def test_a_phase1_tuning_report_shows_the_kept_validation_psnr_and_chooses_the_highest(tmp_path):
+    folder = tmp_path / "results" / "phase1_tuning"
+    write_phase1_candidate(folder, "slow", 1, 2e-3, [(20.0, 0.01, True), (23.5, 0.0045, True)])
+    write_phase1_candidate(folder, "fast", 1, 2e-2, [(31.0, 0.0008, True), (30.0, 0.001, False)])
+    write_phase1_candidate(folder, "fast", 2, 2e-2, [(33.0, 0.0005, True), (34.0, 0.0004, True)])
+    write_phase1_candidate(folder, "on_test", 1, 1e-2, [(40.0, 0.0001, True)], selected_on="test")
+    (folder / "study.json").write_text(json.dumps({"report": "validation", "tuning_metric": "phase1_psnr",
+                                                   "target_range": [30.0, 100.0], "target_rule": "highest"}))
+    block = report.results_block(folder)
+    rows = rows_of(block)
+    # fast: kept epochs 1 (31.0) and 2 (34.0): mean 32.50, sample std 2.12; MSE per seed.
+    assert rows["fast"] == ["0.02", "2", "32.50 ± 2.12", "0.0008 / 0.0004"]
+    assert rows["slow"] == ["0.002", "1", "23.50", "0.0045"]
+    assert rows["on_test"] == ["0.01", "1", "n/a", "n/a"]  # kept on test: never a validation number
+    assert "Chosen: **fast** (mean 32.50)." in block and "val accuracy" not in block and "40.00" not in block

@@ -20,6 +20,7 @@ from urnet_jax.errors import ConfigError
 from urnet_jax.evaluation.report import read_evaluated_run
 from urnet_jax.study.sweep import ABLATION_MODELS, NAME_PART, RUN_NAME
 
+PHASE1_RESULT = pathlib.Path("eval") / "phase1.json"  # marks a finished phase-1-only run (`run`)
 TABLE3_KEYS = ("recall", "precision", "f1")
 TABLE3_FIELDS = "classes, per_class recall/precision/f1, macro, accuracy, confusion_matrix"
 
@@ -72,8 +73,9 @@ def _phase2_curve(rows: Sequence[Any]) -> tuple[tuple[int, float], ...]:
 
 
 def collect_finished_runs(results_dir: str | os.PathLike) -> list[FinishedRun]:
-    """Every finished run (a <model>-<variant>-seed<N> folder with eval/metrics.json) of a results folder,
-    in name order. A missing folder has none.
+    """Every finished run (a <model>-<variant>-seed<N> folder with eval/metrics.json, or with eval/phase1.json
+    for a phase-1-only run, whose `metrics` are then {}) of a results folder, in name order. A missing folder
+    has none.
 
     Raises ConfigError when a file does not parse or config.json disagrees with the folder's name.
     """
@@ -83,14 +85,17 @@ def collect_finished_runs(results_dir: str | os.PathLike) -> list[FinishedRun]:
     runs = []
     for child in sorted(results_dir.iterdir()):
         match = RUN_NAME.match(child.name)
-        if not (match and child.is_dir() and (child / "eval" / "metrics.json").is_file()):
+        if not (match and child.is_dir()):
+            continue
+        phase1_only = not (child / "eval" / "metrics.json").is_file()
+        if phase1_only and not (child / PHASE1_RESULT).is_file():
             continue
         try:
-            saved, metrics = read_evaluated_run(child)
+            saved, metrics = read_evaluated_run(child) if not phase1_only else (_read_json(child / "config.json"), {})
             config = config_lib.saved_config(saved).to_dict()  # keys added since the run at their defaults
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        if not has_table3_numbers(metrics):
+        if not phase1_only and not has_table3_numbers(metrics):
             raise ConfigError(f"{child / 'eval' / 'metrics.json'} lacks some of {TABLE3_FIELDS}")
         seed, variant = int(match["seed"]), match["data"]
         saved_seed, saved_variant = saved.get("seed"), saved.get("data", {}).get("variant")
@@ -105,16 +110,21 @@ def collect_finished_runs(results_dir: str | os.PathLike) -> list[FinishedRun]:
     return runs
 
 
+def _read_json(path: pathlib.Path) -> Any:
+    """The parsed JSON file; ConfigError (one line) when it is missing or does not parse."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot read {path}: {error}") from None
+
+
 def read_external_metrics(run_dir: pathlib.Path, set_name: str) -> dict[str, Any] | None:
     """A run's metrics.json on the external set `set_name` (RUN/eval/<set_name>/metrics.json), None when the
     run has none. Raises ConfigError when it does not parse or lacks a number of the Table-3 layout."""
     path = run_dir / "eval" / set_name / "metrics.json"
     if not path.is_file():
         return None
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot read {path}: {error}") from None
+    metrics = _read_json(path)
     if not has_table3_numbers(metrics):
         raise ConfigError(f"{path} lacks some of {TABLE3_FIELDS}")
     return metrics

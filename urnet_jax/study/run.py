@@ -9,6 +9,10 @@ checkpoints, so the study can be stopped and restarted at any point. The runs of
 prepared data set OUT/_prepared/<variant>/ (one per data seed with seed groups, and one per model variant
 that changes data.*); the subset is a folder of links, OUT/_prepared/subset/.
 
+A phase-1-only run (train.epochs 0: an enhancer pre-trained and nothing else, e.g. a candidate of a study that
+tunes phase 1) has no classifier to evaluate: its kept phase-1 row of metrics.jsonl (epoch, PSNR and MSE on
+the selection split) is written to OUT/<run>/eval/phase1.json, which marks it finished instead.
+
 A study with a pretrained classifier (`sweep`: 'pretrained_classifier') first trains it, once per data seed,
 as OUT/standin_dataseed<k>/ (evaluated on its own test split into its eval/), then the runs that load it;
 with 'standins_dir' it loads the finished stand-ins of another study's folder instead (checked, never trained).
@@ -43,8 +47,10 @@ from urnet_jax.errors import ConfigError, DataError, RunError
 from urnet_jax.evaluation import runner
 from urnet_jax.run_log import rough_duration
 from urnet_jax.study.paired import EVALUATION_FOLDERS
+from urnet_jax.study.results import PHASE1_RESULT
 from urnet_jax.study.sweep import (IGNORED_KEYS, STANDIN_NAME, check_study_config, data_seed_of, external_sets,
                                    plain, plan_runs, plan_standins, unused_keys)
+from urnet_jax.workdir import read_metrics_rows
 
 LOCATION_KEYS = (("data", "dir"), ("data", "prepared_dir"), ("data", "split_dir"), ("model", "pretrained"))
 LAST_EPOCH_FOLDER = EVALUATION_FOLDERS["last"]  # the last epoch's evaluation (eval/: the selected checkpoint's)
@@ -120,6 +126,21 @@ def read_finished_metrics(workdir: str | os.PathLike) -> dict[str, Any] | None:
     return metrics if isinstance(metrics, dict) and "accuracy" in metrics else None
 
 
+def read_phase1_result(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """A finished phase-1-only run's eval/phase1.json (its kept phase-1 row) when it exists and parses, else None."""
+    try:
+        kept = json.loads((pathlib.Path(workdir) / PHASE1_RESULT).read_text())
+    except (OSError, ValueError):
+        return None
+    return kept if isinstance(kept, dict) and kept.get("phase") == 1 else None
+
+
+def is_finished(workdir: pathlib.Path) -> bool:
+    """Whether the run in `workdir` is evaluated (eval/metrics.json) or, trained in phase 1 only, has its
+    eval/phase1.json."""
+    return read_finished_metrics(workdir) is not None or read_phase1_result(workdir) is not None
+
+
 def finished_config_differences(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> list[str]:
     """How a finished run's config.json differs from the study's config of that run (IGNORED_KEYS aside, and
     the settings neither uses: `unused_keys`, e.g. phase 1's optimiser in runs without phase 1)."""
@@ -150,7 +171,8 @@ class StudyOutcome:
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, show_progress: bool,
                         last_epoch: bool, external: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
-    """Trains (or resumes) and evaluates one run on the test split; returns its test metrics (metrics.json).
+    """Trains (or resumes) and evaluates one run on the test split; returns its test metrics (metrics.json),
+    or for a phase-1-only run (train.epochs 0) its kept phase-1 row (eval/phase1.json).
 
     With `last_epoch`, the last epoch's weights (the 'latest' checkpoint) are evaluated first, into
     workdir/eval_last/; then the `external` sets ({name: {data_dir, class_map, adapt_bn}}) with the selected
@@ -159,6 +181,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     """
     config_lib.validate(config)  # again: model.pretrained may name a run trained since the study was planned
     trainer.train_and_evaluate(config, workdir, show_progress=show_progress)
+    if config.train.epochs == 0:
+        return _record_phase1_result(workdir)
     if last_epoch:
         shutil.rmtree(workdir / "eval", ignore_errors=True)
         runner.evaluate_run(workdir, "latest", "test", progress=show_progress)
@@ -170,6 +194,27 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     metrics = runner.evaluate_run(workdir, "best", "test", progress=show_progress)
     make_locations_relative(workdir)
     return metrics
+
+
+def _record_phase1_result(workdir: pathlib.Path) -> dict[str, Any]:
+    """Writes a phase-1-only run's kept phase-1 row (metrics.jsonl) to eval/phase1.json and returns it."""
+    kept = [row for row in read_metrics_rows(workdir)
+            if isinstance(row, dict) and row.get("phase") == 1 and row.get("best") is True]
+    if not kept:
+        raise RunError(f"{workdir / 'metrics.jsonl'} marks no phase-1 epoch as kept")
+    (workdir / PHASE1_RESULT).parent.mkdir(parents=True, exist_ok=True)
+    (workdir / PHASE1_RESULT).write_text(json.dumps(kept[-1], indent=2, sort_keys=True) + "\n")
+    make_locations_relative(workdir)
+    return kept[-1]
+
+
+def _finished_line(result: Mapping[str, Any]) -> str:
+    """What a finished run reached: its test accuracy and macro F1, or a phase-1-only run's kept PSNR."""
+    if result.get("phase") == 1:
+        split = result.get("selected_on")
+        psnr = result.get(f"{split}_psnr", float("nan"))
+        return f"phase 1 kept epoch {result.get('epoch')}, {split} PSNR {psnr:.2f} dB"
+    return f"test accuracy {100 * result['accuracy']:.2f}%, macro F1 {100 * result['macro']['f1']:.2f}%"
 
 
 def _check_borrowed_standins(standins: Sequence[Any], standins_root: pathlib.Path) -> None:
@@ -240,7 +285,7 @@ def run_study(study: ml_collections.ConfigDict, out_dir: str | os.PathLike, only
             outcome.failed.append(f"{run.name}: its pretrained classifier {standin} failed")
             print(f"{prefix}: not started: its pretrained classifier {standin} failed", flush=True)
             continue
-        if read_finished_metrics(workdir) is not None:
+        if is_finished(workdir):
             differences = finished_config_differences(workdir, run.config)
             if differences:
                 reason = f"finished with another configuration ({'; '.join(differences[:3])})"
@@ -258,7 +303,7 @@ def run_study(study: ml_collections.ConfigDict, out_dir: str | os.PathLike, only
         print(f"{prefix}: training in {workdir} (study time so far {rough_duration(run_start - study_start)})",
               flush=True)
         try:
-            metrics = _train_and_evaluate(run.config, workdir, show_progress, last_epoch=is_study_run,
+            result = _train_and_evaluate(run.config, workdir, show_progress, last_epoch=is_study_run,
                                           external=external_sets(study, run.model) if is_study_run else {})
         except Exception as error:  # noqa: BLE001 - one failed run must not stop the study
             reason = _one_line(error)
@@ -274,7 +319,6 @@ def run_study(study: ml_collections.ConfigDict, out_dir: str | os.PathLike, only
         if delete_checkpoints and is_study_run:  # a pretrained classifier's are read by the study's runs
             shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
         outcome.trained.append(run.name)
-        print(f"{prefix}: finished in {rough_duration(time.monotonic() - run_start)}: test accuracy "
-              f"{100 * metrics['accuracy']:.2f}%, macro F1 {100 * metrics['macro']['f1']:.2f}% "
+        print(f"{prefix}: finished in {rough_duration(time.monotonic() - run_start)}: {_finished_line(result)} "
               f"(study time {rough_duration(time.monotonic() - study_start)})", flush=True)
     return outcome

@@ -24,8 +24,13 @@ A study config (`get_config()` of configs/study_*.py, plain data) holds
                     training its own (e.g. a tuning study that reuses the main study's stand-ins);
   report:           optional: 'test' (default: the test-split tables) or 'validation' (a tuning study: each
                     model variant is a candidate setting, reported on the validation split only; see `tuning`);
-  target_range:     optional, with report 'validation': (low, high) validation balanced accuracy in percent
-                    that the chosen candidate must reach (e.g. the severe proxy's 65-75% for Net1);
+  target_range:     optional, with report 'validation': (low, high) of the tuning metric that the chosen
+                    candidate must reach (e.g. the severe proxy's 65-75% balanced accuracy for Net1);
+  tuning_metric:    optional, with report 'validation': 'val_balanced_accuracy' (default: percent, at the
+                    selected epoch) or 'phase1_psnr' (dB of the kept phase-1 enhancer on the validation split,
+                    for candidates that train phase 1 only: train.epochs 0, allowed in tuning studies alone);
+  target_rule:      optional, with target_range: 'nearest_middle' (default: the candidate inside the range
+                    nearest its middle) or 'highest' (the highest inside it, e.g. phase 1's PSNR above 30 dB);
   comparisons:      optional: the (first, second) model pairs the report compares image by image (first
                     minus second); absent: every pair;
   external:         optional: {name: {data_dir, class_map, adapt_bn, models}}: class-per-folder image sets
@@ -63,6 +68,8 @@ IGNORED_KEYS = frozenset({"data.dir", "data.prepared_dir", "checkpoint.every_ste
 
 
 STANDIN_NAME = "standin_dataseed{data_seed}"
+TUNING_METRICS = ("val_balanced_accuracy", "phase1_psnr")  # what a tuning study's candidates are chosen by
+TARGET_RULES = ("nearest_middle", "highest")
 
 
 def unused_keys(config: Mapping[str, Any]) -> frozenset[str]:
@@ -182,6 +189,13 @@ def check_study_config(study: ml_collections.ConfigDict) -> None:
     target = tuple(study.get("target_range", ()))
     _check(not target or (study.get("report") == "validation" and len(target) == 2 and target[0] < target[1]),
            f"study 'target_range' must be (low, high) with low < high, for a 'validation' report; got {target!r}")
+    tuning = study.get("report") == "validation"
+    _check(study.get("tuning_metric", TUNING_METRICS[0]) in TUNING_METRICS and (tuning or "tuning_metric" not in study),
+           f"study 'tuning_metric' must be one of {', '.join(TUNING_METRICS)}, for a 'validation' report; got "
+           f"{study.get('tuning_metric')!r}")
+    _check(study.get("target_rule", TARGET_RULES[0]) in TARGET_RULES and (bool(target) or "target_rule" not in study),
+           f"study 'target_rule' must be one of {', '.join(TARGET_RULES)}, with a 'target_range'; got "
+           f"{study.get('target_rule')!r}")
     _check(not study.get("standins_dir") or standin is not None,
            "study 'standins_dir' names where the pretrained classifier's runs are: it needs 'pretrained_classifier'")
 
@@ -264,6 +278,9 @@ def plan_runs(study: ml_collections.ConfigDict, prepared_root: str | os.PathLike
                     config.data.dir = str(data_dir)
                 try:
                     config_lib.validate(config)  # model.pretrained is set below: the run it names comes first
+                    _check(config.train.epochs > 0 or study.get("report") == "validation",
+                           "train.epochs is 0 (phase 1 only): such a run has no test numbers, so only a tuning "
+                           "study (report 'validation') may hold it")
                     if standin is not None:
                         _check_standin_architecture(standin, config)
                 except ConfigError as error:
