@@ -25,10 +25,9 @@ never on test: contrast 12-26%, defocus 1.25-2.25 px at 200 px, noise 0.015-0.03
   no phase 1;
 - net4: + the paper's UR-Net enhancer (sigmoid output) pre-trained to reproduce its input (phase 1, its own
   AdamW optimiser; a run below `pretrain.min_psnr` 30 dB says so). Net4 - Net3: does phase-1 pre-training
-  matter beyond starting at the identity. Phase 1's learning rate, 2e-2, was chosen on the validation split's
-  PSNR with phase-1-only runs of net4-raw-seed1's config (train.epochs 0), 3 epochs each: lr 2e-3 ended at
-  23.56 dB (below the 30 dB threshold: the enhancer did not reproduce its input), 1e-2 at 30.53 dB, 2e-2 at
-  32.50 dB;
+  matter beyond starting at the identity. Phase 1's learning rate, 2e-2, is the choice of
+  configs/phase1_tuning.py (phase-1-only runs of net4-raw-seed1's config, read on the validation split's
+  PSNR; docs/RESULTS.md gives its table);
 - conv_frontend: the extra-layers control: a plain 5-layer convolutional front end, sigmoid output (the
   residual output is for the U-shaped enhancers only), no phase 1. Its width, 20, makes its compute per
   image (about 0.11 GMAC at 96 px, all at full resolution) of the order of the UR-Net enhancer's, with
@@ -47,22 +46,19 @@ and 90-degree rotations, the training originals only (no offline augmentation), 
 training (fine-tuning a pretrained classifier), phase 1 of 3 epochs (Net4, RSGUNet, dynamic enhancement),
 model selection on the validation split, test evaluated at the selected and the last epoch.
 
-Sizing and cost (2-core CPU). Measured with bench/train_step.py at 96 px, batch 32 (other jobs sharing the
-machine, so upper bounds): ResNet18 alone trains at about 21 images/s and predicts 144 images/s; with the
-UR-Net enhancer of width 8, 15.5 and 90 images/s. At 64 px the same networks are 10x slower (3x3
-convolutions on 2x2 maps), so 96 px is the smallest usable size. A first real run of the stand-in (1 epoch)
-prepared all 10298 WBCAtt images at 96 px in 3 min and then estimated 7.7 s/step (12 min per epoch of 96
-steps) with the machine loaded about 6x over its 2 cores; unloaded, the benchmark's 1.5 s/step gives about
-2.5 min. Half the training split is about 3080 images (2299 granulocytes, 414 monocytes, 368
-lymphocytes). On an unloaded machine a joint epoch takes about 2.5 min (Net1, CLAHE) to 3.3 min (Net3,
-Net4), plus 0.1-0.2 min for the validation split and 0.4-0.6 min for the test split logged each epoch;
-each finished run is evaluated on the 3099 test images twice (0.7-1.2 min). A run costs about 13 min
-(Net1, CLAHE) to 20 min (Net4 with its 3 phase-1 epochs), the conv front end about a Net3 run. Five
-seeds of net1, net3, net4, conv_frontend and clahe take about 6-7 hours per data variant. RSGUNet and
-dynamic enhancement (width 16) trained at only 3.3 and 2.7 images/s in the same benchmark: about 17 min
-per epoch, 1.5 hours a run with phase 1, so their 15 runs per variant do not fit a CPU's few hours: run
-them with --only where time allows, or on a GPU. Each stand-in (15 epochs on half "a") takes about 40 min,
-twice.
+Sizing and cost (2-core CPU). Measured with bench/train_step.py at 96 px, batch 32: ResNet18 alone trains
+at about 21 images/s and predicts 144 images/s; with the UR-Net enhancer of width 8, 15.5 and 90 images/s.
+At 64 px the same networks are 10x slower (3x3 convolutions on 2x2 maps), so 96 px is the smallest usable
+size. Half the training split is about 3080 images (2299 granulocytes, 414 monocytes, 368 lymphocytes).
+Measured training time of the committed runs (sum of their epochs in metrics.jsonl, validation and test
+logging included, the final evaluation on the 3099 test images adds about 1 min): Net1 and CLAHE 5-6 min
+(one CLAHE run on a shared machine 12.6 min), Net3 and `conv_frontend` 9-11 min, Net4 12-14 min with its
+3 phase-1 epochs; about 45 min per seed for the five core models, so 5 seeds take about 4 hours per data
+variant. Preparing the 10298 WBCAtt images at 96 px takes a few minutes once per data variant. Each
+stand-in (15 epochs on half "a") takes 20-40 min, once per data seed. RSGUNet and dynamic enhancement
+(width 16) trained at only 3.3 and 2.7 images/s in the same benchmark: about 17 min per epoch, 1.5 hours a
+run with phase 1, so their 15 runs per variant do not fit a CPU's few hours: run them with --only where
+time allows, or on a GPU.
 """
 
 import pathlib
