@@ -83,9 +83,14 @@ MODELS = {
                                       "enhancer_output": "sigmoid"},
                             "data": {"target": "unsharp_mask"}},
 }
-# The paired comparisons of the report (first minus second); the decision rule reads the first three.
+# The paired comparisons of the report (first minus second); DECISION_RULE reads the first three.
 COMPARISONS = (("net4", "net1"), ("net4", "conv_frontend"), ("net4", "clahe"), ("net3", "net1"), ("net4", "net3"),
                ("conv_frontend", "net1"), ("clahe", "net1"), ("rsgunet", "net1"), ("dynamic_enhancement", "net1"))
+
+# docs/RESULTS.md's decision rule, written before the study's runs; the report applies it to each data variant.
+DECISION_RULE = {"effect": ("net4", "net1"), "controls": (("net4", "conv_frontend"), ("net4", "clahe")),
+                 "metric": "balanced_accuracy", "epoch": "selected", "margin": 1.5, "min_seeds": 5,
+                 "claim_variants": ("stainfree_proxy", "severe_proxy")}
 
 
 def config_file(name: str, *args: str) -> ml_collections.ConfigDict:
@@ -131,4 +136,5 @@ def get_config(data_dir: str = "") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "base": base, "models": MODELS, "data_variants": ("raw", "stainfree_proxy", "severe_proxy"),
         "seeds": (1, 2, 3, 4, 5), "data_seeds": (1, 1, 1, 2, 2), "subset_per_class": 0, "baseline": "",
-        "pretrained_classifier": standin, "comparisons": COMPARISONS})
+        "pretrained_classifier": standin, "comparisons": COMPARISONS,
+        "decision_rule": DECISION_RULE})

@@ -1,6 +1,7 @@
 """The study's results in the paper's Table 3 layout (mean ± std over seeds), paired comparisons of the
 ablation's models, test errors by class, the comparison with a baseline study, the outcome of phase 1
-(enhancer pre-training) of each pre-trained run (`phase1`), and the runs on the study's external image sets
+(enhancer pre-training) of each pre-trained run (`phase1`), the verdict of the study's decision rule
+(`decision`), and the runs on the study's external image sets
 beside their own test split (`external`), as Markdown; a tuning study (`report: 'validation'`) gets the
 validation-only table of `tuning` instead.
 
@@ -26,7 +27,7 @@ from urnet_jax.data.plan import VARIANTS
 from urnet_jax.errors import ConfigError
 from urnet_jax.evaluation.report import MISSING, markdown_table, table3
 from urnet_jax.models.registry import display_name
-from urnet_jax.study import external, paired, phase1, tuning
+from urnet_jax.study import decision, external, paired, phase1, tuning
 from urnet_jax.study.results import (FinishedRun, collect_finished_runs, column_header, epoch_to_epoch_change,
                                      ordered, read_baseline, read_comparisons, read_study_config,
                                      unselected_accuracy)
@@ -225,6 +226,10 @@ def results_block(results_dir: str | os.PathLike) -> str:
     models = ordered([run.model for run in runs], ABLATION_MODELS)
     baseline = read_baseline(results_dir)
     baseline_runs = collect_finished_runs(results_dir.parent / baseline) if baseline else []
+    rule = decision.rule_from_config(study.get("decision_rule") if study is not None else None)
+    if rule is not None:
+        parts += [decision.describe(rule, column_header), ""]
+    verdicts: dict[str, decision.Verdict] = {}
     for variant in ordered([run.data_variant for run in runs], VARIANTS):
         of_variant = [run for run in runs if run.data_variant == variant]
         cells = {column_header(model): sorted((r for r in of_variant if r.model == model), key=lambda r: r.seed)
@@ -252,6 +257,9 @@ def results_block(results_dir: str | os.PathLike) -> str:
         if compared_images:
             table, note = paired.comparison_table(compared_images, column_header)
             parts += [table, "", note, ""]
+        if rule is not None:
+            lines, verdicts[variant] = decision.variant_lines(rule, variant, compared_images, column_header)
+            parts += lines
         parts += [error_table(cells, classes), "",
                   "Test errors by true and predicted class: images, mean over each column's finished seeds "
                   "(from each run's confusion matrix).", ""]
@@ -269,6 +277,8 @@ def results_block(results_dir: str | os.PathLike) -> str:
                       "consecutive epochs among the last 5 phase-2 epochs, in points, mean ± std over the same "
                       "seeds.", ""]
         parts += phase1.phase1_section(name, variant, of_variant)
+    if rule is not None and runs:
+        parts += decision.claim_lines(rule, verdicts)
     parts += external.external_sections(results_dir, runs)
     parts.append(MARKER_END.format(name=name))
     return "\n".join(parts)

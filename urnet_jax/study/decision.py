@@ -1,0 +1,189 @@
+"""A study's decision rule, applied by the report to the paired comparisons of each data variant.
+
+The rule is data in the study config (`decision_rule`, recorded in the results folder's study.json), written
+before the runs, so that the verdict printed in a document is computed from the committed files and cannot
+drift from them:
+
+  effect:         (first, second): the comparison the rule is about, e.g. ('net4', 'net1');
+  controls:       ((first, second), ...): comparisons whose intervals must lie above 0 for a confirmation,
+                  e.g. (('net4', 'conv_frontend'), ('net4', 'clahe'));
+  metric:         'balanced_accuracy' or 'accuracy' (paired.METRICS);
+  epoch:          'selected' or 'last' (paired.EVALUATION_FOLDERS);
+  margin:         the smallest effect that matters, in percentage points (e.g. 1.5);
+  min_seeds:      seeds every comparison of the rule needs before the rule is applied;
+  claim_variants: the data variants on which the paper's claim is tested (e.g. the two proxies): the claim is
+                  confirmed when the rule confirms it on any of them, refuted when it refutes it on all.
+
+Per data variant, with D the effect's mean paired difference and I its 95% bootstrap interval (points):
+confirmed when D >= margin, I lies above 0 and every control's interval lies above 0; refuted at this
+scale when I lies within [-margin, +margin]; undecided otherwise; not applied while a comparison of the
+rule has fewer than min_seeds seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+
+import ml_collections
+
+from urnet_jax.errors import ConfigError
+from urnet_jax.study import paired
+
+CONFIRMED = "confirmed"
+REFUTED = "refuted at this scale"
+UNDECIDED = "undecided"
+NOT_APPLIED = "not applied yet"
+RULE_KEYS = frozenset({"effect", "controls", "metric", "epoch", "margin", "min_seeds", "claim_variants"})
+
+
+@dataclasses.dataclass(frozen=True)
+class DecisionRule:
+    """The rule of the module docstring; `margin` in percentage points."""
+
+    effect: tuple[str, str]
+    controls: tuple[tuple[str, str], ...]
+    metric: str
+    epoch: str
+    margin: float
+    min_seeds: int
+    claim_variants: tuple[str, ...]
+
+    @property
+    def comparisons(self) -> tuple[tuple[str, str], ...]:
+        """The effect first, then the controls."""
+        return (self.effect, *self.controls)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """The rule's outcome on one data variant and the sentence that explains it."""
+
+    outcome: str
+    reason: str
+
+
+def rule_from_config(config: ml_collections.ConfigDict | Mapping | None,
+                     models: Sequence[str] | None = None) -> DecisionRule | None:
+    """The DecisionRule of a study config's `decision_rule` (None when absent or empty); ConfigError (one
+    line) for a bad one. `models` (the study's model variants), when given, must hold every named model."""
+    if not config:
+        return None
+    config = dict(config)
+    unknown = set(config) - RULE_KEYS
+    if unknown:
+        raise ConfigError(f"study 'decision_rule': unknown key(s) {', '.join(sorted(unknown))} "
+                          f"(expected {', '.join(sorted(RULE_KEYS))})")
+    try:
+        rule = DecisionRule(effect=_pair(config["effect"]),
+                            controls=tuple(_pair(pair) for pair in config.get("controls", ())),
+                            metric=str(config.get("metric", "balanced_accuracy")),
+                            epoch=str(config.get("epoch", "selected")),
+                            margin=float(config.get("margin", 1.5)),
+                            min_seeds=int(config.get("min_seeds", 1)),
+                            claim_variants=tuple(str(v) for v in config.get("claim_variants", ())))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"study 'decision_rule' needs 'effect' as (first, second) model names, pairs in "
+                          f"'controls' and numbers for 'margin' and 'min_seeds' ({error})") from None
+    if rule.metric not in paired.METRICS:
+        raise ConfigError(f"study 'decision_rule': metric must be one of {', '.join(paired.METRICS)}, got {rule.metric!r}")
+    if rule.epoch not in paired.EVALUATION_FOLDERS:
+        raise ConfigError(f"study 'decision_rule': epoch must be one of {', '.join(paired.EVALUATION_FOLDERS)}, "
+                          f"got {rule.epoch!r}")
+    if not (rule.margin > 0 and rule.min_seeds >= 1):
+        raise ConfigError(f"study 'decision_rule': margin must be > 0 points and min_seeds >= 1, got "
+                          f"{rule.margin} and {rule.min_seeds}")
+    named = {name for pair in rule.comparisons for name in pair}
+    if models is not None and not named <= set(models):
+        raise ConfigError(f"study 'decision_rule' names model variants not in 'models': "
+                          f"{', '.join(sorted(named - set(models)))}")
+    return rule
+
+
+def _pair(value) -> tuple[str, str]:
+    first, second = value
+    if not (isinstance(first, str) and isinstance(second, str) and first != second):
+        raise ValueError(f"{tuple(value)!r} is not two distinct model names")
+    return first, second
+
+
+def _interval_text(row: paired.ComparisonRow, metric: str) -> str:
+    low, high = row.difference.interval[metric]
+    return (f"{paired.signed(100 * row.difference.estimate[metric])} "
+            f"[{paired.signed(100 * low)}, {paired.signed(100 * high)}]")
+
+
+def apply_rule(rule: DecisionRule, rows: Sequence[paired.ComparisonRow],
+               header: Callable[[str], str] = str) -> Verdict:
+    """The rule's verdict on one data variant's comparison rows (paired.compare); `header` spells a model."""
+    by_pair = {(row.first, row.second): row for row in rows if row.epoch == rule.epoch}
+
+    def name(pair: tuple[str, str]) -> str:
+        return f"{header(pair[0])} − {header(pair[1])}"
+
+    seeds = {pair: len(by_pair[pair].difference.seeds) if pair in by_pair else 0 for pair in rule.comparisons}
+    short = [pair for pair in rule.comparisons if seeds[pair] < rule.min_seeds]
+    if short:
+        counts = ", ".join(f"{name(pair)} {seeds[pair]}" for pair in short)
+        return Verdict(NOT_APPLIED, f"the rule needs {rule.min_seeds} seeds per comparison; finished: {counts}")
+    effect = by_pair[rule.effect]
+    estimate = 100 * effect.difference.estimate[rule.metric]
+    low, high = (100 * bound for bound in effect.difference.interval[rule.metric])
+    controls_above = {pair: 100 * by_pair[pair].difference.interval[rule.metric][0] > 0 for pair in rule.controls}
+    numbers = "; ".join(f"{name(pair)} {_interval_text(by_pair[pair], rule.metric)}" for pair in rule.comparisons)
+    if estimate >= rule.margin and low > 0 and all(controls_above.values()):
+        outcome = CONFIRMED
+        why = f"{name(rule.effect)} is at least +{rule.margin:g} with its interval above 0"
+        if rule.controls:
+            why += ", and every control's interval lies above 0"
+    elif -rule.margin <= low and high <= rule.margin:
+        outcome = REFUTED
+        why = f"the interval of {name(rule.effect)} lies within ±{rule.margin:g}"
+    else:
+        outcome = UNDECIDED
+        if low > 0 and estimate >= rule.margin:
+            failing = ", ".join(name(pair) for pair, above in controls_above.items() if not above)
+            why = f"a control does as well: the interval of {failing} does not lie above 0"
+        elif low > 0:
+            why = f"the interval of {name(rule.effect)} lies above 0 but its mean is below +{rule.margin:g}"
+        else:
+            why = (f"the interval of {name(rule.effect)} neither lies above 0 nor within ±{rule.margin:g}")
+    return Verdict(outcome, f"{why} ({numbers})")
+
+
+def describe(rule: DecisionRule, header: Callable[[str], str] = str) -> str:
+    """One sentence stating the rule with its settings."""
+    first, second = (header(model) for model in rule.effect)
+    controls = ", ".join(f"{header(a)} − {header(b)}" for a, b in rule.controls)
+    metric = rule.metric.replace("_", " ")
+    return (f"Decision rule (study config `decision_rule`): D = {first} − {second} in {metric} at the "
+            f"{rule.epoch} epoch, I its 95% bootstrap interval, in points; confirmed when D ≥ +{rule.margin:g}, "
+            f"I above 0" + (f" and the intervals of {controls} above 0" if controls else "")
+            + f"; refuted at this scale when I lies within ±{rule.margin:g}; undecided otherwise; applied once "
+            f"every comparison has {rule.min_seeds} seeds.")
+
+
+def variant_lines(rule: DecisionRule, variant: str, rows: Sequence[paired.ComparisonRow],
+                  header: Callable[[str], str] = str) -> tuple[list[str], Verdict]:
+    """The Markdown lines of the rule's verdict on one data variant, and the verdict."""
+    verdict = apply_rule(rule, rows, header)
+    return [f"**Decision rule on `{variant}`: {verdict.outcome}**: {verdict.reason}.", ""], verdict
+
+
+def claim_lines(rule: DecisionRule, verdicts: Mapping[str, Verdict]) -> list[str]:
+    """The claim's overall outcome over `rule.claim_variants` (no lines when the rule names none)."""
+    if not rule.claim_variants:
+        return []
+    outcomes = {variant: verdicts[variant].outcome if variant in verdicts else NOT_APPLIED
+                for variant in rule.claim_variants}
+    if CONFIRMED in outcomes.values():
+        overall = CONFIRMED
+    elif all(outcome == REFUTED for outcome in outcomes.values()):
+        overall = REFUTED
+    elif NOT_APPLIED in outcomes.values():
+        overall = NOT_APPLIED
+    else:
+        overall = UNDECIDED
+    listed = ", ".join(f"`{variant}` {outcome}" for variant, outcome in outcomes.items())
+    return [f"**The claim (confirmed when the rule confirms it on any of {', '.join(f'`{v}`' for v in outcomes)}, "
+            f"refuted when it refutes it on all): {overall}** ({listed}).", ""]
