@@ -42,6 +42,10 @@ MODELS = {
     "combined": {"data": {**CROP, **STAIN, **COLOR_NORM}, "model": {"norm": "group"}},
 }
 
+# docs/CROSS_LAB.md's decision rule, written before the runs; the report applies it.
+RECOMMENDATION_RULE = {"external": "tecom", "adapted": "tecom_adapt_bn", "baseline": "baseline", "own_margin": 2.0,
+                       "target_gap": 15.0, "min_seeds": 3}
+
 
 def get_config(data_dir: str = "", tecom_dir: str = "") -> ml_collections.ConfigDict:
     data_dir = data_dir or str(PBC_DIR)
@@ -73,4 +77,5 @@ def get_config(data_dir: str = "", tecom_dir: str = "") -> ml_collections.Config
         "comparisons": tuple((name, "baseline") for name in MODELS if name != "baseline"),
         "external": {"tecom": {"data_dir": tecom, "class_map": "wbc3"},
                      "tecom_adapt_bn": {"data_dir": tecom, "class_map": "wbc3", "adapt_bn": True,
-                                        "models": batchnorm_models}}})
+                                        "models": batchnorm_models}},
+        "recommendation_rule": RECOMMENDATION_RULE})

@@ -11,7 +11,7 @@ import pytest
 
 from urnet_jax import errors
 from urnet_jax.config import base_config
-from urnet_jax.study import decision, paired, report, sweep
+from urnet_jax.study import decision, paired, report, rules, sweep
 from urnet_jax.study.results import column_header
 
 from test_paired import write_finished_run  # tests/ is on sys.path (rootdir conftest)
@@ -31,7 +31,7 @@ def row(first: str, second: str, estimate: float, low: float, high: float, seeds
 
 
 def verdict(effect: tuple[float, float, float], control: tuple[float, float, float], **changes) -> decision.Verdict:
-    rule = decision.rule_from_config({**RULE, **changes})
+    rule = rules.decision_rule({**RULE, **changes})
     return decision.apply_rule(rule, [row("net4", "net1", *effect), row("net4", "clahe", *control)])
 
 
@@ -52,14 +52,14 @@ def test_each_verdict_of_the_rule(effect, control, outcome, reason):
 
 
 def test_the_rule_waits_for_its_seeds_and_reads_only_its_epoch():
-    rule = decision.rule_from_config(RULE)
+    rule = rules.decision_rule(RULE)
     few = decision.apply_rule(rule, [row("net4", "net1", 5.0, 3.0, 7.0, seeds=3), row("net4", "clahe", 5.0, 3.0, 7.0)])
     assert few.outcome == decision.NOT_APPLIED and "finished: net4 − net1 3" in few.reason
     missing = decision.apply_rule(rule, [row("net4", "net1", 5.0, 3.0, 7.0)])
     assert missing.outcome == decision.NOT_APPLIED and "net4 − clahe 0" in missing.reason
     last_only = [row("net4", "net1", 5.0, 3.0, 7.0, epoch="last"), row("net4", "clahe", 5.0, 3.0, 7.0, epoch="last")]
     assert decision.apply_rule(rule, last_only).outcome == decision.NOT_APPLIED
-    on_last = decision.rule_from_config({**RULE, "epoch": "last"})
+    on_last = rules.decision_rule({**RULE, "epoch": "last"})
     assert decision.apply_rule(on_last, last_only).outcome == decision.CONFIRMED
 
 
@@ -71,10 +71,10 @@ def test_the_rule_waits_for_its_seeds_and_reads_only_its_epoch():
     ({"stainfree_proxy": decision.NOT_APPLIED, "severe_proxy": decision.UNDECIDED}, decision.NOT_APPLIED),
 ])
 def test_the_claim_over_the_data_variants(outcomes, overall):
-    rule = decision.rule_from_config(RULE)
+    rule = rules.decision_rule(RULE)
     lines = decision.claim_lines(rule, {v: decision.Verdict(o, "") for v, o in outcomes.items()})
     assert f"refuted when it refutes it on all): {overall}**" in lines[0]
-    assert decision.claim_lines(decision.rule_from_config({**RULE, "claim_variants": ()}), {}) == []
+    assert decision.claim_lines(rules.decision_rule({**RULE, "claim_variants": ()}), {}) == []
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -88,8 +88,8 @@ def test_the_claim_over_the_data_variants(outcomes, overall):
 ])
 def test_a_bad_rule_is_a_one_line_error(changes, message):
     with pytest.raises(errors.ConfigError, match=message):
-        decision.rule_from_config({**RULE, **changes})
-    assert decision.rule_from_config({}) is None and decision.rule_from_config(None) is None
+        rules.decision_rule({**RULE, **changes})
+    assert rules.decision_rule({}) is None and rules.decision_rule(None) is None
 
 
 def test_the_study_config_checks_its_rule_against_its_models_and_comparisons():
@@ -127,7 +127,7 @@ def test_the_report_prints_the_rules_verdict_from_the_predictions(tmp_path):
     assert "**Decision rule on `raw`: confirmed**: Net4 − Net1 is at least +1.5 with its interval above 0" in block
     rows = paired.compare({(model, seed): folder / f"{model}-raw-seed{seed}" for model in ("net1", "net4")
                            for seed in (1, 2, 3)}, [("net4", "net1")])
-    expected = decision.apply_rule(decision.rule_from_config(rule), rows, column_header)
+    expected = decision.apply_rule(rules.decision_rule(rule), rows, column_header)
     assert f"confirmed**: {expected.reason}." in block
     assert "refuted when it refutes it on all): confirmed** (`raw` confirmed)" in block
     (folder / "study.json").write_text(json.dumps({"comparisons": [["net4", "net1"]],

@@ -23,7 +23,7 @@ from urnet_jax.config import base_config
 from urnet_jax.data.prepare import exclusive_lock
 from urnet_jax.evaluation import runner
 from urnet_jax.evaluation.metrics import metrics_from_confusion
-from urnet_jax.study import __main__ as study_cli, decision, paired, report, results as study_results, run as study_run, sweep
+from urnet_jax.study import __main__ as study_cli, paired, report, results as study_results, run as study_run, rules, sweep
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLASSES = ["granulocyte", "monocyte", "lymphocyte"]
@@ -468,7 +468,7 @@ def test_study_wbcatt_is_the_validated_protocol_with_a_pretrained_stand_in(tmp_p
     assert by_name["clahe-raw-seed1"].data.preprocessing == "clahe"
     assert [run.name for run in sweep.plan_standins(study, tmp_path)] == ["standin_dataseed1", "standin_dataseed2"]
     assert tuple(study.comparisons[0]) == ("net4", "net1")
-    rule = decision.rule_from_config(study.decision_rule, models=list(study.models))  # docs/RESULTS.md's rule
+    rule = rules.decision_rule(study.decision_rule, models=list(study.models))  # docs/RESULTS.md's rule
     assert (rule.effect, rule.controls) == (("net4", "net1"), (("net4", "conv_frontend"), ("net4", "clahe")))
     assert (rule.metric, rule.epoch, rule.margin, rule.min_seeds) == ("balanced_accuracy", "selected", 1.5, 5)
     assert set(rule.claim_variants) == {"stainfree_proxy", "severe_proxy"}

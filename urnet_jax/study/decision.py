@@ -25,34 +25,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
-import ml_collections
-
-from urnet_jax.errors import ConfigError
 from urnet_jax.study import paired
+from urnet_jax.study.rules import DecisionRule
 
 CONFIRMED = "confirmed"
 REFUTED = "refuted at this scale"
 UNDECIDED = "undecided"
 NOT_APPLIED = "not applied yet"
-RULE_KEYS = frozenset({"effect", "controls", "metric", "epoch", "margin", "min_seeds", "claim_variants"})
-
-
-@dataclasses.dataclass(frozen=True)
-class DecisionRule:
-    """The rule of the module docstring; `margin` in percentage points."""
-
-    effect: tuple[str, str]
-    controls: tuple[tuple[str, str], ...]
-    metric: str
-    epoch: str
-    margin: float
-    min_seeds: int
-    claim_variants: tuple[str, ...]
-
-    @property
-    def comparisons(self) -> tuple[tuple[str, str], ...]:
-        """The effect first, then the controls."""
-        return (self.effect, *self.controls)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,50 +40,6 @@ class Verdict:
 
     outcome: str
     reason: str
-
-
-def rule_from_config(config: ml_collections.ConfigDict | Mapping | None,
-                     models: Sequence[str] | None = None) -> DecisionRule | None:
-    """The DecisionRule of a study config's `decision_rule` (None when absent or empty); ConfigError (one
-    line) for a bad one. `models` (the study's model variants), when given, must hold every named model."""
-    if not config:
-        return None
-    config = dict(config)
-    unknown = set(config) - RULE_KEYS
-    if unknown:
-        raise ConfigError(f"study 'decision_rule': unknown key(s) {', '.join(sorted(unknown))} "
-                          f"(expected {', '.join(sorted(RULE_KEYS))})")
-    try:
-        rule = DecisionRule(effect=_pair(config["effect"]),
-                            controls=tuple(_pair(pair) for pair in config.get("controls", ())),
-                            metric=str(config.get("metric", "balanced_accuracy")),
-                            epoch=str(config.get("epoch", "selected")),
-                            margin=float(config.get("margin", 1.5)),
-                            min_seeds=int(config.get("min_seeds", 1)),
-                            claim_variants=tuple(str(v) for v in config.get("claim_variants", ())))
-    except (KeyError, TypeError, ValueError) as error:
-        raise ConfigError(f"study 'decision_rule' needs 'effect' as (first, second) model names, pairs in "
-                          f"'controls' and numbers for 'margin' and 'min_seeds' ({error})") from None
-    if rule.metric not in paired.METRICS:
-        raise ConfigError(f"study 'decision_rule': metric must be one of {', '.join(paired.METRICS)}, got {rule.metric!r}")
-    if rule.epoch not in paired.EVALUATION_FOLDERS:
-        raise ConfigError(f"study 'decision_rule': epoch must be one of {', '.join(paired.EVALUATION_FOLDERS)}, "
-                          f"got {rule.epoch!r}")
-    if not (rule.margin > 0 and rule.min_seeds >= 1):
-        raise ConfigError(f"study 'decision_rule': margin must be > 0 points and min_seeds >= 1, got "
-                          f"{rule.margin} and {rule.min_seeds}")
-    named = {name for pair in rule.comparisons for name in pair}
-    if models is not None and not named <= set(models):
-        raise ConfigError(f"study 'decision_rule' names model variants not in 'models': "
-                          f"{', '.join(sorted(named - set(models)))}")
-    return rule
-
-
-def _pair(value) -> tuple[str, str]:
-    first, second = value
-    if not (isinstance(first, str) and isinstance(second, str) and first != second):
-        raise ValueError(f"{tuple(value)!r} is not two distinct model names")
-    return first, second
 
 
 def _interval_text(row: paired.ComparisonRow, metric: str) -> str:

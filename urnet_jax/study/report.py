@@ -1,8 +1,9 @@
 """The study's results in the paper's Table 3 layout (mean ± std over seeds), paired comparisons of the
 ablation's models, test errors by class, the comparison with a baseline study, the outcome of phase 1
 (enhancer pre-training) of each pre-trained run (`phase1`), the verdict of the study's decision rule
-(`decision`), and the runs on the study's external image sets
-beside their own test split (`external`), as Markdown; a tuning study (`report: 'validation'`) gets the
+(`decision`), the runs on the study's external image sets
+beside their own test split (`external`) and the model variant a cross-lab study's rule recommends
+(`recommendation`), as Markdown; a tuning study (`report: 'validation'`) gets the
 validation-only table of `tuning` instead.
 
 `results_block` writes the tables of each data variant, then those of each external set, between the markers
@@ -27,7 +28,7 @@ from urnet_jax.data.plan import VARIANTS
 from urnet_jax.errors import ConfigError
 from urnet_jax.evaluation.report import MISSING, markdown_table, table3
 from urnet_jax.models.registry import display_name
-from urnet_jax.study import decision, external, paired, phase1, tuning
+from urnet_jax.study import decision, external, paired, phase1, recommendation, rules, tuning
 from urnet_jax.study.results import (FinishedRun, collect_finished_runs, column_header, epoch_to_epoch_change,
                                      ordered, read_baseline, read_comparisons, read_study_config,
                                      unselected_accuracy)
@@ -226,7 +227,7 @@ def results_block(results_dir: str | os.PathLike) -> str:
     models = ordered([run.model for run in runs], ABLATION_MODELS)
     baseline = read_baseline(results_dir)
     baseline_runs = collect_finished_runs(results_dir.parent / baseline) if baseline else []
-    rule = decision.rule_from_config(study.get("decision_rule") if study is not None else None)
+    rule = rules.decision_rule(study.get("decision_rule") if study is not None else None)
     if rule is not None:
         parts += [decision.describe(rule, column_header), ""]
     verdicts: dict[str, decision.Verdict] = {}
@@ -280,6 +281,13 @@ def results_block(results_dir: str | os.PathLike) -> str:
     if rule is not None and runs:
         parts += decision.claim_lines(rule, verdicts)
     parts += external.external_sections(results_dir, runs)
+    recommend = rules.recommendation_rule(study.get("recommendation_rule") if study is not None else None)
+    if recommend is not None and runs:
+        for variant in ordered([run.data_variant for run in runs], VARIANTS):
+            of_variant = [run for run in runs if run.data_variant == variant]
+            parts += recommendation.recommendation_lines(
+                recommend, variant, ordered(list(study.models), ABLATION_MODELS),
+                recommendation.collect_scores(recommend, results_dir, of_variant))
     parts.append(MARKER_END.format(name=name))
     return "\n".join(parts)
 

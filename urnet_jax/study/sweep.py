@@ -35,7 +35,10 @@ A study config (`get_config()` of configs/study_*.py, plain data) holds
                     minus second); absent: every pair;
   decision_rule:    optional: the rule the report applies to each data variant's paired comparisons,
                     written before the runs (effect, controls, metric, epoch, margin, min_seeds,
-                    claim_variants; see `decision`);
+                    claim_variants; see `rules` and `decision`);
+  recommendation_rule: optional, with external: the rule the report applies to choose the model variant to
+                    recommend for another lab's images (external, adapted, baseline, own_margin, target_gap,
+                    min_seeds; see `rules` and `recommendation`);
   external:         optional: {name: {data_dir, class_map, adapt_bn, models}}: class-per-folder image sets
                     (e.g. another lab's cells) every finished run is also evaluated on, into OUT/<run>/eval/<name>/
                     (`evaluation.runner.evaluate_external`); adapt_bn re-estimates the BatchNorm statistics on
@@ -57,7 +60,7 @@ import ml_collections
 from urnet_jax import config as config_lib
 from urnet_jax.data.plan import VARIANTS
 from urnet_jax.errors import ConfigError
-from urnet_jax.study import decision
+from urnet_jax.study import rules
 
 ABLATION_MODELS = ("net1", "net2", "net3", "net4")  # the paper's ablation, in its order
 NAME_PART = re.compile(r"^[A-Za-z0-9_]+$")
@@ -173,7 +176,7 @@ def check_study_config(study: ml_collections.ConfigDict) -> None:
     for pair in study.get("comparisons", ()):
         _check(len(pair) == 2 and all(name in study.models for name in pair) and pair[0] != pair[1],
                f"study 'comparisons' must pair two distinct model variants of 'models', got {tuple(pair)!r}")
-    rule = decision.rule_from_config(study.get("decision_rule"), models=list(study.models))
+    rule = rules.decision_rule(study.get("decision_rule"), models=list(study.models))
     if rule is not None:
         comparisons = {tuple(pair) for pair in study.get("comparisons", ())}
         _check(not comparisons or set(rule.comparisons) <= comparisons,
@@ -181,6 +184,8 @@ def check_study_config(study: ml_collections.ConfigDict) -> None:
                + ", ".join(f"{a} - {b}" for a, b in rule.comparisons if (a, b) not in comparisons))
         _check(set(rule.claim_variants) <= set(variants),
                f"study 'decision_rule' claim_variants must be data variants of the study, got {rule.claim_variants!r}")
+    rules.recommendation_rule(study.get("recommendation_rule"), models=list(study.models),
+                              external_sets=list(study.get("external", {})))
     for name, external in study.get("external", {}).items():
         _check(bool(NAME_PART.match(name)), f"external set name {name!r} may hold only letters, digits and _")
         _check(set(external) <= {"data_dir", "class_map", "adapt_bn", "models"} and bool(external.get("data_dir")),

@@ -1,0 +1,118 @@
+"""The cross-lab study's recommendation rule (urnet_jax/study/recommendation.py, urnet_jax/study/rules.py):
+eligibility on the own test split, the choice on the external set, --adapt-bn only when it beats that by
+more than its spread, the target, 'not applied yet', and bad rules as one-line errors."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from urnet_jax import cli, errors
+from urnet_jax.evaluation.metrics import metrics_from_confusion
+from urnet_jax.study import report, rules, sweep
+
+from test_paired import CLASSES, write_finished_run  # tests/ is on sys.path (rootdir conftest)
+from tiny_run import REPO_ROOT
+
+PER_CLASS = 100
+RULE = {"external": "tecom", "adapted": "tecom_adapt_bn", "baseline": "baseline", "own_margin": 2.0,
+        "target_gap": 15.0, "min_seeds": 3}
+
+
+def predictions_with_recall(recall: float) -> tuple[np.ndarray, np.ndarray]:
+    """(true, predicted) of PER_CLASS images per class, each class recalled at `recall` (the rest taken
+    for the next class): balanced accuracy `recall`."""
+    true = np.repeat(np.arange(len(CLASSES)), PER_CLASS)
+    wrong = np.tile(np.arange(PER_CLASS) < round(PER_CLASS * (1 - recall)), len(CLASSES))
+    return true, np.where(wrong, (true + 1) % len(CLASSES), true)
+
+
+def write_external(run_dir: pathlib.Path, set_name: str, recall: float) -> None:
+    true, predicted = predictions_with_recall(recall)
+    confusion = np.zeros((len(CLASSES), len(CLASSES)), int)
+    np.add.at(confusion, (true, predicted), 1)
+    (run_dir / "eval" / set_name).mkdir(parents=True)
+    (run_dir / "eval" / set_name / "metrics.json").write_text(json.dumps(metrics_from_confusion(confusion, CLASSES)))
+
+
+def write_study(folder: pathlib.Path, balanced: dict[str, dict[str, list[float]]], rule=RULE) -> None:
+    """Runs of each model (seeds 1..n) with the given balanced accuracies: {model: {'own': [...], 'tecom':
+    [...], 'tecom_adapt_bn': [...]}} (a set left out: no evaluation on it)."""
+    for model, sets in balanced.items():
+        for seed, own in enumerate(sets["own"], start=1):
+            name = f"{model}-raw-seed{seed}"
+            true, predicted = predictions_with_recall(own)
+            write_finished_run(folder, name, true, predicted, predicted)
+            for set_name in ("tecom", "tecom_adapt_bn"):
+                if set_name in sets and seed <= len(sets[set_name]):
+                    write_external(folder / name, set_name, sets[set_name][seed - 1])
+    external = {"tecom": {"data_dir": "tecom", "class_map": "wbc3"},
+                "tecom_adapt_bn": {"data_dir": "tecom", "class_map": "wbc3", "adapt_bn": True}}
+    (folder / "study.json").write_text(json.dumps({"models": {model: {} for model in balanced},
+                                                   "external": external, "recommendation_rule": rule}))
+
+
+def recommendation_text(block: str) -> str:
+    return next(line for line in block.splitlines() if line.startswith(("**Recommended", "**Not applied")))
+
+
+def test_the_best_eligible_variant_on_the_external_set_is_recommended(tmp_path):
+    """groupnorm is best on Tecom but 4 points behind the baseline on its own test split: not eligible; crop
+    (1 point behind) is; adaptation of the baseline does not beat crop by more than its spread."""
+    write_study(tmp_path / "study", {
+        "baseline": {"own": [0.98, 0.98, 0.98], "tecom": [0.45, 0.46, 0.44], "tecom_adapt_bn": [0.55, 0.70, 0.62]},
+        "crop": {"own": [0.97, 0.97, 0.97], "tecom": [0.60, 0.61, 0.59]},
+        "groupnorm": {"own": [0.94, 0.94, 0.94], "tecom": [0.80, 0.80, 0.80]}})
+    block = report.results_block(tmp_path / "study")
+    assert "| Groupnorm | 3 | 94.00 ± 0.00 | no | 80.00 ± 0.00 | n/a |" in block
+    assert "| Crop | 3 | 97.00 ± 0.00 | yes | 60.00 ± 1.00 | n/a |" in block
+    assert recommendation_text(block) == (
+        "**Recommended on `raw`: Crop**: balanced accuracy on `tecom` 60.00 ± 1.00%, gap own-test − `tecom` "
+        "+37.00 ± 1.00 points: the target (at most 15) is **not met**.")
+
+
+def test_adaptation_is_recommended_when_it_beats_the_choice_by_more_than_its_spread(tmp_path):
+    write_study(tmp_path / "study", {
+        "baseline": {"own": [0.98, 0.98, 0.98], "tecom": [0.45, 0.46, 0.44], "tecom_adapt_bn": [0.86, 0.85, 0.87]},
+        "crop": {"own": [0.97, 0.97, 0.97], "tecom": [0.60, 0.61, 0.59]}})
+    assert recommendation_text(report.results_block(tmp_path / "study")) == (
+        "**Recommended on `raw`: Baseline with --adapt-bn**: balanced accuracy on `tecom_adapt_bn` 86.00 ± 1.00%, "
+        "gap own-test − `tecom_adapt_bn` +12.00 ± 1.00 points: the target (at most 15) is **met**.")
+
+
+def test_the_rule_waits_for_every_variants_seeds(tmp_path):
+    write_study(tmp_path / "study", {"baseline": {"own": [0.98, 0.98, 0.98], "tecom": [0.45, 0.46, 0.44]},
+                                     "crop": {"own": [0.97, 0.97], "tecom": [0.60, 0.61]},
+                                     "stain": {"own": [0.97], "tecom": []}})
+    assert recommendation_text(report.results_block(tmp_path / "study")) == (
+        "**Not applied yet**: the rule needs 3 seeds of every model variant evaluated on `tecom`; finished: "
+        "Baseline 3, Crop 2, Stain 0.")
+    (tmp_path / "study" / "study.json").write_text(json.dumps({"models": {"baseline": {}}}))
+    assert "Recommend" not in report.results_block(tmp_path / "study")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"externals": "tecom"}, "unknown key\\(s\\) externals"),
+    ({"external": None, "baseline": None}, None),
+    ({"own_margin": -1}, "own_margin and target_gap must be >= 0"),
+    ({"min_seeds": "three"}, "numbers for 'own_margin', 'target_gap' and 'min_seeds'"),
+    ({"baseline": "net9"}, "baseline 'net9' is not a model variant"),
+    ({"adapted": "tecom_bn"}, "names sets missing from 'external': tecom_bn"),
+])
+def test_a_bad_recommendation_rule_is_a_one_line_error(changes, message):
+    config = {key: value for key, value in {**RULE, **changes}.items() if value is not None}
+    message = message or "needs 'external' and 'baseline' names"
+    with pytest.raises(errors.ConfigError, match=message):
+        rules.recommendation_rule(config, models=["baseline", "crop"], external_sets=["tecom", "tecom_adapt_bn"])
+    assert rules.recommendation_rule({}) is None
+
+
+def test_the_cross_lab_config_writes_down_the_documented_rule():
+    study = cli.load_config_file(str(REPO_ROOT / "configs" / "cross_lab.py"))
+    sweep.check_study_config(study)
+    rule = rules.recommendation_rule(study.recommendation_rule, list(study.models), list(study.external))
+    assert (rule.external, rule.adapted, rule.baseline) == ("tecom", "tecom_adapt_bn", "baseline")
+    assert (rule.own_margin, rule.target_gap, rule.min_seeds) == (2.0, 15.0, len(study.seeds))
