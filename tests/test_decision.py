@@ -97,6 +97,9 @@ def test_the_study_config_checks_its_rule_against_its_models_and_comparisons():
         "base": base_config(), "models": {"net1": {"model": {"enhancer": "none"}}, "net3": {}, "net4": {}},
         "data_variants": ("raw",), "seeds": (1,), "subset_per_class": 0})
     study.decision_rule = {**RULE, "controls": (), "claim_variants": ("raw",)}
+    with pytest.raises(errors.ConfigError, match="reads comparisons missing from 'comparisons': net4 - net1"):
+        sweep.check_study_config(study)  # without 'comparisons' the report's own pairs may run the other way
+    study.comparisons = (("net4", "net1"),)
     sweep.check_study_config(study)
     study.decision_rule = {**RULE, "effect": ("net4", "net9"), "controls": (), "claim_variants": ()}
     with pytest.raises(errors.ConfigError, match="names model variants not in 'models': net9"):

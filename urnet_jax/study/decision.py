@@ -42,12 +42,6 @@ class Verdict:
     reason: str
 
 
-def _interval_text(row: paired.ComparisonRow, metric: str) -> str:
-    low, high = row.difference.interval[metric]
-    return (f"{paired.signed(100 * row.difference.estimate[metric])} "
-            f"[{paired.signed(100 * low)}, {paired.signed(100 * high)}]")
-
-
 def apply_rule(rule: DecisionRule, rows: Sequence[paired.ComparisonRow],
                header: Callable[[str], str] = str) -> Verdict:
     """The rule's verdict on one data variant's comparison rows (paired.compare); `header` spells a model."""
@@ -65,7 +59,7 @@ def apply_rule(rule: DecisionRule, rows: Sequence[paired.ComparisonRow],
     estimate = 100 * effect.difference.estimate[rule.metric]
     low, high = (100 * bound for bound in effect.difference.interval[rule.metric])
     controls_above = {pair: 100 * by_pair[pair].difference.interval[rule.metric][0] > 0 for pair in rule.controls}
-    numbers = "; ".join(f"{name(pair)} {_interval_text(by_pair[pair], rule.metric)}" for pair in rule.comparisons)
+    numbers = "; ".join(f"{name(pair)} {paired.difference_text(by_pair[pair], rule.metric)}" for pair in rule.comparisons)
     if estimate >= rule.margin and low > 0 and all(controls_above.values()):
         outcome = CONFIRMED
         why = f"{name(rule.effect)} is at least +{rule.margin:g} with its interval above 0"

@@ -229,7 +229,8 @@ def compare(run_dirs: Mapping[tuple[str, int], pathlib.Path], comparisons: Seque
     return rows
 
 
-def _difference_cell(row: ComparisonRow, metric: str) -> str:
+def difference_text(row: ComparisonRow, metric: str) -> str:
+    """'+1.25 [+0.10, +2.40]': the row's difference in `metric` and its interval, in percentage points."""
     low, high = row.difference.interval[metric]
     return f"{signed(100 * row.difference.estimate[metric])} [{signed(100 * low)}, {signed(100 * high)}]"
 
@@ -243,7 +244,7 @@ def comparison_table(rows: Sequence[ComparisonRow], header: Callable[[str], str]
         mcnemar = ", ".join(f"{test.first_only}:{test.second_only} p={test.pvalue:.3g}" for test, _ in tests)
         significant = sum(1 for _, value in tests if value < 1 - LEVEL)
         cells.append([f"{header(row.first)} − {header(row.second)}", row.epoch, str(len(row.tests)),
-                      _difference_cell(row, "accuracy"), _difference_cell(row, "balanced_accuracy"),
+                      difference_text(row, "accuracy"), difference_text(row, "balanced_accuracy"),
                       mcnemar, f"{significant}/{len(tests)}"])
     table = markdown_table(["comparison", "epoch", "seeds", "accuracy, difference [95% interval]",
                             "balanced accuracy, difference [95% interval]",

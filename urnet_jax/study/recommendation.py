@@ -32,6 +32,7 @@ from urnet_jax.study.results import FinishedRun, column_header, read_external_me
 from urnet_jax.study.rules import RecommendationRule
 from urnet_jax.study.seed_stats import mean_std_points
 
+
 @dataclasses.dataclass(frozen=True)
 class VariantScores:
     """One model variant's balanced accuracies (fractions), one entry per seed evaluated on the external set:
@@ -76,8 +77,8 @@ def recommendation_lines(rule: RecommendationRule, variant: str, models: Sequenc
                          scores: Mapping[str, VariantScores]) -> list[str]:
     """The Markdown lines (each followed by '') of the rule on one data variant: the rule, each model
     variant's eligibility and means, and the recommendation with its target, or why it is not applied yet."""
-    parts = [f"**Recommendation rule on `{variant}`** (study config `recommendation_rule`): the model variant with the highest mean balanced accuracy on `{rule.external}` among those "
-             f"whose own-test balanced accuracy is at most {rule.own_margin:g} points below "
+    parts = [f"**Recommendation rule on `{variant}`** (study config `recommendation_rule`): the model variant "
+             f"with the highest mean balanced accuracy on `{rule.external}` among those whose own-test balanced accuracy is at most {rule.own_margin:g} points below "
              f"{column_header(rule.baseline)}'s mean"
              + (f"; with --adapt-bn when an eligible variant's mean on `{rule.adapted}` exceeds that by more than "
                 f"its standard deviation over seeds" if rule.adapted else "")

@@ -35,7 +35,7 @@ A study config (`get_config()` of configs/study_*.py, plain data) holds
                     minus second); absent: every pair;
   decision_rule:    optional: the rule the report applies to each data variant's paired comparisons,
                     written before the runs (effect, controls, metric, epoch, margin, min_seeds,
-                    claim_variants; see `rules` and `decision`);
+                    claim_variants; see `rules` and `decision`); its pairs must be among `comparisons`;
   recommendation_rule: optional, with external: the rule the report applies to choose the model variant to
                     recommend for another lab's images (external, adapted, baseline, own_margin, target_gap,
                     min_seeds; see `rules` and `recommendation`);
@@ -179,7 +179,7 @@ def check_study_config(study: ml_collections.ConfigDict) -> None:
     rule = rules.decision_rule(study.get("decision_rule"), models=list(study.models))
     if rule is not None:
         comparisons = {tuple(pair) for pair in study.get("comparisons", ())}
-        _check(not comparisons or set(rule.comparisons) <= comparisons,
+        _check(set(rule.comparisons) <= comparisons,
                "study 'decision_rule' reads comparisons missing from 'comparisons': "
                + ", ".join(f"{a} - {b}" for a, b in rule.comparisons if (a, b) not in comparisons))
         _check(set(rule.claim_variants) <= set(variants),
