@@ -729,6 +729,21 @@ def test_report_gives_mean_and_std_over_seeds(results):
     assert block.index("data variant `raw`") < block.index("data variant `stainfree_proxy`")
 
 
+def test_report_counts_the_finished_runs_of_the_study_config(results):
+    folder, _ = results
+    assert "| data variant |" not in report.results_block(folder)  # no study.json: nothing planned to count
+    (folder / "study.json").write_text(json.dumps({"models": {"net4": {}, "net1": {}, "net2": {}},
+                                                   "data_variants": ["raw", "stainfree_proxy"], "seeds": [1, 2, 3]}))
+    block = report.results_block(folder)
+    table = block.split("| data variant |")[1].split("\n\n")[0]
+    rows = {cells[0]: cells[1:] for cells in (line[2:-2].split(" | ") for line in table.splitlines()[2:])}
+    assert table.splitlines()[0] == " Net1 | Net2 | Net4 | finished |"
+    # net4-raw-seed3 is unfinished (no metrics), so it is not counted.
+    assert rows == {"`raw`": ["3/3", "0/3", "2/3 (1, 2)", "5/9"],
+                    "`stainfree_proxy`": ["0/3", "0/3", "1/3 (1)", "1/9"]}
+    assert "Finished runs of the study config (seeds in brackets where some are missing): 6 of 18." in block
+
+
 def test_report_writes_between_markers_and_check_detects_tampering(results, tmp_path, capsys):
     folder, _ = results
     document = tmp_path / "RESULTS.md"

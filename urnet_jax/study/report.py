@@ -199,6 +199,30 @@ def error_table(cells: Mapping[str, Sequence[FinishedRun]], classes: Sequence[st
     return markdown_table(["true → predicted", *cells], rows)
 
 
+def progress_table(study: Mapping[str, Any], runs: Sequence[FinishedRun]) -> str:
+    """Which of the study config's runs (models x data variants x seeds) have finished, as Markdown: one row
+    per data variant, one column per model ('finished/planned', then the finished seeds when some are
+    missing), a last column per variant, and a closing sentence with the total."""
+    seeds = [int(seed) for seed in study["seeds"]]
+    models = ordered(list(study["models"]), ABLATION_MODELS)
+    finished = {(run.model, run.data_variant, run.seed) for run in runs}
+
+    def cell(done: Sequence[int]) -> str:
+        count = f"{len(done)}/{len(seeds)}"
+        return f"{count} ({', '.join(map(str, done))})" if 0 < len(done) < len(seeds) else count
+
+    rows, total = [], 0
+    for variant in study["data_variants"]:
+        done = [[seed for seed in seeds if (model, variant, seed) in finished] for model in models]
+        finished_here = sum(map(len, done))
+        total += finished_here
+        rows.append([f"`{variant}`", *map(cell, done), f"{finished_here}/{len(seeds) * len(models)}"])
+    table = markdown_table(["data variant", *map(column_header, models), "finished"], rows)
+    planned = len(seeds) * len(models) * len(study["data_variants"])
+    return (f"{table}\n\nFinished runs of the study config (seeds in brackets where some are missing): "
+            f"{total} of {planned}.")
+
+
 def _test_images(runs: Sequence[FinishedRun]) -> str:
     """'granulocyte 125, monocyte 125, ...': the test split's images per class, or 'mixed' when runs differ."""
     splits = {tuple((name, run.metrics["per_class"][name].get("support")) for name in run.metrics["classes"])
@@ -230,6 +254,8 @@ def results_block(results_dir: str | os.PathLike) -> str:
     rule = rules.decision_rule(study.get("decision_rule") if study is not None else None)
     if rule is not None:
         parts += [decision.describe(rule, column_header), ""]
+    if study is not None and all(key in study for key in ("models", "data_variants", "seeds")):
+        parts += [progress_table(study, runs), ""]
     verdicts: dict[str, decision.Verdict] = {}
     for variant in ordered([run.data_variant for run in runs], VARIANTS):
         of_variant = [run for run in runs if run.data_variant == variant]
