@@ -21,12 +21,14 @@ RULE = {"effect": ("net4", "net1"), "controls": (("net4", "clahe"),), "metric": 
 
 
 def row(first: str, second: str, estimate: float, low: float, high: float, seeds: int = 5,
-        epoch: str = "selected") -> paired.ComparisonRow:
-    """A comparison row whose balanced-accuracy difference is `estimate` [low, high] points."""
+        epoch: str = "selected", per_seed: tuple[float, ...] = ()) -> paired.ComparisonRow:
+    """A comparison row whose balanced-accuracy difference is `estimate` [low, high] points (each seed's:
+    `per_seed`, points)."""
     difference = paired.PairedDifference(
         seeds=tuple(range(1, seeds + 1)),
         estimate={"accuracy": 0.0, "balanced_accuracy": estimate / 100},
-        interval={"accuracy": (-1.0, 1.0), "balanced_accuracy": (low / 100, high / 100)})
+        interval={"accuracy": (-1.0, 1.0), "balanced_accuracy": (low / 100, high / 100)},
+        per_seed={"accuracy": (0.0,) * len(per_seed), "balanced_accuracy": tuple(v / 100 for v in per_seed)})
     return paired.ComparisonRow(first, second, epoch, difference, ())
 
 
@@ -61,6 +63,24 @@ def test_the_rule_waits_for_its_seeds_and_reads_only_its_epoch():
     assert decision.apply_rule(rule, last_only).outcome == decision.NOT_APPLIED
     on_last = rules.decision_rule({**RULE, "epoch": "last"})
     assert decision.apply_rule(on_last, last_only).outcome == decision.CONFIRMED
+
+
+def test_the_precision_line_says_how_many_seeds_the_margin_needs_at_the_observed_spread():
+    rule = rules.decision_rule(RULE)  # margin 1.5
+    # Per-seed D of -3, 0, +3 points: sd 3.0; (1.959964 * 3.0 / 1.5)^2 = 15.37 -> 16 seeds.
+    rows = [row("net4", "net1", 0.0, -3.0, 3.0, seeds=3, per_seed=(-3.0, 0.0, 3.0))]
+    line = decision.precision_line(rule, rows)
+    assert "D per seed is −3.00 (seed 1), +0.00 (seed 2), +3.00 (seed 3)" in line
+    assert "standard deviation over seeds 3.00 points" in line and "after about 16 seeds" in line
+    assert decision.seeds_for_margin(3.0, 1.5) == 16 and decision.seeds_for_margin(0.1, 1.5) == 2
+    assert decision.seeds_for_margin(3.0, 3.0) == 4  # half the spread per margin: a quarter of the seeds
+    # The line follows the verdict, and needs two seeds of the rule's own comparison and epoch.
+    lines, _ = decision.variant_lines(rule, "raw", rows)
+    assert lines[2] == line
+    assert decision.precision_line(rule, [row("net4", "net1", 1.0, 0.0, 2.0, seeds=1, per_seed=(1.0,))]) is None
+    last = [row("net4", "net1", 0.0, -3.0, 3.0, seeds=3, epoch="last", per_seed=(-3.0, 0.0, 3.0))]
+    assert decision.precision_line(rule, last) is None
+    assert decision.precision_line(rule, [row("net4", "clahe", 0.0, -3.0, 3.0, 3, per_seed=(-3.0, 0.0, 3.0))]) is None
 
 
 @pytest.mark.parametrize("outcomes, overall", [

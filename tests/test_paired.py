@@ -116,6 +116,11 @@ def test_the_interval_covers_a_real_difference_and_is_reproducible():
     result = paired.paired_difference(seeds, replicates=500)
     low, high = result.interval["accuracy"]
     assert 0.03 < low < result.estimate["accuracy"] < high < 0.17
+    for metric in paired.METRICS:  # each seed's own difference, in seed order; their mean is the estimate
+        assert result.per_seed[metric] == tuple(paired.seed_differences(seed)[metric] for seed in seeds)
+        assert np.mean(result.per_seed[metric]) == pytest.approx(result.estimate[metric])
+    assert result.per_seed["accuracy"][0] == pytest.approx(np.mean(seeds[0].first == seeds[0].true)
+                                                           - np.mean(seeds[0].second == seeds[0].true))
     assert result == paired.paired_difference(seeds, replicates=500)  # fixed bootstrap seed
 
 

@@ -23,6 +23,8 @@ rule has fewer than min_seeds seeds.
 from __future__ import annotations
 
 import dataclasses
+import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 
 from urnet_jax.study import paired
@@ -32,6 +34,7 @@ CONFIRMED = "confirmed"
 REFUTED = "refuted at this scale"
 UNDECIDED = "undecided"
 NOT_APPLIED = "not applied yet"
+Z_95 = 1.959964  # the standard normal's 97.5% quantile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +95,38 @@ def describe(rule: DecisionRule, header: Callable[[str], str] = str) -> str:
             f"every comparison has {rule.min_seeds} seeds.")
 
 
+def seeds_for_margin(seed_std: float, margin: float) -> int:
+    """Seeds after which an interval of the mean over seeds, mean ± 1.96 * seed_std / sqrt(n) (the
+    normal approximation the bootstrap over seeds approaches), is no wider than ±margin (both in points)."""
+    return max(2, math.ceil((Z_95 * seed_std / margin) ** 2))
+
+
+def precision_line(rule: DecisionRule, rows: Sequence[paired.ComparisonRow]) -> str | None:
+    """A sentence on what the rule's effect can resolve at its observed seed-to-seed spread (None with fewer
+    than 2 seeds): each seed's D, their standard deviation, and the seeds the interval needs to narrow to
+    ±margin (below that count it is expected to be too wide to refute, or to confirm an effect as small as
+    the margin)."""
+    effect = next((row for row in rows if (row.first, row.second) == rule.effect and row.epoch == rule.epoch), None)
+    if effect is None or len(effect.difference.per_seed.get(rule.metric, ())) < 2:
+        return None
+    values = [100 * value for value in effect.difference.per_seed[rule.metric]]
+    spread = statistics.stdev(values)
+    listed = ", ".join(f"{paired.signed(value)} (seed {seed})" for seed, value in zip(effect.difference.seeds, values))
+    needed = seeds_for_margin(spread, rule.margin)
+    return (f"Precision: D per seed is {listed}; standard deviation over seeds {spread:.2f} points. At that spread the "
+            f"interval narrows to ±{rule.margin:g} after about {needed} seeds (n ≥ (1.96 × sd / {rule.margin:g})²); "
+            f"with fewer it is expected to be too wide to say \"{REFUTED}\", or to confirm an effect as small as "
+            f"+{rule.margin:g}, unless later seeds spread less.")
+
+
 def variant_lines(rule: DecisionRule, variant: str, rows: Sequence[paired.ComparisonRow],
                   header: Callable[[str], str] = str) -> tuple[list[str], Verdict]:
-    """The Markdown lines of the rule's verdict on one data variant, and the verdict."""
+    """The Markdown lines of the rule's verdict on one data variant (and the precision its seeds give), and
+    the verdict."""
     verdict = apply_rule(rule, rows, header)
-    return [f"**Decision rule on `{variant}`: {verdict.outcome}**: {verdict.reason}.", ""], verdict
+    lines = [f"**Decision rule on `{variant}`: {verdict.outcome}**: {verdict.reason}.", ""]
+    precision = precision_line(rule, rows)
+    return lines + ([precision, ""] if precision else []), verdict
 
 
 def claim_lines(rule: DecisionRule, verdicts: Mapping[str, Verdict]) -> list[str]:

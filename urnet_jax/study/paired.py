@@ -53,11 +53,13 @@ class PairedSeed:
 @dataclasses.dataclass(frozen=True)
 class PairedDifference:
     """first - second over the seeds of a comparison (fractions): the point estimate (mean over seeds of
-    the per-seed difference on every test image) and its bootstrap interval, per metric of METRICS."""
+    the per-seed difference on every test image) and its bootstrap interval, per metric of METRICS; and
+    each seed's difference, in the order of `seeds`."""
 
     seeds: tuple[int, ...]
     estimate: Mapping[str, float]
     interval: Mapping[str, tuple[float, float]]
+    per_seed: Mapping[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +154,8 @@ def paired_difference(seeds: Sequence[PairedSeed], replicates: int = REPLICATES,
     bounds = np.percentile(values, [tail, 100 - tail], axis=0)
     return PairedDifference(seeds=tuple(seed.seed for seed in seeds),
                             estimate={m: float(np.mean([d[m] for d in per_seed])) for m in METRICS},
-                            interval={m: (float(bounds[0, i]), float(bounds[1, i])) for i, m in enumerate(METRICS)})
+                            interval={m: (float(bounds[0, i]), float(bounds[1, i])) for i, m in enumerate(METRICS)},
+                            per_seed={m: tuple(d[m] for d in per_seed) for m in METRICS})
 
 
 def mcnemar_exact(seed: PairedSeed) -> McNemar:
