@@ -7,6 +7,7 @@ import ast
 import json
 import pathlib
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -289,6 +290,34 @@ def test_the_pretrained_classifier_is_trained_once_per_data_seed_before_the_runs
     assert outcome.failed == ["standin_dataseed13: no images in partition a",
                               "tiny-raw-seed3: its pretrained classifier standin_dataseed13 failed",
                               "tiny2-raw-seed3: its pretrained classifier standin_dataseed13 failed"]
+
+
+def test_a_stand_in_without_its_checkpoints_is_trained_again_and_study_runs_are_not(tmp_path, fake_runs, capsys):
+    """A fresh clone holds a stand-in's committed results but not its checkpoints, which the study's runs
+    load: the study trains the stand-in again (saying so, with the recorded numbers); a finished study run
+    without checkpoints stays finished; a borrowed stand-in without checkpoints is a one-line error."""
+    calls, _ = fake_runs
+    out = tmp_path / "out"
+    study_run.run_study(standin_study(), out, only=["*-seed1"], show_progress=False, delete_checkpoints=True)
+    shutil.rmtree(out / "standin_dataseed11" / "checkpoints")
+    assert not (out / "tiny-raw-seed1" / "checkpoints").exists()
+    calls.clear()
+    capsys.readouterr()
+    outcome = study_run.run_study(standin_study(), out, only=["*-seed1"], show_progress=False)
+    assert calls == ["standin_dataseed11"] and outcome.trained == ["standin_dataseed11"] and not outcome.failed
+    assert outcome.skipped == ["tiny-raw-seed1", "tiny2-raw-seed1"]
+    printed = capsys.readouterr().out
+    assert ("standin_dataseed11: its results are here but not the checkpoints the study's runs load: training it "
+            "again (test accuracy") in printed and "(recorded before: test accuracy" in printed
+    assert (out / "standin_dataseed11" / "checkpoints").is_dir()
+    calls.clear()  # now complete: nothing to train
+    assert study_run.run_study(standin_study(), out, only=["*-seed1"], show_progress=False).trained == [] and not calls
+    shutil.rmtree(out / "standin_dataseed11" / "checkpoints")
+    borrower = standin_study()
+    borrower.standins_dir = str(out)
+    with pytest.raises(errors.ConfigError, match="standin_dataseed11 is not a finished run with its checkpoints"):
+        study_run.run_study(borrower, tmp_path / "tuning", only=["*-seed1"], show_progress=False)
+    assert not calls
 
 
 def test_a_study_can_load_the_stand_ins_of_another_studys_folder(tmp_path, fake_runs):

@@ -16,6 +16,8 @@ the selection split) is written to OUT/<run>/eval/phase1.json, which marks it fi
 A study with a pretrained classifier (`sweep`: 'pretrained_classifier') first trains it, once per data seed,
 as OUT/standin_dataseed<k>/ (evaluated on its own test split into its eval/), then the runs that load it;
 with 'standins_dir' it loads the finished stand-ins of another study's folder instead (checked, never trained).
+A stand-in counts as finished only with its checkpoints: in a fresh clone, which holds its committed results
+but no checkpoints, the study trains it again (printing the recorded and the new test accuracy).
 
 Locations in a finished run's config.json and in OUT/study.json (data.dir, data.prepared_dir,
 model.pretrained) are written relative to the directory the study runs from (the repository root in every
@@ -221,9 +223,10 @@ def _check_borrowed_standins(standins: Sequence[Any], standins_root: pathlib.Pat
     """ConfigError unless every stand-in run is finished in `standins_root` with the study's configuration."""
     for standin in standins:
         workdir = standins_root / standin.name
-        if read_finished_metrics(workdir) is None:
-            raise ConfigError(f"standins_dir: {workdir} is not a finished run (train it with the study that "
-                              f"owns it first)")
+        if read_finished_metrics(workdir) is None or not config_lib.is_run_directory(workdir):
+            raise ConfigError(f"standins_dir: {workdir} is not a finished run with its checkpoints (run the "
+                              f"study that owns it first: it trains its stand-ins again when their checkpoints "
+                              f"are missing)")
         differences = finished_config_differences(workdir, standin.config)
         if differences:
             raise ConfigError(f"standins_dir: {workdir} was trained with another configuration "
@@ -285,16 +288,22 @@ def run_study(study: ml_collections.ConfigDict, out_dir: str | os.PathLike, only
             outcome.failed.append(f"{run.name}: its pretrained classifier {standin} failed")
             print(f"{prefix}: not started: its pretrained classifier {standin} failed", flush=True)
             continue
+        recorded = None
         if is_finished(workdir):
             differences = finished_config_differences(workdir, run.config)
             if differences:
                 reason = f"finished with another configuration ({'; '.join(differences[:3])})"
                 outcome.failed.append(f"{run.name}: {reason}")
                 print(f"{prefix}: {reason}", flush=True)
-            else:
+                continue
+            if is_study_run or config_lib.is_run_directory(workdir):
                 outcome.skipped.append(run.name)
                 print(f"{prefix}: finished already, skipped", flush=True)
-            continue
+                continue
+            # A stand-in's results without its checkpoints (a fresh clone: checkpoints are not committed).
+            recorded = read_finished_metrics(workdir)
+            print(f"{prefix}: its results are here but not the checkpoints the study's runs load: training it "
+                  f"again ({_finished_line(recorded)} recorded)", flush=True)
         if limit is not None and attempts >= limit:
             outcome.not_started.append(run.name)
             continue
@@ -319,6 +328,7 @@ def run_study(study: ml_collections.ConfigDict, out_dir: str | os.PathLike, only
         if delete_checkpoints and is_study_run:  # a pretrained classifier's are read by the study's runs
             shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
         outcome.trained.append(run.name)
-        print(f"{prefix}: finished in {rough_duration(time.monotonic() - run_start)}: {_finished_line(result)} "
-              f"(study time {rough_duration(time.monotonic() - study_start)})", flush=True)
+        print(f"{prefix}: finished in {rough_duration(time.monotonic() - run_start)}: {_finished_line(result)}"
+              + (f" (recorded before: {_finished_line(recorded)})" if recorded else "")
+              + f" (study time {rough_duration(time.monotonic() - study_start)})", flush=True)
     return outcome
