@@ -179,9 +179,15 @@ def test_sigterm_saves_a_checkpoint_after_the_step_and_the_resumed_run_is_identi
 
 
 def test_a_second_sigint_interrupts_at_once(prepared, tmp_path, monkeypatch):
+    # Python's own SIGINT handler, whatever this process inherited (a background job starts with SIGINT
+    # ignored, and an ignored signal stays ignored in training).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     before_batches(monkeypatch, lambda: signal.raise_signal(signal.SIGINT), at=(1, 1))
-    with pytest.raises(KeyboardInterrupt) as interrupt:
-        trainer.train_and_evaluate(tiny_config(prepared), tmp_path, show_progress=False)
+    try:
+        with pytest.raises(KeyboardInterrupt) as interrupt:
+            trainer.train_and_evaluate(tiny_config(prepared), tmp_path, show_progress=False)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert type(interrupt.value) is KeyboardInterrupt  # Python's own, not TrainingStopped: no checkpoint
     assert not (tmp_path / "checkpoints" / "periodic").exists() or not any(
         (tmp_path / "checkpoints" / "periodic").iterdir())
