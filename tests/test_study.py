@@ -292,10 +292,12 @@ def test_the_pretrained_classifier_is_trained_once_per_data_seed_before_the_runs
                               "tiny2-raw-seed3: its pretrained classifier standin_dataseed13 failed"]
 
 
-def test_a_stand_in_without_its_checkpoints_is_trained_again_and_study_runs_are_not(tmp_path, fake_runs, capsys):
+def test_a_stand_in_without_its_checkpoints_is_trained_again_and_study_runs_are_not(tmp_path, fake_runs, capsys,
+                                                                                    monkeypatch):
     """A fresh clone holds a stand-in's committed results but not its checkpoints, which the study's runs
     load: the study trains the stand-in again (saying so, with the recorded numbers); a finished study run
-    without checkpoints stays finished; a borrowed stand-in without checkpoints is a one-line error."""
+    without checkpoints stays finished; a retraining stopped halfway trains again; a borrowed stand-in without
+    checkpoints is a one-line error."""
     calls, _ = fake_runs
     out = tmp_path / "out"
     study_run.run_study(standin_study(), out, only=["*-seed1"], show_progress=False, delete_checkpoints=True)
@@ -310,6 +312,22 @@ def test_a_stand_in_without_its_checkpoints_is_trained_again_and_study_runs_are_
     assert ("standin_dataseed11: its results are here but not the checkpoints the study's runs load: training it "
             "again (test accuracy") in printed and "(recorded before: test accuracy" in printed
     assert (out / "standin_dataseed11" / "checkpoints").is_dir()
+    # A retraining stopped halfway (checkpoints written, no evaluation) is not finished: it trains again.
+    shutil.rmtree(out / "standin_dataseed11" / "checkpoints")
+    fake_train = trainer.train_and_evaluate
+
+    def stopped_halfway(config, workdir, show_progress=True):
+        (pathlib.Path(workdir) / "checkpoints").mkdir()
+        raise errors.RunError("stopped halfway")
+
+    monkeypatch.setattr(trainer, "train_and_evaluate", stopped_halfway)
+    outcome = study_run.run_study(standin_study(), out, only=["*-seed1"], show_progress=False)
+    assert outcome.failed[0] == "standin_dataseed11: stopped halfway"
+    assert not (out / "standin_dataseed11" / "eval" / "metrics.json").exists()
+    monkeypatch.setattr(trainer, "train_and_evaluate", fake_train)
+    calls.clear()
+    assert study_run.run_study(standin_study(), out, only=["*-seed1"], show_progress=False).trained == [
+        "standin_dataseed11"] and calls == ["standin_dataseed11"]
     calls.clear()  # now complete: nothing to train
     assert study_run.run_study(standin_study(), out, only=["*-seed1"], show_progress=False).trained == [] and not calls
     shutil.rmtree(out / "standin_dataseed11" / "checkpoints")

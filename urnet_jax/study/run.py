@@ -300,10 +300,12 @@ def run_study(study: ml_collections.ConfigDict, out_dir: str | os.PathLike, only
                 outcome.skipped.append(run.name)
                 print(f"{prefix}: finished already, skipped", flush=True)
                 continue
-            # A stand-in's results without its checkpoints (a fresh clone: checkpoints are not committed).
+            # A stand-in's results without its checkpoints (a fresh clone: checkpoints are not committed). Its
+            # eval/metrics.json goes first, so that a retraining stopped halfway does not count as finished.
             recorded = read_finished_metrics(workdir)
             print(f"{prefix}: its results are here but not the checkpoints the study's runs load: training it "
                   f"again ({_finished_line(recorded)} recorded)", flush=True)
+            (workdir / "eval" / "metrics.json").unlink()
         if limit is not None and attempts >= limit:
             outcome.not_started.append(run.name)
             continue
