@@ -23,7 +23,8 @@ RULE = {"effect": ("net4", "net1"), "controls": (("net4", "clahe"),), "metric": 
 def row(first: str, second: str, estimate: float, low: float, high: float, seeds: int = 5,
         epoch: str = "selected", per_seed: tuple[float, ...] = ()) -> paired.ComparisonRow:
     """A comparison row whose balanced-accuracy difference is `estimate` [low, high] points (each seed's:
-    `per_seed`, points)."""
+    `per_seed`, points; by default `estimate` on every seed)."""
+    per_seed = per_seed or (estimate,) * seeds
     difference = paired.PairedDifference(
         seeds=tuple(range(1, seeds + 1)),
         estimate={"accuracy": 0.0, "balanced_accuracy": estimate / 100},

@@ -62,7 +62,8 @@ def apply_rule(rule: DecisionRule, rows: Sequence[paired.ComparisonRow],
     estimate = 100 * effect.difference.estimate[rule.metric]
     low, high = (100 * bound for bound in effect.difference.interval[rule.metric])
     controls_above = {pair: 100 * by_pair[pair].difference.interval[rule.metric][0] > 0 for pair in rule.controls}
-    numbers = "; ".join(f"{name(pair)} {paired.difference_text(by_pair[pair], rule.metric)}" for pair in rule.comparisons)
+    numbers = "; ".join(f"{name(pair)} {paired.difference_text(by_pair[pair], rule.metric)}"
+                        for pair in rule.comparisons)
     if estimate >= rule.margin and low > 0 and all(controls_above.values()):
         outcome = CONFIRMED
         why = f"{name(rule.effect)} is at least +{rule.margin:g} with its interval above 0"
@@ -107,15 +108,15 @@ def precision_line(rule: DecisionRule, rows: Sequence[paired.ComparisonRow]) -> 
     ±margin (below that count it is expected to be too wide to refute, or to confirm an effect as small as
     the margin)."""
     effect = next((row for row in rows if (row.first, row.second) == rule.effect and row.epoch == rule.epoch), None)
-    if effect is None or len(effect.difference.per_seed.get(rule.metric, ())) < 2:
+    if effect is None or len(effect.difference.seeds) < 2:
         return None
     values = [100 * value for value in effect.difference.per_seed[rule.metric]]
     spread = statistics.stdev(values)
     listed = ", ".join(f"{paired.signed(value)} (seed {seed})" for seed, value in zip(effect.difference.seeds, values))
     needed = seeds_for_margin(spread, rule.margin)
-    return (f"Precision: D per seed is {listed}; standard deviation over seeds {spread:.2f} points. At that spread the "
-            f"interval narrows to ±{rule.margin:g} after about {needed} seeds (n ≥ (1.96 × sd / {rule.margin:g})²); "
-            f"with fewer it is expected to be too wide to say \"{REFUTED}\", or to confirm an effect as small as "
+    return (f"Precision: D per seed is {listed}; standard deviation over seeds {spread:.2f} points. At that spread "
+            f"the interval narrows to ±{rule.margin:g} after about {needed} seeds "
+            f"(n ≥ (1.96 × sd / {rule.margin:g})²); with fewer it is expected to be too wide to say \"{REFUTED}\", or to confirm an effect as small as "
             f"+{rule.margin:g}, unless later seeds spread less.")
 
 

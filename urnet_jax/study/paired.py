@@ -59,7 +59,7 @@ class PairedDifference:
     seeds: tuple[int, ...]
     estimate: Mapping[str, float]
     interval: Mapping[str, tuple[float, float]]
-    per_seed: Mapping[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
+    per_seed: Mapping[str, tuple[float, ...]]
 
 
 @dataclasses.dataclass(frozen=True)

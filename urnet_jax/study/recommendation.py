@@ -78,8 +78,8 @@ def recommendation_lines(rule: RecommendationRule, variant: str, models: Sequenc
     """The Markdown lines (each followed by '') of the rule on one data variant: the rule, each model
     variant's eligibility and means, and the recommendation with its target, or why it is not applied yet."""
     parts = [f"**Recommendation rule on `{variant}`** (study config `recommendation_rule`): the model variant "
-             f"with the highest mean balanced accuracy on `{rule.external}` among those whose own-test balanced accuracy is at most {rule.own_margin:g} points below "
-             f"{column_header(rule.baseline)}'s mean"
+             f"with the highest mean balanced accuracy on `{rule.external}` among those whose own-test balanced "
+             f"accuracy is at most {rule.own_margin:g} points below {column_header(rule.baseline)}'s mean"
              + (f"; with --adapt-bn when an eligible variant's mean on `{rule.adapted}` exceeds that by more than "
                 f"its standard deviation over seeds" if rule.adapted else "")
              + f". Target: a gap own-test − `{rule.external}` of at most {rule.target_gap:g} points.", ""]
