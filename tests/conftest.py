@@ -1,11 +1,13 @@
-"""Shared test set-up: a persistent XLA compilation cache and the location of the real data."""
+"""Shared test set-up: a persistent XLA compilation cache, the location of the real data, and a finished tiny run."""
 
 import pathlib
 
 import jax
 import pytest
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tiny_run import REPO_ROOT, shared_directory, tiny_config
+from urnet_jax import trainer
+
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 jax.config.update("jax_compilation_cache_dir", str(REPO_ROOT / ".jax_cache"))
@@ -20,3 +22,12 @@ def pbc_dir() -> pathlib.Path:
     if not path.is_dir():
         pytest.skip(f"real PBC data not found at {path} (only present on the project's machines)")
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> pathlib.Path:
+    """A finished tiny run (no pre-training, 2 joint epochs on 64 synthetic 96 px images)."""
+    with shared_directory(tmp_path_factory, "tiny_trained_run") as (workdir, to_build):
+        if to_build:
+            trainer.train_and_evaluate(tiny_config(**{"pretrain.epochs": 0}), workdir, show_progress=False)
+    return workdir

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_run import REPO_ROOT, lowered_programs, subprocess_env, tiny_config, trained_run  # noqa: F401 (a fixture)
+from tiny_run import REPO_ROOT, lowered_programs, subprocess_env, tiny_config
 
 import urnet_jax.data as data_lib
 from urnet_jax.evaluation import figures

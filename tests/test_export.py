@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from tiny_run import REPO_ROOT, subprocess_env, trained_run  # noqa: F401 (a fixture)
+from tiny_run import REPO_ROOT, subprocess_env
 
 from urnet_jax.calibration import Calibration, temperature_scaled, write_calibration
 from urnet_jax.errors import ConfigError, DataError

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import SHARED_DATA
-from tiny_run import REPO_ROOT, subprocess_env, trained_run  # noqa: F401 (a fixture)
+from tiny_run import REPO_ROOT, subprocess_env
 
 import urnet_jax.data as data_lib
 from urnet_jax.calibration import (

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from tiny_run import REPO_ROOT, subprocess_env, trained_run  # noqa: F401 (a fixture)
+from tiny_run import REPO_ROOT, subprocess_env
 
 from urnet_jax.differential_count import differential_count, format_differential_count
 from urnet_jax.inference import FolderPredictions, find_images, write_predictions_csv

@@ -16,7 +16,7 @@ import pytest
 import urnet_jax.data as data_lib
 from urnet_jax import cli, config as config_lib, errors, sharding, train_state, trainer, workdir as workdir_lib
 from urnet_jax.checkpointing import CheckpointStore
-from tiny_run import REPO_ROOT, shared_directory, tiny_config, trained_run  # noqa: F401
+from tiny_run import REPO_ROOT, shared_directory, tiny_config
 
 
 @pytest.fixture(scope="module")

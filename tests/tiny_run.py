@@ -1,6 +1,7 @@
 """The tiny UR-Net config of the tests, and session-wide runs shared by pytest-xdist workers.
 
-Test modules import what they need, e.g. `from tiny_run import tiny_config, trained_run  # noqa: F401`.
+Test modules import what they need, e.g. `from tiny_run import tiny_config`; the `trained_run` fixture built
+from it is in tests/conftest.py.
 Every test that trains uses `TINY` (changing as few keys as possible), so that the compiled programs are
 shared through the persistent compilation cache (tests/conftest.py).
 """
@@ -15,9 +16,7 @@ import pathlib
 from typing import Callable, Iterator
 
 import jax
-import pytest
-
-from urnet_jax import config as config_lib, trainer
+from urnet_jax import config as config_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Keys that differ from the paper's protocol: a tiny UR-Net (the deepest ResNet map stays 3x3 at 96 px).
@@ -80,12 +79,3 @@ def lowered_programs() -> Iterator[Callable[[], int]]:
     jax.clear_caches()
     start = _lowered["programs"]
     yield lambda: _lowered["programs"] - start
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory) -> pathlib.Path:
-    """A finished tiny run (no pre-training, 2 joint epochs on 64 synthetic 96 px images)."""
-    with shared_directory(tmp_path_factory, "tiny_trained_run") as (workdir, to_build):
-        if to_build:
-            trainer.train_and_evaluate(tiny_config(**{"pretrain.epochs": 0}), workdir, show_progress=False)
-    return workdir
