@@ -66,6 +66,20 @@ def test_the_rule_waits_for_its_seeds_and_reads_only_its_epoch():
     assert decision.apply_rule(on_last, last_only).outcome == decision.CONFIRMED
 
 
+@pytest.mark.parametrize("effect, outcome", [
+    ((-2.4, -6.9, 0.8), decision.UNDECIDED),  # not above 0: no control can make it a confirmation
+    ((1.0, 0.2, 1.8), decision.UNDECIDED),  # above 0, but below the margin
+    ((0.2, -1.4, 1.4), decision.REFUTED),
+])
+def test_an_effect_that_cannot_be_confirmed_is_decided_without_the_controls_seeds(effect, outcome):
+    rule = rules.decision_rule(RULE)
+    result = decision.apply_rule(rule, [row("net4", "net1", *effect), row("net4", "clahe", 5.0, 3.0, 7.0, seeds=2)])
+    assert result.outcome == outcome
+    assert "net4 − clahe not needed (2 of 5 seeds)" in result.reason
+    without_control = decision.apply_rule(rule, [row("net4", "net1", *effect)])
+    assert without_control.outcome == outcome and "net4 − clahe not needed (0 of 5 seeds)" in without_control.reason
+
+
 def test_the_precision_line_says_how_many_seeds_the_margin_needs_at_the_observed_spread():
     rule = rules.decision_rule(RULE)  # margin 1.5
     # Per-seed D of -3, 0, +3 points: sd 3.0; (1.959964 * 3.0 / 1.5)^2 = 15.37 -> 16 seeds.

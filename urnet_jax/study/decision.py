@@ -16,8 +16,10 @@ drift from them:
 
 Per data variant, with D the effect's mean paired difference and I its 95% bootstrap interval (points):
 confirmed when D >= margin, I lies above 0 and every control's interval lies above 0; refuted at this
-scale when I lies within [-margin, +margin]; undecided otherwise; not applied while a comparison of the
-rule has fewer than min_seeds seeds.
+scale when I lies within [-margin, +margin]; undecided otherwise; not applied while the effect has fewer
+than min_seeds seeds. The controls only gate a confirmation: once the effect has its seeds and cannot be
+confirmed (D < margin or I not above 0), its interval alone gives the verdict, whatever the controls' runs
+still to come would show; while it could be confirmed, the rule waits for every control's seeds.
 """
 
 from __future__ import annotations
@@ -55,16 +57,27 @@ def apply_rule(rule: DecisionRule, rows: Sequence[paired.ComparisonRow],
 
     seeds = {pair: len(by_pair[pair].difference.seeds) if pair in by_pair else 0 for pair in rule.comparisons}
     short = [pair for pair in rule.comparisons if seeds[pair] < rule.min_seeds]
-    if short:
+
+    def not_applied() -> Verdict:
         counts = ", ".join(f"{name(pair)} {seeds[pair]}" for pair in short)
         return Verdict(NOT_APPLIED, f"the rule needs {rule.min_seeds} seeds per comparison; finished: {counts}")
+
+    if rule.effect in short:
+        return not_applied()
     effect = by_pair[rule.effect]
     estimate = 100 * effect.difference.estimate[rule.metric]
     low, high = (100 * bound for bound in effect.difference.interval[rule.metric])
-    controls_above = {pair: 100 * by_pair[pair].difference.interval[rule.metric][0] > 0 for pair in rule.controls}
+    could_confirm = estimate >= rule.margin and low > 0
+    if short and could_confirm:  # only the controls can still stop a confirmation
+        return not_applied()
+    controls_above = {pair: 100 * by_pair[pair].difference.interval[rule.metric][0] > 0
+                      for pair in rule.controls if pair not in short}
     numbers = "; ".join(f"{name(pair)} {paired.difference_text(by_pair[pair], rule.metric)}"
-                        for pair in rule.comparisons)
-    if estimate >= rule.margin and low > 0 and all(controls_above.values()):
+                        for pair in rule.comparisons if pair not in short)
+    if short:  # the effect alone settles the verdict: the controls only gate a confirmation
+        numbers += "; " + ", ".join(f"{name(pair)} not needed ({seeds[pair]} of {rule.min_seeds} seeds)"
+                                    for pair in short)
+    if could_confirm and all(controls_above.values()):
         outcome = CONFIRMED
         why = f"{name(rule.effect)} is at least +{rule.margin:g} with its interval above 0"
         if rule.controls:
@@ -93,7 +106,8 @@ def describe(rule: DecisionRule, header: Callable[[str], str] = str) -> str:
             f"{rule.epoch} epoch, I its 95% bootstrap interval, in points; confirmed when D ≥ +{rule.margin:g}, "
             f"I above 0" + (f" and the intervals of {controls} above 0" if controls else "")
             + f"; refuted at this scale when I lies within ±{rule.margin:g}; undecided otherwise; applied once "
-            f"every comparison has {rule.min_seeds} seeds.")
+            f"{first} − {second} has {rule.min_seeds} seeds"
+            + (", and, for a confirmation, every control too." if controls else "."))
 
 
 def seeds_for_margin(seed_std: float, margin: float) -> int:
