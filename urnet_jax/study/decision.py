@@ -130,8 +130,8 @@ def precision_line(rule: DecisionRule, rows: Sequence[paired.ComparisonRow]) -> 
     needed = seeds_for_margin(spread, rule.margin)
     return (f"Precision: D per seed is {listed}; standard deviation over seeds {spread:.2f} points. At that spread "
             f"the interval narrows to ±{rule.margin:g} after about {needed} seeds "
-            f"(n ≥ (1.96 × sd / {rule.margin:g})²); with fewer it is expected to be too wide to say \"{REFUTED}\", or to confirm an effect as small as "
-            f"+{rule.margin:g}, unless later seeds spread less.")
+            f"(n ≥ (1.96 × sd / {rule.margin:g})²); with fewer it is expected to be too wide to say \"{REFUTED}\", "
+            f"or to confirm an effect as small as +{rule.margin:g}, unless later seeds spread less.")
 
 
 def variant_lines(rule: DecisionRule, variant: str, rows: Sequence[paired.ComparisonRow],
