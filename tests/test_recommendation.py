@@ -1,5 +1,5 @@
 """The cross-lab study's recommendation rule (urnet_jax/study/recommendation.py, urnet_jax/study/rules.py):
-eligibility on the own test split, the choice on the external set, --adapt-bn only when it beats that by
+eligibility on the own validation split (never the test split), the choice on the external set, --adapt-bn only when it beats that by
 more than its spread, the target, 'not applied yet', and bad rules as one-line errors."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import pytest
 
 from urnet_jax import cli, errors
 from urnet_jax.evaluation.metrics import metrics_from_confusion
+from urnet_jax.evaluation.split_predictions import predictions_file
 from urnet_jax.study import report, rules, sweep
 
-from test_paired import CLASSES, write_finished_run  # tests/ is on sys.path (rootdir conftest)
+from test_paired import CLASSES, write_finished_run, write_predictions  # tests/ is on sys.path (rootdir conftest)
 from tiny_run import REPO_ROOT
 
 PER_CLASS = 100
@@ -39,13 +40,16 @@ def write_external(run_dir: pathlib.Path, set_name: str, recall: float) -> None:
 
 
 def write_study(folder: pathlib.Path, balanced: dict[str, dict[str, list[float]]], rule=RULE) -> None:
-    """Runs of each model (seeds 1..n) with the given balanced accuracies: {model: {'own': [...], 'tecom':
-    [...], 'tecom_adapt_bn': [...]}} (a set left out: no evaluation on it)."""
+    """Runs of each model (seeds 1..n) with the given balanced accuracies: {model: {'own': [...], 'val': [...],
+    'tecom': [...], 'tecom_adapt_bn': [...]}} ('val' left out: as 'own'; an external set left out: no
+    evaluation on it)."""
     for model, sets in balanced.items():
         for seed, own in enumerate(sets["own"], start=1):
             name = f"{model}-raw-seed{seed}"
             true, predicted = predictions_with_recall(own)
             write_finished_run(folder, name, true, predicted, predicted)
+            true, predicted = predictions_with_recall(sets.get("val", sets["own"])[seed - 1])
+            write_predictions(predictions_file(folder / name / "eval", "val"), np.arange(len(true)), true, predicted)
             for set_name in ("tecom", "tecom_adapt_bn"):
                 if set_name in sets and seed <= len(sets[set_name]):
                     write_external(folder / name, set_name, sets[set_name][seed - 1])
@@ -67,11 +71,33 @@ def test_the_best_eligible_variant_on_the_external_set_is_recommended(tmp_path):
         "crop": {"own": [0.97, 0.97, 0.97], "tecom": [0.60, 0.61, 0.59]},
         "groupnorm": {"own": [0.94, 0.94, 0.94], "tecom": [0.80, 0.80, 0.80]}})
     block = report.results_block(tmp_path / "study")
-    assert "| Groupnorm | 3 | 94.00 ± 0.00 | no | 80.00 ± 0.00 | n/a |" in block
-    assert "| Crop | 3 | 97.00 ± 0.00 | yes | 60.00 ± 1.00 | n/a |" in block
+    assert "| Groupnorm | 3 | 94.00 ± 0.00 | no | 94.00 ± 0.00 | 80.00 ± 0.00 | n/a |" in block
+    assert "| Crop | 3 | 97.00 ± 0.00 | yes | 97.00 ± 0.00 | 60.00 ± 1.00 | n/a |" in block
     assert recommendation_text(block) == (
         "**Recommended on `raw`: Crop**: balanced accuracy on `tecom` 60.00 ± 1.00%, gap own-test − `tecom` "
         "+37.00 ± 1.00 points: the target (at most 15) is **not met**.")
+
+
+def test_eligibility_reads_the_validation_split_not_the_test_split(tmp_path):
+    """groupnorm is 4 points behind the baseline on the test split but 1 behind on validation: eligible and
+    recommended; crop is level on test but 3 behind on validation: not eligible."""
+    write_study(tmp_path / "study", {
+        "baseline": {"own": [0.98, 0.98, 0.98], "val": [0.97, 0.97, 0.97], "tecom": [0.45, 0.46, 0.44]},
+        "crop": {"own": [0.98, 0.98, 0.98], "val": [0.94, 0.94, 0.94], "tecom": [0.90, 0.90, 0.90]},
+        "groupnorm": {"own": [0.94, 0.94, 0.94], "val": [0.96, 0.96, 0.96], "tecom": [0.80, 0.80, 0.80]}})
+    block = report.results_block(tmp_path / "study")
+    assert "| Crop | 3 | 94.00 ± 0.00 | no | 98.00 ± 0.00 | 90.00 ± 0.00 | n/a |" in block
+    assert "| Groupnorm | 3 | 96.00 ± 0.00 | yes | 94.00 ± 0.00 | 80.00 ± 0.00 | n/a |" in block
+    assert recommendation_text(block).startswith("**Recommended on `raw`: Groupnorm**: balanced accuracy on `tecom` "
+                                                 "80.00 ± 0.00%, gap own-test − `tecom` +14.00 ± 0.00 points")
+
+
+def test_a_run_without_validation_predictions_is_a_one_line_error(tmp_path):
+    write_study(tmp_path / "study", {"baseline": {"own": [0.98], "tecom": [0.45]}})
+    predictions_file(tmp_path / "study" / "baseline-raw-seed1" / "eval", "val").unlink()
+    with pytest.raises(errors.ConfigError, match="predictions_val.csv is missing: the recommendation rule's "
+                                                 "eligibility reads the validation split"):
+        report.results_block(tmp_path / "study")
 
 
 def test_adaptation_is_recommended_when_it_beats_the_choice_by_more_than_its_spread(tmp_path):

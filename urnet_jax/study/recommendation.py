@@ -1,13 +1,14 @@
-"""A cross-lab study's recommendation rule, applied by the report to the runs' own-test and external numbers.
+"""A cross-lab study's recommendation rule, applied by the report to the runs' validation, own-test and external
+numbers.
 
 The rule is data in the study config (`recommendation_rule`, recorded in study.json), written before the
 runs, so that the recommended model variant printed in a document is computed from the committed files:
 
   external:   the external set the recommendation is for (e.g. 'tecom'), a set of the study's `external`;
   adapted:    optional: the same images with test-time BatchNorm re-estimation (e.g. 'tecom_adapt_bn');
-  baseline:   the model variant the others must not fall behind on their own test split;
-  own_margin: points of own-test balanced accuracy a variant may lose against the baseline's mean and stay
-              eligible (e.g. 2.0);
+  baseline:   the model variant the others must not fall behind on their own validation split;
+  own_margin: points of validation balanced accuracy (at each run's selected checkpoint) a variant may lose
+              against the baseline's mean and stay eligible (e.g. 2.0);
   target_gap: the largest acceptable own-test − external balanced-accuracy gap, in points (e.g. 15.0);
   min_seeds:  seeds every model variant needs on the external set before the rule is applied.
 
@@ -16,7 +17,9 @@ accuracy on `external` (what prediction gives without adaptation). When an eligi
 `adapted` exceeds that by more than its own standard deviation over seeds, the recommendation becomes that
 variant with --adapt-bn. The target is met when the recommendation's mean gap own-test − external (paired
 by seed; on `adapted` with --adapt-bn) is at most `target_gap`. Balanced accuracy is
-`external.balanced_accuracy` (the mean recall over the classes a set has images of).
+`external.balanced_accuracy` (the mean recall over the classes a set has images of); on the validation split
+it is computed from the selected checkpoint's RUN/eval/predictions_val.csv, so no choice reads the test split
+(the own-test numbers only enter the reported gap).
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ import pathlib
 import statistics
 from collections.abc import Mapping, Sequence
 
+from urnet_jax.errors import ConfigError, DataError
+from urnet_jax.evaluation.metrics import classification_metrics
 from urnet_jax.evaluation.report import MISSING, markdown_table
+from urnet_jax.evaluation.split_predictions import predictions_file, read_split_predictions
 from urnet_jax.study import external as external_report
 from urnet_jax.study.results import FinishedRun, column_header, read_external_metrics
 from urnet_jax.study.rules import RecommendationRule
@@ -36,9 +42,11 @@ from urnet_jax.study.seed_stats import mean_std_points
 @dataclasses.dataclass(frozen=True)
 class VariantScores:
     """One model variant's balanced accuracies (fractions), one entry per seed evaluated on the external set:
-    own test split, external set, and the adapted set (only the seeds that have it)."""
+    own validation split (selected checkpoint), own test split, external set, and the adapted set (only the
+    seeds that have it)."""
 
     model: str
+    validation: tuple[float, ...]
     own: tuple[float, ...]
     external: tuple[float, ...]
     adapted: tuple[float, ...]
@@ -49,23 +57,39 @@ class VariantScores:
         return tuple(mine - theirs for mine, theirs in zip(self.own, self.external))
 
 
+def validation_balanced_accuracy(run_dir: pathlib.Path) -> float:
+    """A finished run's balanced accuracy (a fraction) on its validation split at the selected checkpoint, from
+    RUN/eval/predictions_val.csv; ConfigError (one line) when the file is missing or damaged."""
+    path = predictions_file(run_dir / "eval", "val")
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: the recommendation rule's eligibility reads the validation split "
+                          f"(train.select_on 'val')")
+    try:
+        predictions = read_split_predictions(path)
+    except DataError as error:
+        raise ConfigError(str(error)) from None
+    return external_report.balanced_accuracy(
+        classification_metrics(predictions.labels, predictions.predicted, predictions.class_names))
+
+
 def collect_scores(rule: RecommendationRule, results_dir: pathlib.Path,
                    runs: Sequence[FinishedRun]) -> dict[str, VariantScores]:
     """{model: its VariantScores} over the finished `runs` of one data variant (seed order)."""
     scores = {}
     for model in sorted({run.model for run in runs}):
-        own, there, adapted, adapted_gaps = [], [], [], []
+        validation, own, there, adapted, adapted_gaps = [], [], [], [], []
         for run in sorted((run for run in runs if run.model == model), key=lambda run: run.seed):
             metrics = read_external_metrics(results_dir / run.name, rule.external)
             if metrics is None:
                 continue
+            validation.append(validation_balanced_accuracy(results_dir / run.name))
             own.append(external_report.balanced_accuracy(run.metrics))
             there.append(external_report.balanced_accuracy(metrics))
             on_adapted = read_external_metrics(results_dir / run.name, rule.adapted) if rule.adapted else None
             if on_adapted is not None:
                 adapted.append(external_report.balanced_accuracy(on_adapted))
                 adapted_gaps.append(own[-1] - adapted[-1])
-        scores[model] = VariantScores(model, tuple(own), tuple(there), tuple(adapted), tuple(adapted_gaps))
+        scores[model] = VariantScores(model, tuple(validation), tuple(own), tuple(there), tuple(adapted), tuple(adapted_gaps))
     return scores
 
 
@@ -78,8 +102,8 @@ def recommendation_lines(rule: RecommendationRule, variant: str, models: Sequenc
     """The Markdown lines (each followed by '') of the rule on one data variant: the rule, each model
     variant's eligibility and means, and the recommendation with its target, or why it is not applied yet."""
     parts = [f"**Recommendation rule on `{variant}`** (study config `recommendation_rule`): the model variant "
-             f"with the highest mean balanced accuracy on `{rule.external}` among those whose own-test balanced "
-             f"accuracy is at most {rule.own_margin:g} points below {column_header(rule.baseline)}'s mean"
+             f"with the highest mean balanced accuracy on `{rule.external}` among those whose validation balanced "
+             f"accuracy (selected checkpoint) is at most {rule.own_margin:g} points below {column_header(rule.baseline)}'s mean"
              + (f"; with --adapt-bn when an eligible variant's mean on `{rule.adapted}` exceeds that by more than "
                 f"its standard deviation over seeds" if rule.adapted else "")
              + f". Target: a gap own-test − `{rule.external}` of at most {rule.target_gap:g} points.", ""]
@@ -88,12 +112,13 @@ def recommendation_lines(rule: RecommendationRule, variant: str, models: Sequenc
         counts = ", ".join(f"{column_header(model)} {count}" for model, count in seeds.items())
         return parts + [f"**Not applied yet**: the rule needs {rule.min_seeds} seeds of every model variant "
                         f"evaluated on `{rule.external}`; finished: {counts}.", ""]
-    floor = statistics.mean(scores[rule.baseline].own) - rule.own_margin / 100
-    eligible = [model for model in models if statistics.mean(scores[model].own) >= floor]
-    rows = [[column_header(model), str(seeds[model]), mean_std_points(scores[model].own),
-             "yes" if model in eligible else "no", mean_std_points(scores[model].external),
+    floor = statistics.mean(scores[rule.baseline].validation) - rule.own_margin / 100
+    eligible = [model for model in models if statistics.mean(scores[model].validation) >= floor]
+    rows = [[column_header(model), str(seeds[model]), mean_std_points(scores[model].validation),
+             "yes" if model in eligible else "no", mean_std_points(scores[model].own), mean_std_points(scores[model].external),
              mean_std_points(scores[model].adapted) if scores[model].adapted else MISSING] for model in models]
-    parts += [markdown_table(["model", "seeds", "own-test balanced accuracy", "eligible",
+    parts += [markdown_table(["model", "seeds", "validation balanced accuracy", "eligible",
+                              "own-test balanced accuracy",
                               f"`{rule.external}` balanced accuracy",
                               f"`{rule.adapted}` balanced accuracy" if rule.adapted else "adapted"], rows), ""]
     best = max(eligible, key=lambda model: statistics.mean(scores[model].external))
