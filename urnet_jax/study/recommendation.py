@@ -34,7 +34,9 @@ from urnet_jax.evaluation.metrics import classification_metrics
 from urnet_jax.evaluation.report import MISSING, markdown_table
 from urnet_jax.evaluation.split_predictions import predictions_file, read_split_predictions
 from urnet_jax.study import external as external_report
-from urnet_jax.study.results import FinishedRun, column_header, read_external_metrics
+from urnet_jax.study import rules
+from urnet_jax.study.results import (FinishedRun, collect_finished_runs, column_header, read_external_metrics,
+                                     read_study_config)
 from urnet_jax.study.rules import RecommendationRule
 from urnet_jax.study.seed_stats import mean_std_points
 
@@ -89,12 +91,62 @@ def collect_scores(rule: RecommendationRule, results_dir: pathlib.Path,
             if on_adapted is not None:
                 adapted.append(external_report.balanced_accuracy(on_adapted))
                 adapted_gaps.append(own[-1] - adapted[-1])
-        scores[model] = VariantScores(model, tuple(validation), tuple(own), tuple(there), tuple(adapted), tuple(adapted_gaps))
+        scores[model] = VariantScores(model, tuple(validation), tuple(own), tuple(there), tuple(adapted),
+                                      tuple(adapted_gaps))
     return scores
 
 
 def _std(values: Sequence[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Recommendation:
+    """What the rule recommends on one data variant: the model variant, whether with --adapt-bn, the set its
+    numbers are on (`rule.external`, or `rule.adapted` with --adapt-bn), its balanced accuracies there and
+    its gaps own-test − there (fractions, by seed), and the eligible model variants."""
+
+    model: str
+    adapt_bn: bool
+    on: str
+    balanced: tuple[float, ...]
+    gaps: tuple[float, ...]
+    eligible: tuple[str, ...]
+
+    def target_met(self, rule: RecommendationRule) -> bool:
+        return 100 * statistics.mean(self.gaps) <= rule.target_gap
+
+
+def recommend(rule: RecommendationRule, models: Sequence[str],
+              scores: Mapping[str, VariantScores]) -> Recommendation | None:
+    """The rule applied to the `models` of one data variant; None until each has `rule.min_seeds` seeds."""
+    if any(model not in scores or len(scores[model].external) < rule.min_seeds for model in models):
+        return None
+    floor = statistics.mean(scores[rule.baseline].validation) - rule.own_margin / 100
+    eligible = tuple(model for model in models if statistics.mean(scores[model].validation) >= floor)
+    best = max(eligible, key=lambda model: statistics.mean(scores[model].external))
+    best_mean = statistics.mean(scores[best].external)
+    adapted = [model for model in eligible if scores[model].adapted
+               and statistics.mean(scores[model].adapted) - best_mean > _std(scores[model].adapted)]
+    if adapted:
+        choice = max(adapted, key=lambda model: statistics.mean(scores[model].adapted))
+        return Recommendation(choice, True, rule.adapted, scores[choice].adapted, scores[choice].adapted_gaps,
+                              eligible)
+    return Recommendation(best, False, rule.external, scores[best].external, scores[best].gaps, eligible)
+
+
+def recommendations(results_dir: str | pathlib.Path) -> dict[str, Recommendation | None]:
+    """{data variant: the rule's Recommendation, None while it waits for seeds} of a results folder's finished
+    runs, under the rule its study.json records ({} without one)."""
+    results_dir = pathlib.Path(results_dir)
+    study = read_study_config(results_dir)
+    rule = rules.recommendation_rule(study.get("recommendation_rule") if study is not None else None)
+    if rule is None:
+        return {}
+    runs = collect_finished_runs(results_dir)
+    return {variant: recommend(rule, list(study.models),
+                               collect_scores(rule, results_dir, [run for run in runs if run.data_variant == variant]))
+            for variant in sorted({run.data_variant for run in runs})}
 
 
 def recommendation_lines(rule: RecommendationRule, variant: str, models: Sequence[str],
@@ -103,36 +155,27 @@ def recommendation_lines(rule: RecommendationRule, variant: str, models: Sequenc
     variant's eligibility and means, and the recommendation with its target, or why it is not applied yet."""
     parts = [f"**Recommendation rule on `{variant}`** (study config `recommendation_rule`): the model variant "
              f"with the highest mean balanced accuracy on `{rule.external}` among those whose validation balanced "
-             f"accuracy (selected checkpoint) is at most {rule.own_margin:g} points below {column_header(rule.baseline)}'s mean"
+             f"accuracy (selected checkpoint) is at most {rule.own_margin:g} points below "
+             f"{column_header(rule.baseline)}'s mean"
              + (f"; with --adapt-bn when an eligible variant's mean on `{rule.adapted}` exceeds that by more than "
                 f"its standard deviation over seeds" if rule.adapted else "")
              + f". Target: a gap own-test − `{rule.external}` of at most {rule.target_gap:g} points.", ""]
     seeds = {model: len(scores[model].external) if model in scores else 0 for model in models}
-    if any(count < rule.min_seeds for count in seeds.values()):
+    choice = recommend(rule, models, scores)
+    if choice is None:
         counts = ", ".join(f"{column_header(model)} {count}" for model, count in seeds.items())
         return parts + [f"**Not applied yet**: the rule needs {rule.min_seeds} seeds of every model variant "
                         f"evaluated on `{rule.external}`; finished: {counts}.", ""]
-    floor = statistics.mean(scores[rule.baseline].validation) - rule.own_margin / 100
-    eligible = [model for model in models if statistics.mean(scores[model].validation) >= floor]
     rows = [[column_header(model), str(seeds[model]), mean_std_points(scores[model].validation),
-             "yes" if model in eligible else "no", mean_std_points(scores[model].own), mean_std_points(scores[model].external),
+             "yes" if model in choice.eligible else "no", mean_std_points(scores[model].own),
+             mean_std_points(scores[model].external),
              mean_std_points(scores[model].adapted) if scores[model].adapted else MISSING] for model in models]
     parts += [markdown_table(["model", "seeds", "validation balanced accuracy", "eligible",
-                              "own-test balanced accuracy",
-                              f"`{rule.external}` balanced accuracy",
+                              "own-test balanced accuracy", f"`{rule.external}` balanced accuracy",
                               f"`{rule.adapted}` balanced accuracy" if rule.adapted else "adapted"], rows), ""]
-    best = max(eligible, key=lambda model: statistics.mean(scores[model].external))
-    best_mean = statistics.mean(scores[best].external)
-    adapted = [model for model in eligible if scores[model].adapted
-               and statistics.mean(scores[model].adapted) - best_mean > _std(scores[model].adapted)]
-    if adapted:
-        choice = max(adapted, key=lambda model: statistics.mean(scores[model].adapted))
-        name, on, values, gaps = (f"{column_header(choice)} with --adapt-bn", rule.adapted,
-                                  scores[choice].adapted, scores[choice].adapted_gaps)
-    else:
-        name, on, values, gaps = column_header(best), rule.external, scores[best].external, scores[best].gaps
-    gap = 100 * statistics.mean(gaps)
-    target = "met" if gap <= rule.target_gap else "not met"
-    return parts + [f"**Recommended on `{variant}`: {name}**: balanced accuracy on `{on}` "
-                    f"{mean_std_points(values)}%, gap own-test − `{on}` {mean_std_points(gaps, signed=True)} points: "
-                    f"the target (at most {rule.target_gap:g}) is **{target}**.", ""]
+    name = column_header(choice.model) + (" with --adapt-bn" if choice.adapt_bn else "")
+    target = "met" if choice.target_met(rule) else "not met"
+    return parts + [f"**Recommended on `{variant}`: {name}**: balanced accuracy on `{choice.on}` "
+                    f"{mean_std_points(choice.balanced)}%, gap own-test − `{choice.on}` "
+                    f"{mean_std_points(choice.gaps, signed=True)} points: the target (at most "
+                    f"{rule.target_gap:g}) is **{target}**.", ""]
