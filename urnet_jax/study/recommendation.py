@@ -34,9 +34,7 @@ from urnet_jax.evaluation.metrics import classification_metrics
 from urnet_jax.evaluation.report import MISSING, markdown_table
 from urnet_jax.evaluation.split_predictions import predictions_file, read_split_predictions
 from urnet_jax.study import external as external_report
-from urnet_jax.study import rules
-from urnet_jax.study.results import (FinishedRun, collect_finished_runs, column_header, read_external_metrics,
-                                     read_study_config)
+from urnet_jax.study.results import FinishedRun, column_header, read_external_metrics
 from urnet_jax.study.rules import RecommendationRule
 from urnet_jax.study.seed_stats import mean_std_points
 
@@ -133,20 +131,6 @@ def recommend(rule: RecommendationRule, models: Sequence[str],
         return Recommendation(choice, True, rule.adapted, scores[choice].adapted, scores[choice].adapted_gaps,
                               eligible)
     return Recommendation(best, False, rule.external, scores[best].external, scores[best].gaps, eligible)
-
-
-def recommendations(results_dir: str | pathlib.Path) -> dict[str, Recommendation | None]:
-    """{data variant: the rule's Recommendation, None while it waits for seeds} of a results folder's finished
-    runs, under the rule its study.json records ({} without one)."""
-    results_dir = pathlib.Path(results_dir)
-    study = read_study_config(results_dir)
-    rule = rules.recommendation_rule(study.get("recommendation_rule") if study is not None else None)
-    if rule is None:
-        return {}
-    runs = collect_finished_runs(results_dir)
-    return {variant: recommend(rule, list(study.models),
-                               collect_scores(rule, results_dir, [run for run in runs if run.data_variant == variant]))
-            for variant in sorted({run.data_variant for run in runs})}
 
 
 def recommendation_lines(rule: RecommendationRule, variant: str, models: Sequence[str],
