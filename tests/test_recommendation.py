@@ -14,7 +14,7 @@ import pytest
 from urnet_jax import cli, errors
 from urnet_jax.evaluation.metrics import metrics_from_confusion
 from urnet_jax.evaluation.split_predictions import predictions_file
-from urnet_jax.study import report, rules, sweep
+from urnet_jax.study import recommendation, report, rules, sweep
 
 from test_paired import CLASSES, write_finished_run, write_predictions  # tests/ is on sys.path (rootdir conftest)
 from tiny_run import REPO_ROOT
@@ -108,6 +108,9 @@ def test_adaptation_is_recommended_when_it_beats_the_choice_by_more_than_its_spr
     assert recommendation_text(report.results_block(tmp_path / "study")) == (
         "**Recommended on `raw`: Baseline with --adapt-bn**: balanced accuracy on `tecom_adapt_bn` 86.00 ± 1.00%, "
         "gap own-test − `tecom_adapt_bn` +12.00 ± 1.00 points: the target (at most 15) is **met**.")
+    choice = recommendation.recommended(tmp_path / "study")["raw"]  # what configs read: the report's decision
+    assert (choice.model, choice.adapt_bn, choice.on) == ("baseline", True, "tecom_adapt_bn")
+    assert choice.target_met(rules.recommendation_rule(RULE)) and choice.eligible == ("baseline", "crop")
 
 
 def test_the_rule_waits_for_every_variants_seeds(tmp_path):
@@ -117,8 +120,11 @@ def test_the_rule_waits_for_every_variants_seeds(tmp_path):
     assert recommendation_text(report.results_block(tmp_path / "study")) == (
         "**Not applied yet**: the rule needs 3 seeds of every model variant evaluated on `tecom`; finished: "
         "Baseline 3, Crop 2, Stain 0.")
+    assert recommendation.recommended(tmp_path / "study") == {"raw": None}
     (tmp_path / "study" / "study.json").write_text(json.dumps({"models": {"baseline": {}}}))
     assert "Recommend" not in report.results_block(tmp_path / "study")
+    with pytest.raises(errors.ConfigError, match="study.json has no recommendation_rule"):
+        recommendation.recommended(tmp_path / "study")
 
 
 @pytest.mark.parametrize("changes, message", [

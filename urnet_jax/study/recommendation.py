@@ -25,18 +25,23 @@ it is computed from the selected checkpoint's RUN/eval/predictions_val.csv, so n
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import statistics
 from collections.abc import Mapping, Sequence
 
+from urnet_jax.data.plan import VARIANTS
 from urnet_jax.errors import ConfigError, DataError
 from urnet_jax.evaluation.metrics import classification_metrics
 from urnet_jax.evaluation.report import MISSING, markdown_table
 from urnet_jax.evaluation.split_predictions import predictions_file, read_split_predictions
 from urnet_jax.study import external as external_report
-from urnet_jax.study.results import FinishedRun, column_header, read_external_metrics
+from urnet_jax.study import rules
+from urnet_jax.study.results import (FinishedRun, collect_finished_runs, column_header, ordered,
+                                     read_external_metrics, read_study_config)
 from urnet_jax.study.rules import RecommendationRule
 from urnet_jax.study.seed_stats import mean_std_points
+from urnet_jax.study.sweep import ABLATION_MODELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +99,18 @@ def collect_scores(rule: RecommendationRule, results_dir: pathlib.Path,
     return scores
 
 
+def scores_by_data_variant(rule: RecommendationRule, results_dir: pathlib.Path,
+                           runs: Sequence[FinishedRun]) -> dict[str, dict[str, VariantScores]]:
+    """{data variant: `collect_scores` of its finished runs}, data variants in the report's order."""
+    return {variant: collect_scores(rule, results_dir, [run for run in runs if run.data_variant == variant])
+            for variant in ordered([run.data_variant for run in runs], VARIANTS)}
+
+
+def rule_models(study_models: Sequence[str]) -> list[str]:
+    """The model variants of a study in the order the rule considers them (and the report lists them)."""
+    return ordered(list(study_models), ABLATION_MODELS)
+
+
 def _std(values: Sequence[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -131,6 +148,20 @@ def recommend(rule: RecommendationRule, models: Sequence[str],
         return Recommendation(choice, True, rule.adapted, scores[choice].adapted, scores[choice].adapted_gaps,
                               eligible)
     return Recommendation(best, False, rule.external, scores[best].external, scores[best].gaps, eligible)
+
+
+def recommended(results_dir: str | os.PathLike) -> dict[str, Recommendation | None]:
+    """{data variant: what the study's recommendation rule recommends (None until every model variant has its
+    seeds)} from a study folder's committed files, as its report computes it; a one-line ConfigError when the
+    folder's study.json has no recommendation rule."""
+    results_dir = pathlib.Path(results_dir)
+    study = read_study_config(results_dir)
+    rule = rules.recommendation_rule(study.get("recommendation_rule") if study is not None else None)
+    if rule is None:
+        raise ConfigError(f"{results_dir / 'study.json'} has no recommendation_rule")
+    models = rule_models(list(study["models"]))
+    return {variant: recommend(rule, models, scores) for variant, scores in
+            scores_by_data_variant(rule, results_dir, collect_finished_runs(results_dir)).items()}
 
 
 def recommendation_lines(rule: RecommendationRule, variant: str, models: Sequence[str],

@@ -309,11 +309,9 @@ def results_block(results_dir: str | os.PathLike) -> str:
     parts += external.external_sections(results_dir, runs)
     recommend = rules.recommendation_rule(study.get("recommendation_rule") if study is not None else None)
     if recommend is not None and runs:
-        for variant in ordered([run.data_variant for run in runs], VARIANTS):
-            of_variant = [run for run in runs if run.data_variant == variant]
-            parts += recommendation.recommendation_lines(
-                recommend, variant, ordered(list(study.models), ABLATION_MODELS),
-                recommendation.collect_scores(recommend, results_dir, of_variant))
+        models = recommendation.rule_models(list(study.models))
+        for variant, scores in recommendation.scores_by_data_variant(recommend, results_dir, runs).items():
+            parts += recommendation.recommendation_lines(recommend, variant, models, scores)
     parts.append(MARKER_END.format(name=name))
     return "\n".join(parts)
 
