@@ -1,12 +1,13 @@
 """The cross-lab study's recommendation rule (urnet_jax/study/recommendation.py, urnet_jax/study/rules.py):
 eligibility on the own validation split (never the test split), the choice on the external set, --adapt-bn
-only when it beats that by more than its spread, the target, 'not applied yet', and bad rules as one-line
-errors."""
+only when it beats that by more than its spread, the target, 'not applied yet', bad rules as one-line
+errors, and configs/other_microscope.py against the rule applied to the committed results/cross_lab."""
 
 from __future__ import annotations
 
 import json
 import pathlib
+import runpy
 
 import numpy as np
 import pytest
@@ -149,3 +150,15 @@ def test_the_cross_lab_config_writes_down_the_documented_rule():
     rule = rules.recommendation_rule(study.recommendation_rule, list(study.models), list(study.external))
     assert (rule.external, rule.adapted, rule.baseline) == ("tecom", "tecom_adapt_bn", "baseline")
     assert (rule.own_margin, rule.target_gap, rule.min_seeds) == (2.0, 15.0, len(study.seeds))
+
+
+def test_the_other_microscope_config_is_what_the_cross_lab_rule_recommends():
+    """configs/other_microscope.py names the variant (and --adapt-bn) the rule picks from the committed
+    results/cross_lab, and is the cross-lab base config with exactly that variant's changes."""
+    choice = recommendation.recommended(REPO_ROOT / "results" / "cross_lab")["raw"]
+    assert choice is not None, "results/cross_lab lacks seeds the rule needs"
+    recommended = runpy.run_path(str(REPO_ROOT / "configs" / "other_microscope.py"))
+    assert (recommended["RECOMMENDED"], recommended["ADAPT_BN"]) == (choice.model, choice.adapt_bn)
+    study = cli.load_config_file(str(REPO_ROOT / "configs" / "cross_lab.py"))
+    config = cli.load_config_file(str(REPO_ROOT / "configs" / "other_microscope.py"))
+    assert config.to_dict() == sweep.with_overrides(study.base, study.models[choice.model]).to_dict()
