@@ -126,6 +126,18 @@ def test_load_pretrained_from_pth_and_converted_checkpoint(resnet18_pth, resnet1
     assert _same_tree(port.load_pretrained(converted, "resnet18", 3, rng), from_pth)  # same rng, same head
 
 
+def test_body_digest_names_the_weights_whatever_their_head(resnet18_pth, resnet18_state_dict):
+    weights = port.from_torchvision("resnet18", resnet18_state_dict)
+    digest = port.body_digest(weights, "resnet18")
+    assert port.body_digest(port.load_pretrained(resnet18_pth, "resnet18", 3, jax.random.key(0)), "resnet18") == digest
+    changed = jax.tree.map(np.array, weights)
+    changed["batch_stats"]["bn1"]["mean"][0] += 1e-6
+    assert port.body_digest(changed, "resnet18") != digest
+    changed = jax.tree.map(np.array, weights)
+    changed["params"]["conv1"]["kernel"].flat[0] *= -1
+    assert port.body_digest(changed, "resnet18") != digest
+
+
 def test_load_pretrained_rejects_another_architecture(resnet18_pth, resnet18_state_dict, tmp_path):
     rng = jax.random.key(0)
     with pytest.raises(errors.PortError, match=r"holds resnet18 weights, not resnet34$"):

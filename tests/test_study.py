@@ -982,3 +982,26 @@ def test_report_plots_the_phase2_learning_curves_of_every_finished_run(results, 
 
 def test_signed_differences_never_print_minus_zero():
     assert [paired.signed(value) for value in (-0.0, -0.004, -0.006, 1.234)] == ["+0.00", "+0.00", "−0.01", "+1.23"]
+
+
+def test_report_says_what_each_runs_classifier_started_from_and_flags_a_seed_that_mixes_starts(results):
+    folder, _ = results
+    for name in ("net1-raw-seed1", "net1-raw-seed2", "net1-raw-seed3", "net4-raw-seed1", "net4-raw-seed2"):
+        saved = json.loads((folder / name / "config.json").read_text())
+        saved["model"]["pretrained"] = "results/hand_made/standin_dataseed1"
+        (folder / name / "config.json").write_text(json.dumps(saved))
+    starts = {"net1-raw-seed1": ("a" * 64, 0.99), "net4-raw-seed1": ("b" * 64, 0.98),
+              "net1-raw-seed2": ("c" * 64, 0.97), "net4-raw-seed2": ("c" * 64, 0.97)}
+    for name, (digest, accuracy) in starts.items():
+        (folder / name / "pretrained.json").write_text(json.dumps(
+            {"source": "results/hand_made/standin_dataseed1", "body_sha256": digest, "source_test_accuracy": accuracy}))
+    raw, proxy = report.results_block(folder).split("data variant `stainfree_proxy`")
+    line = next(line for line in raw.splitlines() if line.startswith("Classifier starts"))
+    assert ("seed 1: `aaaaaaaa` (its test accuracy 99.00%) for Net1; `bbbbbbbb` (its test accuracy 98.00%) for Net4 "
+            "(**different weights within one seed**") in line
+    assert "seed 2: `cccccccc` (its test accuracy 97.00%) for Net1, Net4;" in line
+    assert "not recorded for 1 run(s) of seed(s) 3" in line
+    assert "Classifier starts" not in proxy  # its run loads no pretrained classifier
+    (folder / "net1-raw-seed2" / "pretrained.json").write_text("{}")
+    with pytest.raises(errors.ConfigError, match="pretrained.json is not a pretrained-classifier record"):
+        report.results_block(folder)

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import urnet_jax.data as data_lib
-from urnet_jax import cli, config as config_lib, errors, sharding, train_state, trainer, workdir as workdir_lib
+from urnet_jax import cli, config as config_lib, errors, port, sharding, train_state, trainer, workdir as workdir_lib
 from urnet_jax.checkpointing import CheckpointStore
 from tiny_run import REPO_ROOT, shared_directory, tiny_config
 
@@ -147,8 +147,8 @@ def test_enhancer_lr_scale_scales_the_enhancers_updates_only(name):
 
 def test_a_classifier_pretrained_by_another_run(trained_run, tmp_path):  # noqa: F811
     source = workdir_lib.load_run(trained_run, "best")
-    config = tiny_config(**{"model.enhancer": "none", "pretrain.epochs": 0,
-                            "model.pretrained": str(trained_run)})
+    config = tiny_config(prepared_dir=trained_run / "data", **{"model.enhancer": "none", "pretrain.epochs": 0,
+                                                                "model.pretrained": str(trained_run)})
     model = train_state.build(config, 5)
     mesh = sharding.data_mesh()
     fresh = train_state.init_variables(model, ("classifier",), 96, jax.random.PRNGKey(0), sharding.replicated(mesh))
@@ -160,6 +160,19 @@ def test_a_classifier_pretrained_by_another_run(trained_run, tmp_path):  # noqa:
         jax.tree.map(np.testing.assert_array_equal, classifier[name], original[name])
     jax.tree.map(np.testing.assert_array_equal, variables["batch_stats"]["classifier"],
                  source.variables["batch_stats"]["classifier"])
+    # The run records what it started from: the source's body digest (the head excluded) and test accuracy.
+    context = trainer.make_context(config, tmp_path, show_progress=False)
+    trainer.pretrained_classifier_variables(context)
+    record = json.loads((tmp_path / workdir_lib.PRETRAINED_RECORD).read_text())
+    source_classifier = {collection: trees["classifier"] for collection, trees in source.variables.items()}
+    assert record["body_sha256"] == port.body_digest(source_classifier, "resnet18")
+    assert pathlib.Path(record["source"]).resolve() == trained_run.resolve()
+    assert "source_test_accuracy" not in record  # the source run has not been evaluated
+    evaluated_source, run = tmp_path / "evaluated_source", tmp_path / "run"
+    (evaluated_source / "eval").mkdir(parents=True)
+    run.mkdir()
+    (evaluated_source / "eval" / "metrics.json").write_text(json.dumps({"accuracy": 0.75}))
+    assert workdir_lib.write_pretrained_record(run, evaluated_source, "resnet18", loaded)["source_test_accuracy"] == 0.75
     # Another architecture is refused in one line before anything is trained.
     with pytest.raises(errors.ConfigError, match=r"another classifier architecture .*classifier_width 4 != 8"):
         tiny_config(**{"model.enhancer": "none", "model.pretrained": str(trained_run), "model.classifier_width": 8})

@@ -282,6 +282,20 @@ def replace_head(
     return {**variables, "params": {**variables["params"], head: new_head}}
 
 
+def body_digest(variables: Variables, name: str) -> str:
+    """SHA-256 (hex) of classifier `name`'s variables without its head's params: what a fine-tuned model
+    inherits from pretrained weights, whatever head they came with. Each leaf counts by its path and its
+    float32 bytes, in path order, so the same weights give the same digest from a .pth or a run's checkpoint."""
+    head = torchvision_layout(name).head
+    digest = hashlib.sha256()
+    leaves = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(variables)}
+    for key in sorted(leaves):
+        if not key.startswith(f"['params']['{head}']"):
+            digest.update(key.encode())
+            digest.update(np.ascontiguousarray(np.asarray(leaves[key], np.float32)).tobytes())
+    return digest.hexdigest()
+
+
 def num_classes_of(variables: Variables, name: str) -> int:
     """The number of classes of classifier `name`'s `variables` (its head's output size)."""
     return int(variables["params"][torchvision_layout(name).head]["kernel"].shape[-1])

@@ -45,7 +45,7 @@ from urnet_jax.run_log import announce_estimate, open_outputs, print_start, reco
 from urnet_jax.train_state import (HEAD_KEY_FOLD, PHASE_PARTS, TrainState, Variables, abstract_state, init_variables,
                                    new_state, with_pretrained_classifier)
 from urnet_jax.workdir import (Checkpoints, Position, check_workdir_config, empty_partial, prepared_dir_of,
-                               pretrained_classifier)
+                               pretrained_classifier, write_pretrained_record)
 
 # Steps timed (after the first, which compiles) in the first epoch a process runs of a phase, before the
 # phase's time estimate is printed (not at all when that epoch has fewer steps left).
@@ -82,12 +82,17 @@ def restore(context: RunContext, checkpoints: Checkpoints) -> tuple[TrainState, 
 
 def pretrained_classifier_variables(context: RunContext) -> Variables:
     """The classifier variables of model.pretrained with a new head (from fold_in(init key, HEAD_KEY_FOLD)):
-    a training run's `best` classifier (`workdir.pretrained_classifier`), or torchvision weights."""
+    a training run's `best` classifier (`workdir.pretrained_classifier`), or torchvision weights; the
+    workdir's pretrained.json records which (`workdir.write_pretrained_record`)."""
     source, name = context.config.model.pretrained, context.config.model.classifier
     num_classes, head_key = len(context.info.class_names), jax.random.fold_in(context.init_key, HEAD_KEY_FOLD)
     if config_lib.is_run_directory(source):
-        return pretrained_classifier(source, name, num_classes, head_key)
-    return load_pretrained(source, name, num_classes, head_key)
+        loaded = pretrained_classifier(source, name, num_classes, head_key)
+    else:
+        loaded = load_pretrained(source, name, num_classes, head_key)
+    if context.is_main:
+        write_pretrained_record(context.workdir, source, name, loaded)
+    return loaded
 
 
 def initial_state(context: RunContext, checkpoints: Checkpoints, phase: int) -> TrainState:

@@ -17,6 +17,9 @@
     checkpoints/best/      phase 2's weights {'params', 'batch_stats'} (of one step) of the highest accuracy on
                            the selection split (train.select_on: 'val', or 'test' for the paper's protocol)
     checkpoints/pretrain_best/  phase 1's enhancer weights of the lowest reconstruction MSE on that split
+    pretrained.json        with model.pretrained: what phase 2's classifier started from: source (the weight
+                           file or run, relative to the current directory), body_sha256 (`port.body_digest`
+                           of the loaded weights) and, for a run, source_test_accuracy (its eval/metrics.json)
     checkpoints/corrupt/   unreadable checkpoints moved aside on resume (never deleted)
     data/                  the prepared data set (unless config.data.prepared_dir is set)
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -36,10 +40,11 @@ import urnet_jax.data as data_lib
 from urnet_jax import config as config_lib, sharding
 from urnet_jax.checkpointing import CheckpointStore
 from urnet_jax.errors import ConfigError, NoReadableCheckpoint
-from urnet_jax.port import replace_head
+from urnet_jax.port import body_digest, replace_head
 from urnet_jax.train_state import JOINT, PHASE_PARTS, PRETRAIN, TrainState, Variables, abstract_variables, build
 
 CHECKPOINT_NAMES = ("best", "latest")
+PRETRAINED_RECORD = "pretrained.json"
 # Keys that may change between a run and its resumption (they do not alter the computation so far).
 RESUMABLE_KEYS = frozenset({"train.epochs", "checkpoint.every_steps", "checkpoint.keep", "log_every_steps",
                             "data.prepared_dir", "pretrain.min_psnr"})
@@ -220,6 +225,19 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = "best") -> Run:
         raise ConfigError(f"{workdir} has no '{checkpoint}' checkpoint yet")
     variables = {"params": restored.state["params"], "batch_stats": restored.state["batch_stats"]}
     return Run(config=config, model=model, variables=variables, class_names=class_names, prepared_dir=prepared_dir)
+
+
+def write_pretrained_record(workdir: str | pathlib.Path, source: str | pathlib.Path, name: str,
+                            variables: Variables) -> dict[str, Any]:
+    """Writes <workdir>/pretrained.json (module docstring) for classifier `name`'s `variables` loaded from
+    `source`, so that runs can be told apart by the weights they started from; returns the record."""
+    record: dict[str, Any] = {"source": os.path.relpath(pathlib.Path(source).resolve()),
+                              "body_sha256": body_digest(variables, name)}
+    source_metrics = pathlib.Path(source) / "eval" / "metrics.json"
+    if source_metrics.is_file():
+        record["source_test_accuracy"] = json.loads(source_metrics.read_text())["accuracy"]
+    (pathlib.Path(workdir) / PRETRAINED_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return record
 
 
 def pretrained_classifier(run_dir: str | pathlib.Path, name: str, num_classes: int, head_key: jax.Array) -> Variables:

@@ -30,7 +30,7 @@ from urnet_jax.evaluation.report import MISSING, markdown_table, table3
 from urnet_jax.models.registry import display_name
 from urnet_jax.study import decision, external, paired, phase1, recommendation, rules, tuning
 from urnet_jax.study.results import (FinishedRun, collect_finished_runs, column_header, epoch_to_epoch_change,
-                                     ordered, read_baseline, read_comparisons, read_study_config,
+                                     is_number, ordered, read_baseline, read_comparisons, read_study_config,
                                      unselected_accuracy)
 from urnet_jax.study.seed_stats import (Pick, aggregate_metrics, common_classes, difference_cell, mean_std_points,
                                         paired_differences, t_interval)
@@ -223,6 +223,38 @@ def progress_table(study: Mapping[str, Any], runs: Sequence[FinishedRun]) -> str
             f"{total} of {planned}.")
 
 
+def classifier_starts(runs: Sequence[FinishedRun]) -> str | None:
+    """One paragraph on what the runs' classifiers started from (their pretrained.json), by seed, with a
+    warning for a seed whose runs loaded different weights (its paired differences then mix two starts);
+    None when no run loads a pretrained classifier."""
+    loading = [run for run in runs if run.config.get("model", {}).get("pretrained")]
+    if not loading:
+        return None
+    sentences = []
+    for seed in sorted({run.seed for run in loading if run.pretrained is not None}):
+        starts: dict[str, list[FinishedRun]] = {}
+        for run in loading:
+            if run.seed == seed and run.pretrained is not None:
+                starts.setdefault(run.pretrained["body_sha256"][:8], []).append(run)
+        described = []
+        for digest, started in starts.items():
+            accuracy = started[0].pretrained.get("source_test_accuracy")
+            shown = f" (its test accuracy {100 * accuracy:.2f}%)" if is_number(accuracy) else ""
+            models = ", ".join(column_header(run.model) for run in started)
+            described.append(f"`{digest}`{shown} for {models}")
+        sentence = f"seed {seed}: " + "; ".join(described)
+        if len(starts) > 1:
+            sentence += " (**different weights within one seed**: its paired differences mix two starts)"
+        sentences.append(sentence)
+    unrecorded = [run for run in loading if run.pretrained is None]
+    if unrecorded:
+        seeds = ", ".join(map(str, sorted({run.seed for run in unrecorded})))
+        sentences.append(f"not recorded for {len(unrecorded)} run(s) of seed(s) {seeds} (finished before runs "
+                         "recorded it)")
+    return ("Classifier starts (each run's pretrained.json: the first 8 hex digits of the loaded weights' "
+            "digest without the head, and the source run's recorded test accuracy): " + "; ".join(sentences) + ".")
+
+
 def _test_images(runs: Sequence[FinishedRun]) -> str:
     """'granulocyte 125, monocyte 125, ...': the test split's images per class, or 'mixed' when runs differ."""
     splits = {tuple((name, run.metrics["per_class"][name].get("support")) for name in run.metrics["classes"])
@@ -270,6 +302,9 @@ def results_block(results_dir: str | os.PathLike) -> str:
                   "Settings of these runs (config.json): " + ", ".join(
                       f"`{key}` {_display(_shared_value(of_variant, key))}" for key in PROTOCOL_KEYS)
                   + f"; test images per class (eval/metrics.json): {_test_images(of_variant)}.", ""]
+        starts = classifier_starts(of_variant)
+        if starts is not None:
+            parts += [starts, ""]
         classes = common_classes([run.metrics for run in of_variant])
         by_seed = paired_table(of_variant, classes)
         if by_seed is not None:

@@ -41,6 +41,9 @@ class FinishedRun:
     phase1_rows: tuple[Mapping[str, Any], ...] = ()
     # The dotted keys its config.json holds (`config` also has those added since, at their defaults).
     recorded_keys: frozenset[str] = frozenset()
+    # What its classifier started from (pretrained.json, `workdir.write_pretrained_record`); None when the
+    # run has no model.pretrained or finished before runs recorded it.
+    pretrained: Mapping[str, Any] | None = None
 
 
 def is_number(value: Any) -> bool:
@@ -106,8 +109,20 @@ def collect_finished_runs(results_dir: str | os.PathLike) -> list[FinishedRun]:
         runs.append(FinishedRun(name=child.name, model=match["model"], data_variant=variant, seed=seed,
                                 config=config, metrics=metrics, test_accuracy_curve=_phase2_curve(rows),
                                 phase1_rows=tuple(_rows_of_phase(rows, 1)),
-                                recorded_keys=frozenset(config_lib.flatten(saved))))
+                                recorded_keys=frozenset(config_lib.flatten(saved)),
+                                pretrained=_pretrained_record(child)))
     return runs
+
+
+def _pretrained_record(run_dir: pathlib.Path) -> dict[str, Any] | None:
+    """<run_dir>/pretrained.json, None when absent; ConfigError when it is not a record with a body digest."""
+    path = run_dir / workdir_lib.PRETRAINED_RECORD
+    if not path.is_file():
+        return None
+    record = _read_json(path)
+    if not (isinstance(record, dict) and isinstance(record.get("body_sha256"), str)):
+        raise ConfigError(f"{path} is not a pretrained-classifier record (no body_sha256)")
+    return record
 
 
 def _read_json(path: pathlib.Path) -> Any:

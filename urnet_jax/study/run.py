@@ -17,7 +17,10 @@ A study with a pretrained classifier (`sweep`: 'pretrained_classifier') first tr
 as OUT/standin_dataseed<k>/ (evaluated on its own test split into its eval/), then the runs that load it;
 with 'standins_dir' it loads the finished stand-ins of another study's folder instead (checked, never trained).
 A stand-in counts as finished only with its checkpoints: in a fresh clone, which holds its committed results
-but no checkpoints, the study trains it again (printing the recorded and the new test accuracy).
+but no checkpoints, the study trains it again (printing the recorded and the new test accuracy). On another
+CPU the same config can train other weights (float rounding differs between instruction sets), so every run
+records what it loaded (its pretrained.json, `workdir.write_pretrained_record`) and the report flags a seed
+whose runs loaded different weights.
 
 Locations in a finished run's config.json and in OUT/study.json (data.dir, data.prepared_dir,
 model.pretrained) are written relative to the directory the study runs from (the repository root in every
