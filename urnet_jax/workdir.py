@@ -17,11 +17,12 @@
     checkpoints/best/      phase 2's weights {'params', 'batch_stats'} (of one step) of the highest accuracy on
                            the selection split (train.select_on: 'val', or 'test' for the paper's protocol)
     checkpoints/pretrain_best/  phase 1's enhancer weights of the lowest reconstruction MSE on that split
-    pretrained.json        with model.pretrained: what phase 2's classifier started from: source (the weight
-                           file or run, relative to the current directory), body_sha256 (`port.body_digest`
-                           of the loaded weights) and, for a run, source_test_accuracy (its eval/metrics.json)
     checkpoints/corrupt/   unreadable checkpoints moved aside on resume (never deleted)
     data/                  the prepared data set (unless config.data.prepared_dir is set)
+    pretrained.json        with model.pretrained: what phase 2's classifier started from: source (the weight
+                           file or run, relative to the current directory), body_sha256 (`port.body_digest`
+                           of the loaded weights) and, for an evaluated run, source_test_accuracy (its
+                           eval/metrics.json)
 """
 
 from __future__ import annotations
@@ -234,8 +235,10 @@ def write_pretrained_record(workdir: str | pathlib.Path, source: str | pathlib.P
     record: dict[str, Any] = {"source": os.path.relpath(pathlib.Path(source).resolve()),
                               "body_sha256": body_digest(variables, name)}
     source_metrics = pathlib.Path(source) / "eval" / "metrics.json"
-    if source_metrics.is_file():
+    try:  # an unevaluated run or a weight file has none; an unreadable one only leaves it out
         record["source_test_accuracy"] = json.loads(source_metrics.read_text())["accuracy"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     (pathlib.Path(workdir) / PRETRAINED_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
