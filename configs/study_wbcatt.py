@@ -57,9 +57,9 @@ logging included, the final evaluation on the 3099 test images adds about 1 min)
 variant. On a 2-core AMD EPYC with AVX2 (no AVX-512) the same runs took about 3x longer (Net1 17 min with
 data preparation, CLAHE 16, Net3 24, Net4 31, the stand-in 47). Preparing the 10298 WBCAtt images at
 96 px takes a few minutes once per data variant. Each stand-in (15 epochs on half "a") takes 20-40 min,
-once per data seed. RSGUNet and dynamic enhancement (width 16) trained at only 3.3 and 2.7 images/s in the same benchmark: about 17 min per epoch, 1.5 hours a
-run with phase 1, so their 15 runs per variant do not fit a CPU's few hours: run them with --only where
-time allows, or on a GPU.
+once per data seed. RSGUNet and dynamic enhancement (width 16) trained at only 3.3 and 2.7 images/s in
+the same benchmark: about 17 min per epoch, 1.5 hours a run with phase 1, so their 15 runs per variant do
+not fit a CPU's few hours: run them with --only where time allows, or on a GPU.
 """
 
 import pathlib
