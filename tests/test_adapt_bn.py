@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from urnet_jax import compiler_options
 from urnet_jax.adapt_bn import adapt_batch_stats
 from urnet_jax.errors import ConfigError, DataError
 from urnet_jax.models import layers, resnet
@@ -44,7 +45,7 @@ def test_toy_model_stats_equal_numpy_over_all_images_whatever_the_batching():
 
 def test_resnet_params_untouched_inputs_not_mutated_first_bn_follows_brightness():
     model = resnet.resnet18(num_classes=3, width=8)
-    variables = model.init(jax.random.key(1), jnp.zeros((1, 96, 96, 3)))
+    variables = compiler_options.run_unoptimised(model.init, jax.random.key(1), jnp.zeros((1, 96, 96, 3)))
     before = jax.tree.map(np.array, variables)
     dark, bright = _images(2, 4, 96), _images(2, 4, 96, brighten=50)
 
@@ -68,7 +69,7 @@ def test_resnet_params_untouched_inputs_not_mutated_first_bn_follows_brightness(
 
 def test_group_norm_model_and_empty_iterator_are_errors():
     gn_model = resnet.resnet18(num_classes=3, width=8, norm="group")
-    gn_variables = gn_model.init(jax.random.key(0), jnp.zeros((1, 96, 96, 3)))
+    gn_variables = compiler_options.run_unoptimised(gn_model.init, jax.random.key(0), jnp.zeros((1, 96, 96, 3)))
     with pytest.raises(ConfigError):
         adapt_batch_stats(gn_model, gn_variables, [_images(0, 2, 96)])
     model = ConvBatchNorm()

@@ -23,7 +23,7 @@ import torch_reference  # noqa: E402
 import train_run  # noqa: E402
 import train_step  # noqa: E402
 
-from urnet_jax import models  # noqa: E402
+from urnet_jax import compiler_options, models  # noqa: E402
 from urnet_jax.config import base_config  # noqa: E402
 from urnet_jax.models.composite import build_model  # noqa: E402
 
@@ -42,7 +42,8 @@ def test_torch_enhancer_mirror_matches_jax(name):
     exercise the crop in `match_size`."""
     module = models.create(name, width=4, depth=3)
     images = np.random.default_rng(0).uniform(0, 1, (2, 20, 23, 3)).astype(np.float32)
-    variables = _perturbed_batch_stats(module.init(jax.random.PRNGKey(0), jnp.asarray(images), train=False), 1)
+    initial = compiler_options.run_unoptimised(module.init, jax.random.PRNGKey(0), jnp.asarray(images), train=False)
+    variables = _perturbed_batch_stats(initial, 1)
     mirror = torch_reference.torch_enhancer_like(module)
     assert torch_reference.parameter_count(mirror) == sum(v.size for v in jax.tree.leaves(variables["params"]))
     torch_reference.port_enhancer_params(variables, mirror)
@@ -66,7 +67,8 @@ def test_full_model_mirror_has_same_parameter_count_and_logits(enhancer):
     config.enhancer, config.enhancer_width, config.classifier = enhancer, 32, "resnet18"
     model = build_model(config, num_classes=3)
     images = np.random.default_rng(2).uniform(0, 1, (2, 96, 96, 3)).astype(np.float32)
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 96, 96, 3)), train=False)
+    variables = compiler_options.run_unoptimised(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 96, 96, 3)),
+                                                 train=False)
     mirror = torch_reference.torch_model_like(model, "resnet18", 3)
     assert torch_reference.parameter_count(mirror) == sum(v.size for v in jax.tree.leaves(variables["params"]))
     variables = torch_reference.share_initial_weights(_perturbed_batch_stats(variables, 3), mirror, "resnet18", 3)

@@ -1,5 +1,6 @@
 """The library's XLA compiler options: CPU programs without YNNPACK convolutions, the same numbers."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -68,3 +69,21 @@ def test_the_library_jit_nests_inside_other_transformations():
     np.testing.assert_array_equal(np.asarray(jax.jit(lambda x: double(x) + 1)(x)), 2 * x + 1)
     assert jax.eval_shape(double, jax.ShapeDtypeStruct((3,), np.float32)).shape == (3,)
     np.testing.assert_array_equal(np.asarray(jax.grad(lambda x: double(x).sum())(x)), np.full(3, 2.0))
+
+
+
+class _ConvNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        return nn.BatchNorm(use_running_average=not train)(nn.Conv(3, (3, 3))(x))
+
+
+def test_run_unoptimised_initialises_a_model_as_its_optimised_init_does():
+    model = _ConvNorm()
+    key, images = jax.random.PRNGKey(3), jax.random.uniform(jax.random.PRNGKey(4), (2, 16, 16, 3))
+    got = compiler_options.run_unoptimised(model.init, key, images, train=False)  # `train` is static
+    expected = jax.jit(model.init, static_argnames="train")(key, images, train=False)
+    assert set(got) == {"params", "batch_stats"} and jax.tree.structure(got) == jax.tree.structure(expected)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
+                 got, expected)
+    assert float(np.abs(np.asarray(got["params"]["Conv_0"]["kernel"])).max()) > 0

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_enhancers import jit_fast, random_variables  # tests/ is on sys.path (rootdir conftest)
+from test_enhancers import random_variables  # tests/ is on sys.path (rootdir conftest)
+from tiny_run import jit_fast
 
 from urnet_jax.config import base_config
 from urnet_jax.models import ENHANCERS

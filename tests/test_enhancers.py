@@ -1,7 +1,5 @@
 """Image enhancers: same-size output for any size, torch parity of the up/down convs, SE, module trees."""
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,14 +14,12 @@ from urnet_jax.models.se import SqueezeExcitation
 from urnet_jax.models.unet import UNet
 from urnet_jax.models.unetpp import UNetPlusPlus
 from urnet_jax.models.urnet import URNetEnhancer
+from tiny_run import jit_fast
 
 ENHANCERS = {"unet": UNet, "unetpp": UNetPlusPlus, "resunet": ResUNet, "urnet": URNetEnhancer}
 WIDTH, DEPTH = 4, 4
 # rbg keys compile much faster than threefry on XLA:CPU (only `init` calls in this file use them).
 KEY = jax.random.key(0, impl="rbg")
-# Unoptimised XLA:CPU code: compiles ~40% faster, and these tiny models run in milliseconds anyway.
-jit_fast = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                        "xla_llvm_disable_expensive_passes": True})
 
 
 def images(height: int, width: int, batch: int = 2, seed: int = 0) -> jax.Array:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from tiny_run import REPO_ROOT, subprocess_env
 
+from urnet_jax import compiler_options
 from urnet_jax.calibration import Calibration, temperature_scaled, write_calibration
 from urnet_jax.errors import ConfigError, DataError
 from urnet_jax.export import (MODEL_JSON, SAVED_MODEL_DIR, SIGNATURE, TFLITE_FILE, export_model, predict_exported,
@@ -44,7 +45,8 @@ def exported(tmp_path_factory):
     """A tiny UR-Net (fresh variables) exported with a temperature of 2: (model, variables, folder, summary)."""
     model = build_model(ml_collections.ConfigDict(
         {"enhancer": "urnet", "classifier": "resnet18", "enhancer_width": 4, "classifier_width": 4}), len(CLASSES))
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)), train=False)
+    dummy = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))
+    variables = compiler_options.run_unoptimised(model.init, jax.random.PRNGKey(0), dummy, train=False)
     out = tmp_path_factory.mktemp("export") / "tiny"
     summary = export_model(model, variables, CLASSES, IMAGE_SIZE, out, CALIBRATION, {"note": "tiny"})
     return model, variables, out, summary

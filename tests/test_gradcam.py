@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from urnet_jax import compiler_options
 from urnet_jax.evaluation.gradcam import _gradcam, gradcam
 from urnet_jax.models import create
 from urnet_jax.models.layers import conv
@@ -90,7 +91,7 @@ def test_gradcam_equals_cam_on_resnet():
     """With global average pooling then one dense layer, Grad-CAM is CAM: relu(A . W[:, c])."""
     model = create("resnet18", num_classes=3, width=8)
     images = jax.random.normal(jax.random.key(1), (2, 96, 96, 3))
-    variables = model.init(jax.random.key(0), images[:1])
+    variables = compiler_options.run_unoptimised(model.init, jax.random.key(0), images[:1])
     logits, state = model.apply(variables, images, mutable=["intermediates"])
     activation = state["intermediates"]["last_conv"][0]  # (2, 3, 3, 64)
     kernel = variables["params"]["fc"]["kernel"]

@@ -195,10 +195,10 @@ def test_a_second_sigint_interrupts_at_once(prepared, tmp_path, monkeypatch):
 
 def test_cosine_schedule_run_resumes_exactly_and_refuses_other_epochs(prepared, tmp_path, monkeypatch):
     # The schedule's step count lives in the optimizer state: a resumed run must pick it up exactly.
-    changes = {"optimizer.schedule": "cosine", "optimizer.warmup_steps": 2, "pretrain.epochs": 1, "train.epochs": 1}
+    changes = {"optimizer.schedule": "cosine", "optimizer.warmup_steps": 2, "pretrain.epochs": 0, "train.epochs": 1}
     uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
     trainer.train_and_evaluate(tiny_config(prepared, **changes), uninterrupted, show_progress=False)
-    interrupt_after(monkeypatch, 12)  # the last save is at step 11 (phase 2, step 3 of 8)
+    interrupt_after(monkeypatch, 5)  # the last save is at step 3 of 8: steps 4 and 5 are redone
     with pytest.raises(Interrupted):
         trainer.train_and_evaluate(tiny_config(prepared, **changes), resumed, show_progress=False)
     monkeypatch.undo()

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from urnet_jax import sharding, steps, train_state
+from urnet_jax import compiler_options, sharding, steps, train_state
 from urnet_jax.config import base_config
 from urnet_jax.models.layers import BatchNorm, conv, dense, global_avg_pool
 
@@ -83,7 +83,8 @@ def initial_state(model: nn.Module, phase: int, mesh: jax.sharding.Mesh,
                   optimizer: optax.GradientTransformation) -> train_state.TrainState:
     dummy = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))
     kwargs = {"method": "enhance"} if phase == steps.PRETRAIN else {}
-    variables = model.init(jax.random.PRNGKey(0), dummy, train=False, **kwargs)
+    variables = compiler_options.run_unoptimised(model.init, jax.random.PRNGKey(0), dummy, train=False,
+                                                 **kwargs)
     state = train_state.create_state(model, phase, optimizer, variables, 0, jax.random.PRNGKey(1))
     return sharding.replicate(state, mesh)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import functools
 import os
 import pathlib
 from typing import Callable, Iterator
@@ -19,6 +20,9 @@ import jax
 from urnet_jax import config as config_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Unoptimised XLA:CPU code for tests of tiny models: compiles ~40% faster, and they run in milliseconds anyway.
+jit_fast = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
+                                                        "xla_llvm_disable_expensive_passes": True})
 # Keys that differ from the paper's protocol: a tiny UR-Net (the deepest ResNet map stays 3x3 at 96 px).
 TINY = {
     "model.enhancer_width": 4, "model.classifier": "resnet18", "model.classifier_width": 4,

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from urnet_jax import freezing, sharding
+from urnet_jax import compiler_options, freezing, sharding
 from urnet_jax.errors import ConfigError
 from urnet_jax.models.composite import build_model
 
@@ -147,11 +147,10 @@ def init_variables(model: nn.Module, parts: tuple[str, ...], image_size: int, ke
     its own with fold_in(key, index in PARTS) (so the enhancer starts from the same weights whichever
     phase initialises it). A missing enhancer and empty collections are left out, as `model.init` does.
 
-    Compiled without optimisation: XLA's CPU backend otherwise spends most of a small run's compile time
-    on the initialisers' random-number code, and this runs once.
+    Compiled without optimisation (`compiler_options.run_unoptimised`): it runs once.
     """
-    init = jax.jit(functools.partial(_init_parts, model, parts, image_size), out_shardings=out_sharding)
-    return init.lower(key).compile(compiler_options={"xla_backend_optimization_level": 0})(key)
+    return compiler_options.run_unoptimised(functools.partial(_init_parts, model, parts, image_size), key,
+                                            jit_kwargs={"out_shardings": out_sharding})
 
 
 def abstract_variables(model: nn.Module, parts: tuple[str, ...], image_size: int) -> Variables:
