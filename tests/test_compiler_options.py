@@ -71,7 +71,6 @@ def test_the_library_jit_nests_inside_other_transformations():
     np.testing.assert_array_equal(np.asarray(jax.grad(lambda x: double(x).sum())(x)), np.full(3, 2.0))
 
 
-
 class _ConvNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:

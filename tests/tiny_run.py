@@ -1,4 +1,4 @@
-"""The tiny UR-Net config of the tests, and session-wide runs shared by pytest-xdist workers.
+"""The tiny UR-Net config of the tests, session-wide runs shared by pytest-xdist workers, and `jit_fast`.
 
 Test modules import what they need, e.g. `from tiny_run import tiny_config`; the `trained_run` fixture built
 from it is in tests/conftest.py.
@@ -17,11 +17,11 @@ import pathlib
 from typing import Callable, Iterator
 
 import jax
-from urnet_jax import config as config_lib
+from urnet_jax import compiler_options, config as config_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Unoptimised XLA:CPU code for tests of tiny models: compiles ~40% faster, and they run in milliseconds anyway.
-jit_fast = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
+jit_fast = functools.partial(jax.jit, compiler_options={**compiler_options.UNOPTIMISED,
                                                         "xla_llvm_disable_expensive_passes": True})
 # Keys that differ from the paper's protocol: a tiny UR-Net (the deepest ResNet map stays 3x3 at 96 px).
 TINY = {
