@@ -11,9 +11,10 @@
 #   1. the two-process run's metrics (every epoch's losses and accuracies) equal those of one process
 #      holding two CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=2), same global batch,
 #      to float32 summation-order differences;
-#   2. process 1 writes only its own shards of the checkpoints (ocdbt.process_1/, array_metadatas/
-#      process_1): no config, metrics, TensorBoard events or checkpoint metadata (it runs with umask 027,
-#      so every file it creates is recognisable by its mode);
+#   2. process 1 writes at most its own shards of the checkpoints (ocdbt.process_1/, array_metadatas/
+#      process_1; none while the state is replicated, as process 0 writes it whole): no config, metrics,
+#      TensorBoard events or checkpoint metadata (it runs with umask 027, so every file it creates is
+#      recognisable by its mode);
 #   3. kill -9 of process 1 after a phase-2 checkpoint, then of process 0 (as a cluster manager ends a
 #      job whose task died), and a restart of both: the run resumes from the last checkpoint and ends with
 #      exactly the metrics of the uninterrupted two-process run.
