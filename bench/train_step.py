@@ -740,17 +740,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _progress("first train steps again in float32")
         agreement.update(_bf16_against_fp32(args, config, initial_variables, base_model, images, labels, threads,
                                             jax_bench, torch_benches["eager"]))
-    for bench in benches.values():
+    for name, bench in benches.items():
+        if args.warmup > 1:
+            _progress(f"{args.warmup - 1} more {name} train step(s) before timing")
         for _ in range(args.warmup - 1):
             bench.synchronize(bench.run_train())
-    top_ops = None
-    if args.trace_dir:
-        with jax.profiler.trace(args.trace_dir):
-            for _ in range(2):
-                jax_bench.synchronize(jax_bench.run_train())
-        top_ops = _slowest_xla_ops(args.trace_dir, jax_bench.train_step.as_text())
     _progress("timing the train steps")
     train_times = _alternate(benches, "run_train", args)
+    _progress("median train step: " + ", ".join(
+        f"{name} {common.summarize(blocks, args.batch)['step_ms_median']} ms" for name, blocks in train_times.items()))
     eval_times: dict[str, list[tuple[float, float]]] = {}
     first_eval: dict[str, tuple[Any, float, int]] = {}
     if not args.skip_inference:
@@ -759,6 +757,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for _ in range(args.warmup - 1):
                 bench.synchronize(bench.run_eval())
         eval_times = _alternate(benches, "run_eval", args)
+    top_ops = None
+    if args.trace_dir:  # after the timing, so that a slow profiler cannot cost the timings
+        _progress("profiling two JAX train steps")
+        with jax.profiler.trace(args.trace_dir):
+            for _ in range(2):
+                jax_bench.synchronize(jax_bench.run_train())
+        top_ops = _slowest_xla_ops(args.trace_dir, jax_bench.train_step.as_text())
 
     peak_tflops = common.peak_tflops_for(device.device_kind, args.peak_tflops)
     flops = jax_bench.train_flops

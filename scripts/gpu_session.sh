@@ -14,15 +14,18 @@
 # (nvidia-smi every 15 s during the study), study_gpu.tgz (each run's config.json, metrics.jsonl,
 # eval/metrics.json, eval/enhancer_output.json and error.log, and the seed-1 Net4 runs' evaluation
 # figures: unpack it in results/study_gpu/ and run `python -m urnet_jax.study report results/study_gpu
-# --out docs/RESULTS.md`) and bench.log.
+# --out docs/RESULTS.md`) and bench_bBATCH.log (one per benchmarked batch size).
 #
 # The study runs one process per --only pattern of STUDY_GROUPS, side by side on the one GPU (default: the
 # 8 cells net1..net4 x raw/stainfree_proxy; each process runs its seeds in order, so seed 1 of every cell
 # comes first). Each is stopped by SIGINT after STUDY_SECONDS (360): it saves a checkpoint and exits, and
 # a later call on the same machine resumes it. BENCH_SECONDS (150) limits the benchmark; within 600 s,
-# `all` fits STUDY_SECONDS=390 BENCH_SECONDS=150. BENCH_ARGS and STUDY_OVERRIDES (--config.KEY=VALUE ...)
-# serve tiny trials of this script on a CPU (there with --config.base.precision=float32: XLA:CPU of
-# jaxlib 0.11 computes the bfloat16 forward pass wrongly, and bfloat16 brings no speed on a CPU).
+# `all` fits STUDY_SECONDS=390 BENCH_SECONDS=150. BENCH_RUNS="32:300:eager,compile 128:230:eager" times
+# batch 32 against torch eager and compiled for up to 300 s, then batch 128 against torch eager for up to
+# 230 s (items BATCH:SECONDS[:TORCH_VARIANTS]; BENCH_ARGS without --batch). BENCH_ARGS and STUDY_OVERRIDES
+# (--config.KEY=VALUE ...) serve tiny trials of this script on a CPU (there with
+# --config.base.precision=float32: XLA:CPU of jaxlib 0.11 computes the bfloat16 forward pass wrongly, and
+# bfloat16 brings no speed on a CPU).
 set -u
 MODE=${1:-}
 case $MODE in study | bench | all) ;; *) echo "usage: bash scripts/gpu_session.sh study|bench|all" >&2; exit 2 ;; esac
@@ -73,9 +76,19 @@ if [ "$MODE" != bench ]; then
 fi
 
 if [ "$MODE" != study ]; then
-  start=$SECONDS
-  timeout "${BENCH_SECONDS:-150}" python3 bench/train_step.py ${BENCH_ARGS:---enhancer urnet --enhancer-width 64 \
-    --classifier resnet101 --size 200 --batch 32 --precision bfloat16 --steps 10 --rounds 3} > "$OUT/bench.log" 2>&1
-  echo "bench rc=$? after $((SECONDS - start)) s" >> "$OUT/bench.log"
-  tail -n 12 "$OUT/bench.log"
+  # One benchmark process per BATCH:SECONDS[:TORCH_VARIANTS] item of BENCH_RUNS (default: batch 32 for
+  # BENCH_SECONDS against torch eager), each stopped after its SECONDS; bench_bBATCH.log keeps its output.
+  # BENCH_TRACE=1 adds a profile of two JAX train steps (the slowest XLA ops, in the log's RESULT line; the
+  # trace itself in trace_bBATCH.tgz).
+  for item in ${BENCH_RUNS:-32:${BENCH_SECONDS:-150}}; do
+    IFS=: read -r batch seconds variants <<< "$item"
+    start=$SECONDS log="$OUT/bench_b$batch.log" trace=()
+    [ "${BENCH_TRACE:-0}" = 1 ] && trace=(--trace-dir "/tmp/trace_b$batch")
+    timeout "$seconds" python3 bench/train_step.py ${BENCH_ARGS:---enhancer urnet --enhancer-width 64 \
+      --classifier resnet101 --size 200 --precision bfloat16 --steps 10 --rounds 3} --batch "$batch" \
+      --torch-variants "${variants:-eager}" "${trace[@]}" > "$log" 2>&1
+    echo "bench rc=$? after $((SECONDS - start)) s" >> "$log"
+    [ -d "/tmp/trace_b$batch" ] && tar czf "$OUT/trace_b$batch.tgz" -C /tmp "trace_b$batch"
+    tail -n 14 "$log"
+  done
 fi

@@ -115,11 +115,12 @@ COMPILE_SKIP = "torch.compile needs a C++ compiler for the CPU (set CXX or insta
 
 
 @pytest.fixture(scope="module")
-def tiny_result() -> dict:
-    """One tiny benchmark run with torch eager and eager channels_last, and the memory of JAX and torch
-    eager measured in fresh processes."""
+def tiny_result(tmp_path_factory) -> dict:
+    """One tiny benchmark run with torch eager and eager channels_last, the memory of JAX and torch eager
+    measured in fresh processes, and a profile of two JAX train steps."""
     return _run_benchmark("--batch", "2", "--steps", "1", "--rounds", "2", "--warmup", "2", "--peak-tflops", "0.01",
-                          "--torch-variants", "eager,eager_channels_last", "--memory")
+                          "--torch-variants", "eager,eager_channels_last", "--memory",
+                          "--trace-dir", str(tmp_path_factory.mktemp("trace")))
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +155,16 @@ def test_benchmark_cli_prints_result_and_the_two_first_steps_agree(tiny_result):
     assert agreement["batch_stats_rel_err"] < 1e-4
     # fp32 rounding through ResNet18's BatchNorms at batch 2 alone gives ~6e-3 (torch fp32 vs fp64).
     assert agreement["grad_rel_err"] < 2e-2
+
+
+def test_profile_lists_the_slowest_ops_of_the_train_step(tiny_result):
+    """--trace-dir: the train step's top-level XLA ops with the most traced time, slowest first, most of
+    them labelled with the model's layers."""
+    ops = tiny_result["jax_slowest_ops"]
+    assert 0 < len(ops) <= 15
+    times = [op["ms_per_step"] for op in ops]
+    assert times == sorted(times, reverse=True) and times[-1] >= 0
+    assert sum("EnhanceClassify" in op["jax_op"] for op in ops) >= len(ops) // 2
 
 
 @pytest.mark.parametrize("run", ["tiny_result", "compiled_result"])
