@@ -391,14 +391,21 @@ def _bf16_against_fp32(args: argparse.Namespace, config: Any, initial_variables:
     }
 
 
-def _slowest_xla_ops(trace_dir: str, hlo_text: str, count: int = 15) -> list[dict[str, Any]]:
-    """The `count` top-level XLA ops of the train step with the most traced time (both steps summed).
+def _trace_files(trace_dir: str) -> set[str]:
+    """The jax.profiler trace files (*.xplane.pb) under `trace_dir`, at any depth."""
+    import glob
+
+    return set(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+
+
+def _slowest_xla_ops(trace_files: set[str], hlo_text: str, count: int = 15) -> list[dict[str, Any]]:
+    """The `count` top-level XLA ops of the train step with the most traced time in `trace_files` (a trace of
+    two steps; per step in the result).
 
     Trace events are matched to the instructions of the step's entry computation by name; each op is
     labelled with the first JAX `op_name` found on it or inside the computation it calls. Wall-clock
     durations: on a busy CPU, ops that were descheduled look slower than they are.
     """
-    import glob
     import re
 
     import jax
@@ -432,7 +439,7 @@ def _slowest_xla_ops(trace_dir: str, hlo_text: str, count: int = 15) -> list[dic
         if match:
             instructions[match.group(1)] = line
     seconds: dict[str, float] = {}
-    for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
+    for path in sorted(trace_files):
         for plane in jax.profiler.ProfileData.from_file(path).planes:
             for trace_line in plane.lines:
                 for event in trace_line.events:
@@ -760,10 +767,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     top_ops = None
     if args.trace_dir:  # after the timing, so that a slow profiler cannot cost the timings
         _progress("profiling two JAX train steps")
+        earlier_traces = _trace_files(args.trace_dir)  # a reused folder keeps earlier runs' traces
         with jax.profiler.trace(args.trace_dir):
             for _ in range(2):
                 jax_bench.synchronize(jax_bench.run_train())
-        top_ops = _slowest_xla_ops(args.trace_dir, jax_bench.train_step.as_text())
+        top_ops = _slowest_xla_ops(_trace_files(args.trace_dir) - earlier_traces, jax_bench.train_step.as_text())
 
     peak_tflops = common.peak_tflops_for(device.device_kind, args.peak_tflops)
     flops = jax_bench.train_flops

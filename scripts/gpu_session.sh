@@ -88,7 +88,7 @@ if [ "$MODE" != study ]; then
       --classifier resnet101 --size 200 --precision bfloat16 --steps 10 --rounds 3} --batch "$batch" \
       --torch-variants "${variants:-eager}" "${trace[@]}" > "$log" 2>&1
     echo "bench rc=$? after $((SECONDS - start)) s" >> "$log"
-    [ -d "/tmp/trace_b$batch" ] && tar czf "$OUT/trace_b$batch.tgz" -C /tmp "trace_b$batch"
+    [ ${#trace[@]} -gt 0 ] && [ -d "/tmp/trace_b$batch" ] && tar czf "$OUT/trace_b$batch.tgz" -C /tmp "trace_b$batch"
     tail -n 14 "$log"
   done
 fi

@@ -117,10 +117,13 @@ COMPILE_SKIP = "torch.compile needs a C++ compiler for the CPU (set CXX or insta
 @pytest.fixture(scope="module")
 def tiny_result(tmp_path_factory) -> dict:
     """One tiny benchmark run with torch eager and eager channels_last, the memory of JAX and torch eager
-    measured in fresh processes, and a profile of two JAX train steps."""
+    measured in fresh processes, and a profile of two JAX train steps into a folder that already holds an
+    earlier (here unreadable) trace, which the profile must leave out."""
+    trace_dir = tmp_path_factory.mktemp("trace")
+    (trace_dir / "earlier").mkdir()
+    (trace_dir / "earlier" / "host.xplane.pb").write_bytes(b"not a trace")
     return _run_benchmark("--batch", "2", "--steps", "1", "--rounds", "2", "--warmup", "2", "--peak-tflops", "0.01",
-                          "--torch-variants", "eager,eager_channels_last", "--memory",
-                          "--trace-dir", str(tmp_path_factory.mktemp("trace")))
+                          "--torch-variants", "eager,eager_channels_last", "--memory", "--trace-dir", str(trace_dir))
 
 
 @pytest.fixture(scope="module")
