@@ -398,17 +398,16 @@ def _trace_files(trace_dir: str) -> set[str]:
     return set(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
 
 
-def _slowest_xla_ops(trace_files: set[str], hlo_text: str, count: int = 15) -> list[dict[str, Any]]:
-    """The `count` top-level XLA ops of the train step with the most traced time in `trace_files` (a trace of
-    two steps; per step in the result).
+def op_labels(hlo_text: str) -> dict[str, str]:
+    """The JAX op behind each instruction of a compiled program's entry computation (`hlo_text`: its HLO
+    text), by instruction name; '' where none is found.
 
-    Trace events are matched to the instructions of the step's entry computation by name; each op is
-    labelled with the first JAX `op_name` found on it or inside the computation it calls. Wall-clock
-    durations: on a busy CPU, ops that were descheduled look slower than they are.
+    An instruction is labelled with the first JAX `op_name` found on it or inside the computation it calls.
+    XLA drops the `op_name` of some ops it rewrites (weight-gradient convolutions, the max-pool gradient's
+    index ops): those take the label of their first labelled operand (up to 3 levels up), prefixed with
+    'operand: '.
     """
     import re
-
-    import jax
 
     computations: dict[str, list[str]] = {}
     current, entry = None, None
@@ -421,14 +420,14 @@ def _slowest_xla_ops(trace_files: set[str], hlo_text: str, count: int = 15) -> l
         elif current is not None and line.startswith("  "):
             computations[current].append(line)
 
-    def label(lines: list[str], depth: int = 0) -> str:
+    def own_label(lines: list[str], depth: int = 0) -> str:
         for line in lines:
             name = re.search(r'op_name="([^"]+)"', line)
             if name:
                 return name.group(1)
             called = re.search(r"calls=%?([\w.\-]+)", line)
             if called and depth < 3 and called.group(1) in computations:
-                found = label(computations[called.group(1)], depth + 1)
+                found = own_label(computations[called.group(1)], depth + 1)
                 if found:
                     return found
         return ""
@@ -438,16 +437,40 @@ def _slowest_xla_ops(trace_files: set[str], hlo_text: str, count: int = 15) -> l
         match = re.match(r"^\s+(?:ROOT )?%?([\w.\-]+) = ", line)
         if match:
             instructions[match.group(1)] = line
+
+    def label(name: str, depth: int = 0) -> str:
+        found = own_label([instructions[name]])
+        if found or depth >= 3:
+            return found
+        for operand in re.findall(r"%([\w.\-]+)", instructions[name].split(" = ", 1)[1]):
+            if operand in instructions and operand != name:
+                found = label(operand, depth + 1)
+                if found:
+                    return found if found.startswith("operand: ") else "operand: " + found
+        return ""
+
+    return {name: label(name) for name in instructions}
+
+
+def _slowest_xla_ops(trace_files: set[str], hlo_text: str, count: int = 15) -> list[dict[str, Any]]:
+    """The `count` top-level XLA ops of the train step with the most traced time in `trace_files` (a trace of
+    two steps; per step in the result), each with its JAX op (`op_labels`).
+
+    Trace events are matched to the instructions of the step's entry computation by name. Wall-clock
+    durations: on a busy CPU, ops that were descheduled look slower than they are.
+    """
+    import jax
+
+    labels = op_labels(hlo_text)
     seconds: dict[str, float] = {}
     for path in sorted(trace_files):
         for plane in jax.profiler.ProfileData.from_file(path).planes:
             for trace_line in plane.lines:
                 for event in trace_line.events:
-                    if event.name in instructions:
+                    if event.name in labels:
                         seconds[event.name] = seconds.get(event.name, 0.0) + event.duration_ns / 1e9
     slowest = sorted(seconds.items(), key=lambda item: -item[1])[:count]
-    return [{"op": name, "ms_per_step": round(total / 2 * 1e3, 2), "jax_op": label([instructions[name]])}
-            for name, total in slowest]
+    return [{"op": name, "ms_per_step": round(total / 2 * 1e3, 2), "jax_op": labels[name]} for name, total in slowest]
 
 
 def _build_model(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:

@@ -170,6 +170,35 @@ def test_profile_lists_the_slowest_ops_of_the_train_step(tiny_result):
     assert sum("EnhanceClassify" in op["jax_op"] for op in ops) >= len(ops) // 2
 
 
+HLO_WITHOUT_SOME_OP_NAMES = """\
+HloModule jit_step
+
+%fused_transpose (param_0: f32[2,8,8,4]) -> f32[4,8,8,2] {
+  %param_0 = f32[2,8,8,4]{3,2,1,0} parameter(0)
+  ROOT %transpose.1 = f32[4,8,8,2] transpose(%param_0), metadata={op_name="jit(step)/enhancer/conv1/rev"}
+}
+
+ENTRY %main (images: f32[2,8,8,4], grads: f32[2,8,8,4]) -> f32[3,3,4,4] {
+  %images = f32[2,8,8,4]{3,2,1,0} parameter(0)
+  %grads = f32[2,8,8,4]{3,2,1,0} parameter(1)
+  %transpose_fusion = f32[4,8,8,2]{3,2,1,0} fusion(%images), kind=kLoop, calls=%fused_transpose
+  %copy.3 = f32[4,8,8,2]{3,2,1,0} copy(%transpose_fusion)
+  %iota.2 = s32[2,8,8,4]{3,2,1,0} iota(), iota_dimension=1
+  ROOT %convolution.7 = f32[3,3,4,4] convolution(%copy.3, %grads), dim_labels=b01f_01io->b01f
+}
+"""
+
+
+def test_op_labels_name_the_jax_op_and_fall_back_to_a_labelled_operand():
+    """An op's own op_name (here inside the computation a fusion calls); an op XLA left without one takes its
+    nearest labelled operand's, marked as such; an op with neither stays unlabelled."""
+    labels = train_step.op_labels(HLO_WITHOUT_SOME_OP_NAMES)
+    assert labels["transpose_fusion"] == "jit(step)/enhancer/conv1/rev"
+    assert labels["copy.3"] == "operand: jit(step)/enhancer/conv1/rev"
+    assert labels["convolution.7"] == "operand: jit(step)/enhancer/conv1/rev"
+    assert labels["iota.2"] == labels["images"] == ""
+
+
 @pytest.mark.parametrize("run", ["tiny_result", "compiled_result"])
 def test_every_torch_variant_starts_from_the_same_weights(run, request):
     """Each variant is its own copy of the mirror, so every first step sees the same weights and batch: the
