@@ -191,7 +191,7 @@ ENTRY %main (images: f32[2,8,8,4], grads: f32[2,8,8,4]) -> f32[3,3,4,4] {
 
 def test_op_labels_name_the_jax_op_and_fall_back_to_a_labelled_operand():
     """An op's own op_name (here inside the computation a fusion calls); an op XLA left without one takes its
-    nearest labelled operand's, marked as such; an op with neither stays unlabelled."""
+    first labelled operand's, marked as such; an op with neither stays unlabelled."""
     labels = train_step.op_labels(HLO_WITHOUT_SOME_OP_NAMES)
     assert labels["transpose_fusion"] == "jit(step)/enhancer/conv1/rev"
     assert labels["copy.3"] == "operand: jit(step)/enhancer/conv1/rev"
