@@ -738,12 +738,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         _progress("building the torch mirrors")
         torch_reference.torch.manual_seed(0)  # torchvision's classifier init, shared with JAX below
-        base_model = torch_reference.torch_model_like(model, args.classifier, args.num_classes)
         try:
+            base_model = torch_reference.torch_model_like(model, args.classifier, args.num_classes)
             variables = torch_reference.share_initial_weights(variables, base_model, args.classifier,
                                                               args.num_classes)
         except ValueError as error:
-            sys.exit(f"error: {error}")
+            sys.exit(f"error: {error} (--skip-torch times the JAX side alone)")
         for name in args.torch_variants:
             torch_benches[name] = TorchBench(args, name, copy.deepcopy(base_model), images, labels, threads)
             torch_benches[name].start()

@@ -78,8 +78,10 @@ MODELS = {
                       "pretrain": {"epochs": 0}},
     "clahe": {"model": {"enhancer": "none"}, "pretrain": {"epochs": 0},
               "data": {"preprocessing": "clahe", "clahe_clip_limit": 0.01, "clahe_kernel_size": 0}},
+    # Phase 1's learning rate: the choice of configs/phase1_tuning_rsgunet.py (the base's 2e-2 saturated every output).
     "rsgunet": {"model": {"enhancer": "rsgunet", "enhancer_width": 0, "enhancer_output": "sigmoid"},
-                "data": {"target": "stained"}, "pretrain": {"loss": "rsgunet"}, "train": {"freeze_enhancer": True}},
+                "data": {"target": "stained"}, "pretrain": {"loss": "rsgunet", "optimizer": {"lr": 1e-3}},
+                "train": {"freeze_enhancer": True}},
     "dynamic_enhancement": {"model": {"enhancer": "dynamic_enhancement", "enhancer_width": 0,
                                       "enhancer_output": "sigmoid"},
                             "data": {"target": "unsharp_mask"}},

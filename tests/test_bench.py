@@ -292,6 +292,7 @@ def test_flop_count_includes_the_convolutions():
     (["--against-fp32"], "--against-fp32 needs --precision bfloat16 and the torch side"),
     (["--torch-variants", "eager,compiled"], "unknown --torch-variants compiled"),
     (["--memory-budget-gb", "0"], "--memory-budget-gb must be > 0"),
+    (["--enhancer", "rsgunet", "--size", "32"], "no torch mirror for enhancer RSGUNet (--skip-torch times"),
 ])
 def test_benchmark_cli_rejects_bad_arguments_in_one_line(arguments, message):
     command = [sys.executable, str(REPO_ROOT / "bench" / "train_step.py"), *arguments]

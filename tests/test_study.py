@@ -559,38 +559,50 @@ def test_the_study_uses_the_severe_proxy_strength_its_committed_tuning_chose():
         assert tuple(study.base.data[key]) == tuple(value), key
 
 
-def test_phase1_tuning_runs_net4_of_the_study_phase1_only_at_each_learning_rate(tmp_path):
-    """configs/phase1_tuning.py: every candidate is the study's net4-raw-seed1 but for train.epochs (0) and
-    phase 1's learning rate, chosen by the highest validation PSNR at or above the study's min_psnr."""
-    tuning = cli.load_config_file(str(REPO_ROOT / "configs" / "phase1_tuning.py"))
+# Phase-1 tuning configs: (file, the study's model and data variant whose seed-1 run each candidate is).
+PHASE1_TUNINGS = [("phase1_tuning", "net4", "raw"), ("phase1_tuning_rsgunet", "rsgunet", "severe_proxy")]
+
+
+@pytest.mark.parametrize("config_name, model, data_variant", PHASE1_TUNINGS)
+def test_phase1_tuning_runs_a_model_of_the_study_phase1_only_at_each_learning_rate(tmp_path, config_name, model,
+                                                                                    data_variant):
+    """configs/phase1_tuning*.py: every candidate is the study's <model>-<variant>-seed1 but for train.epochs (0)
+    and phase 1's learning rate, chosen by the highest validation PSNR inside the config's target range."""
+    tuning = cli.load_config_file(str(REPO_ROOT / "configs" / f"{config_name}.py"))
     study = cli.load_config_file(str(REPO_ROOT / "configs" / "study_wbcatt.py"))
-    net4 = next(run.config for run in sweep.plan_runs(study, tmp_path, out_dir=tmp_path / "study")
-                if run.name == "net4-raw-seed1")
+    reference = next(run.config for run in sweep.plan_runs(study, tmp_path, out_dir=tmp_path / "study")
+                     if run.name == f"{model}-{data_variant}-seed1")
     assert (tuning.report, tuning.tuning_metric, tuning.target_rule) == ("validation", "phase1_psnr", "highest")
-    assert tuning.target_range[0] == net4.pretrain.min_psnr and tuning.standins_dir == "results/study_wbcatt"
+    assert tuning.standins_dir == "results/study_wbcatt"
+    assert tuning.target_range[0] <= reference.pretrain.min_psnr
     candidates = sweep.plan_runs(tuning, tmp_path, out_dir=tmp_path / "study")
     assert len({run.config.pretrain.optimizer.lr for run in candidates}) == len(tuning.models) >= 3
     for run in candidates:
         differences = {key for key, value in config_lib.flatten(run.config.to_dict()).items()
-                       if value != config_lib.flatten(net4.to_dict()).get(key)}
-        assert "train.epochs" in differences <= {"train.epochs", "pretrain.optimizer.lr"}
+                       if value != config_lib.flatten(reference.to_dict()).get(key)}
+        # data.prepared_dir: a model variant that changes data.* prepares into '<variant>-dataseed1-<candidate>'.
+        assert "train.epochs" in differences <= {"train.epochs", "pretrain.optimizer.lr", "data.prepared_dir"}
 
 
-def test_the_study_uses_the_phase1_learning_rate_its_committed_tuning_chose():
-    """configs/study_wbcatt.py's pretrain.optimizer.lr is the candidate that results/phase1_tuning's validation
-    PSNRs choose (the rule of its report)."""
+@pytest.mark.parametrize("config_name, model, data_variant", PHASE1_TUNINGS)
+def test_the_study_uses_the_phase1_learning_rate_its_committed_tuning_chose(tmp_path, config_name, model,
+                                                                            data_variant):
+    """configs/study_wbcatt.py's phase-1 learning rate of <model> is the candidate that
+    results/<config_name>'s validation PSNRs choose (the rule of its report)."""
     from urnet_jax.study import tuning as tuning_lib
 
-    folder = REPO_ROOT / "results" / "phase1_tuning"
+    folder = REPO_ROOT / "results" / config_name
     runs = study_results.collect_finished_runs(folder)
     if not runs:
-        pytest.skip("results/phase1_tuning holds no finished run")
-    config = cli.load_config_file(str(REPO_ROOT / "configs" / "phase1_tuning.py"))
+        pytest.skip(f"results/{config_name} holds no finished run")
+    config = cli.load_config_file(str(REPO_ROOT / "configs" / f"{config_name}.py"))
     means = tuning_lib.candidate_means(tuning_lib.validation_by_candidate(folder, runs), config.tuning_metric)
     chosen = tuning_lib.choose(means, config.target_range, config.target_rule)
     assert chosen is not None, f"no phase-1 candidate inside {tuple(config.target_range)}: {means}"
     study = cli.load_config_file(str(REPO_ROOT / "configs" / "study_wbcatt.py"))
-    assert study.base.pretrain.optimizer.lr == config.models[chosen].pretrain.optimizer.lr
+    for run in sweep.plan_runs(study, tmp_path, out_dir=tmp_path / "study"):
+        if run.name.startswith(f"{model}-"):
+            assert run.config.pretrain.optimizer.lr == config.models[chosen].pretrain.optimizer.lr, run.name
 
 
 def test_bad_study_configs_give_one_line_errors(tmp_path):

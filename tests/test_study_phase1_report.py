@@ -16,14 +16,20 @@ HEADING = "Phase 1 (enhancer pre-training): `results/phase1_study`, data variant
 # (epoch, val PSNR in dB, val MSE, saturated fraction, kept as best) of each phase-1 epoch, selected on val.
 NET4_EPOCHS = {1: [(1, 20.0, 0.01, 0.2, True), (2, 32.5, 0.0005623, 0.0123, True), (3, 31.0, 0.0007, 0.01, False)],
                2: [(1, 24.1234, 0.003871, 0.5, True), (2, 23.0, 0.005, 0.6, False)]}
+# The unchanged input's val PSNR of each seed's rows; seed 2's rows were written before it was recorded.
+INPUT_PSNR = {1: 18.456, 2: None}
 
 
-def phase1_rows(epochs: list[tuple[int, float, float, float, bool]], verdict: bool) -> list[dict]:
+def phase1_rows(epochs: list[tuple[int, float, float, float, bool]], verdict: bool,
+                input_psnr: float | None = None) -> list[dict]:
     """metrics.jsonl rows of phase 1 as the trainer writes them (with the verdict on the last row when
     `verdict`), then one phase-2 row."""
     rows = [{"phase": 1, "epoch": epoch, "val_psnr": psnr, "val_mse": mse, "test_psnr": psnr - 1.0, "test_mse": 2 * mse,
              "saturated_fraction": saturated, "selected_on": "val", "best": best}
             for epoch, psnr, mse, saturated, best in epochs]
+    if input_psnr is not None:
+        for row in rows:
+            row["val_input_psnr"] = input_psnr
     if verdict:
         kept_psnr = [row for row in rows if row["best"]][-1]["val_psnr"]
         rows[-1].update(phase1_psnr=kept_psnr, phase1_below_min_psnr=kept_psnr < 30.0)
@@ -38,7 +44,7 @@ def make_study(folder: pathlib.Path, verdict: bool) -> pathlib.Path:
     """net4 (pre-trained) x seeds 1, 2, seed 2 below 30 dB, and net1 (no phase 1) x seeds 1, 2."""
     for seed, epochs in NET4_EPOCHS.items():
         write_run(folder, "net4", seed, diagonal((10, 9, 7 + seed)), {})
-        write_rows(folder / f"net4-raw-seed{seed}", phase1_rows(epochs, verdict))
+        write_rows(folder / f"net4-raw-seed{seed}", phase1_rows(epochs, verdict, INPUT_PSNR[seed]))
         write_run(folder, "net1", seed, diagonal((9, 9, 9 - seed)), {})
         write_rows(folder / f"net1-raw-seed{seed}", [{"phase": 2, "epoch": 1, "test_accuracy": 0.8}])
     return folder
@@ -57,8 +63,8 @@ def table_cells(text: str) -> list[list[str]]:
 
 def test_phase1_table_holds_the_kept_epoch_psnr_and_verdict_of_each_pretrained_run(study):
     text = section(report.results_block(study), HEADING)
-    assert table_cells(text) == [["Net4", "1", "2", "val", "32.50", "0.0005623", "1.23", "no (30 dB)"],
-                                 ["Net4", "2", "1", "val", "24.12", "0.003871", "50.00", "yes (30 dB)"]]
+    assert table_cells(text) == [["Net4", "1", "2", "val", "32.50", "18.46", "0.0005623", "1.23", "no (30 dB)"],
+                                 ["Net4", "2", "1", "val", "24.12", "n/a", "0.003871", "50.00", "yes (30 dB)"]]
     # 32.5 and 24.1234 dB: mean 28.3117, sample std 8.3766 / sqrt(2) = 5.9232.
     assert "- Net4: PSNR 28.31 ± 5.92 dB over 2 seeds; 1 of 2 runs below their `pretrain.min_psnr`." in text
     assert "Net1" not in text  # no phase 1

@@ -90,6 +90,8 @@ def test_phase1_psnr_threshold(output, passes, prepared, tmp_path):
     assert (last["phase1_psnr"] > 30.0) is passes
     kept = [row for row in rows if row["best"]][-1]
     assert last["phase1_psnr"] == kept["val_psnr"] == max(row["val_psnr"] for row in rows)
+    # The target is the input itself: the unchanged input scores the PSNR floor's 100 dB.
+    assert all(row["val_input_psnr"] == pytest.approx(100.0) for row in rows)
 
 
 def _global_norm(tree) -> float:

@@ -240,6 +240,30 @@ def test_eval_step_ignores_padding_rows():
                                       np.bincount(real["label"], weights=correct, minlength=num_classes))
 
 
+def test_phase1_eval_step_scores_the_output_and_the_unchanged_input_against_the_target():
+    """Per-image PSNR (dB) of the enhancer's output and of its input against batch['target'], summed over the
+    real rows: the second is the no-enhancement reference of a restoration target."""
+    mesh = sharding.data_mesh()
+    model = StandInModel()
+    variables = initial_state(model, steps.PRETRAIN, mesh,
+                              train_state.make_optimizer(optimizer_config(), 1)).variables
+    batch = make_batch(8)
+    batch["target"] = np.random.default_rng(1).integers(0, 256, batch["image"].shape).astype(np.uint8)
+    batch["mask"] = np.arange(8) < 6
+    sums = steps.make_eval_step(model, steps.PRETRAIN, mesh)(variables, sharding.global_batch(batch, mesh))
+    images, targets = batch["image"] / 255.0, batch["target"] / 255.0
+    outputs = np.asarray(model.apply(variables, images, train=False, method="enhance"))
+
+    def psnr_sum(candidates: np.ndarray) -> float:
+        mse = np.mean((candidates - targets) ** 2, axis=(1, 2, 3))
+        return float(np.sum(-10.0 * np.log10(mse)[batch["mask"]]))
+
+    assert float(sums["count"]) == 6.0
+    np.testing.assert_allclose(float(sums["input_psnr_sum"]), psnr_sum(images), rtol=1e-5)
+    np.testing.assert_allclose(float(sums["psnr_sum"]), psnr_sum(outputs), rtol=1e-4)
+    assert abs(float(sums["psnr_sum"]) - float(sums["input_psnr_sum"])) > 0.01  # the two are not one number
+
+
 def compare_device_counts() -> dict[str, float]:
     """One global batch on 1 and on 4 devices: losses of two steps and the BatchNorm statistics."""
     devices = jax.devices()

@@ -15,7 +15,7 @@ from urnet_jax.workdir import Position
 
 # The metrics of an epoch's log line, per phase (those the row has).
 LOGGED_METRICS = {
-    PRETRAIN: ("train_loss", "val_mse", "val_psnr", "saturated_fraction", "test_mse", "test_psnr"),
+    PRETRAIN: ("train_loss", "val_mse", "val_psnr", "val_input_psnr", "saturated_fraction", "test_mse", "test_psnr"),
     JOINT: ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy", "test_loss",
             "test_accuracy", "test_balanced_accuracy"),
 }

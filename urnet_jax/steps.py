@@ -152,8 +152,10 @@ def make_eval_step(model: nn.Module, phase: int,
 
     batch: {'image', 'label', 'mask' (bool (B,))[, 'target' (phase 1)]} sharded along 'data'. Returns
     replicated float32 sums: 'count' (images); phase 1: 'loss_sum' (per-image MSE against the target),
-    'psnr_sum' (per-image PSNR, dB), 'saturated_sum' (per image, the fraction of output values within
-    SATURATION_MARGIN of 0 or 1, as `evaluation.metrics.saturated_fraction`); phase 2: 'loss_sum'
+    'psnr_sum' (per-image PSNR, dB), 'input_psnr_sum' (per-image PSNR of the unchanged input to the same
+    target, dB: what no enhancement scores, 100 dB when the target is the input), 'saturated_sum' (per image,
+    the fraction of output values within SATURATION_MARGIN of 0 or 1, as
+    `evaluation.metrics.saturated_fraction`); phase 2: 'loss_sum'
     (cross-entropy), 'correct', and per class (num_classes,) 'class_correct' and 'class_count'.
     """
     apply_fn = phase_apply_fn(model, phase)
@@ -165,9 +167,12 @@ def make_eval_step(model: nn.Module, phase: int,
         per_example_loss = _per_example_loss(phase, output, batch)
         sums = {"loss_sum": jnp.sum(per_example_loss * mask), "count": jnp.sum(mask)}
         if phase == PRETRAIN:
-            mse = jnp.mean(jnp.square(output - _phase1_target(batch)), axis=(1, 2, 3))
+            target = _phase1_target(batch)
+            mse = jnp.mean(jnp.square(output - target), axis=(1, 2, 3))
+            input_mse = jnp.mean(jnp.square(to_unit_range(batch["image"]) - target), axis=(1, 2, 3))
             saturated = (output <= SATURATION_MARGIN) | (output >= 1.0 - SATURATION_MARGIN)
             sums["psnr_sum"] = jnp.sum(psnr(mse) * mask)
+            sums["input_psnr_sum"] = jnp.sum(psnr(input_mse) * mask)
             sums["saturated_sum"] = jnp.sum(jnp.mean(saturated, axis=(1, 2, 3)) * mask)
         else:
             correct = (jnp.argmax(output, axis=-1) == batch["label"]) * mask
@@ -187,9 +192,9 @@ def evaluate_split(eval_step: Callable[[Variables, Batch], Metrics], variables: 
                    prepared_dir: str | pathlib.Path, split: str, batch_size: int,
                    mesh: jax.sharding.Mesh) -> dict[str, float]:
     """The means over every example of a prepared split ('train', 'val' or 'test') of `make_eval_step`'s
-    sums. Phase 1: 'loss' (= 'mse', per-image MSE), 'psnr' (the mean of per-image PSNR, dB),
-    'saturated_fraction'. Phase 2: 'loss' (cross-entropy), 'accuracy', 'balanced_accuracy' (the mean
-    recall of the classes present in the split).
+    sums. Phase 1: 'loss' (= 'mse', per-image MSE), 'psnr' (the mean of per-image PSNR, dB), 'input_psnr'
+    (the same for the unchanged input: the no-enhancement reference), 'saturated_fraction'. Phase 2: 'loss'
+    (cross-entropy), 'accuracy', 'balanced_accuracy' (the mean recall of the classes present in the split).
     """
     totals: dict[str, Any] = {}
 
@@ -213,6 +218,7 @@ def evaluate_split(eval_step: Callable[[Variables, Batch], Metrics], variables: 
     loss = float(totals["loss_sum"]) / count
     if "psnr_sum" in totals:
         return {"loss": loss, "mse": loss, "psnr": float(totals["psnr_sum"]) / count,
+                "input_psnr": float(totals["input_psnr_sum"]) / count,
                 "saturated_fraction": float(totals["saturated_sum"]) / count}
     present = totals["class_count"] > 0
     recall = totals["class_correct"][present] / totals["class_count"][present]

@@ -227,8 +227,9 @@ def phase1_verdict(context: RunContext, phase1_rows: list[dict[str, Any]]) -> di
     psnr = kept[f"{split}_psnr"]
     if psnr < minimum and context.is_main:
         tqdm.write(f"warning: phase 1 ends below pretrain.min_psnr: the kept enhancer (epoch {kept['epoch']}) "
-                   f"reconstructs the {split} split at {psnr:.2f} dB < {minimum:.1f} dB, so phase 2 starts from an "
-                   "enhancer that does not reproduce its target")
+                   f"reconstructs the {split} split at {psnr:.2f} dB < {minimum:.1f} dB (the unchanged input: "
+                   f"{kept[f'{split}_input_psnr']:.2f} dB), so phase 2 starts from an enhancer that does not "
+                   "reproduce its target")
     return {"phase1_psnr": psnr, "phase1_below_min_psnr": psnr < minimum}
 
 

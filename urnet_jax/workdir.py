@@ -4,7 +4,8 @@
     metrics.jsonl          one JSON object per finished epoch: phase, epoch (1-based, within the phase),
                            step (global), train_loss, train_accuracy (null in phase 1), for each evaluated
                            split S in (val, test): S_loss, and in phase 2 S_accuracy, S_balanced_accuracy,
-                           in phase 1 S_mse, S_psnr (dB, the mean of per-image PSNR), S_saturated_fraction;
+                           in phase 1 S_mse, S_psnr (dB, the mean of per-image PSNR), S_input_psnr (the
+                           same for the unchanged input: the no-enhancement reference), S_saturated_fraction;
                            saturated_fraction (phase 1, of the selection split); selected_on (the split
                            whose metrics chose: train.select_on), best (whether this epoch's weights were
                            kept as the best), seconds; the last phase-1 row also has phase1_psnr (the

@@ -59,13 +59,13 @@ def _cell(value: float | None, spec: str) -> str:
 
 
 def _outcome_row(outcome: Phase1Outcome) -> list[str]:
-    """model, seed, kept epoch, selection split, PSNR (dB), MSE, saturated (%), below min_psnr."""
+    """model, seed, kept epoch, selection split, PSNR (dB), input PSNR (dB), MSE, saturated (%), below min_psnr."""
     saturated = outcome.kept.get("saturated_fraction")
     below = (MISSING if outcome.below_min_psnr is None
              else f"{'yes' if outcome.below_min_psnr else 'no'} ({outcome.min_psnr:g} dB)")
     return [column_header(outcome.run.model), str(outcome.run.seed), str(outcome.kept.get("epoch", MISSING)),
             str(outcome.kept.get("selected_on", MISSING)), _cell(outcome.selection_value("psnr"), ".2f"),
-            _cell(outcome.selection_value("mse"), ".4g"),
+            _cell(outcome.selection_value("input_psnr"), ".2f"), _cell(outcome.selection_value("mse"), ".4g"),
             _cell(100.0 * saturated if is_number(saturated) else None, ".2f"), below]
 
 
@@ -99,13 +99,15 @@ def phase1_section(name: str, variant: str, runs: Sequence[FinishedRun]) -> list
                   "pre-trained runs: " + ", ".join(
                       f"`{outcome.run.name}` ({_cell(outcome.selection_value('psnr'), '.2f')} dB < "
                       f"{outcome.min_psnr:g} dB)" for outcome in failed)
-                  + "; their phase 2 started from an enhancer that does not reproduce its input.**", ""]
-    parts += [markdown_table(["model", "seed", "kept epoch", "selected on", "PSNR (dB)", "MSE", "saturated (%)",
-                              "below min_psnr"], [_outcome_row(outcome) for outcome in outcomes]), "",
+                  + "; their phase 2 started from an enhancer that does not reproduce its target.**", ""]
+    parts += [markdown_table(["model", "seed", "kept epoch", "selected on", "PSNR (dB)", "input PSNR (dB)", "MSE",
+                              "saturated (%)", "below min_psnr"], [_outcome_row(outcome) for outcome in outcomes]),
+              "",
               "Each pre-trained run's phase 1 (metrics.jsonl): the epoch whose enhancer was kept (lowest "
-              "reconstruction MSE on the selection split), that enhancer's PSNR (mean of per-image PSNR), MSE and "
-              "share of output values within 0.01 of 0 or 1 (saturated) on that split, and whether its PSNR is "
-              "below the run's `pretrain.min_psnr`; n/a: not in the run's rows. Per model variant, mean ± sample "
-              "standard deviation of that PSNR over seeds:", "",
+              "reconstruction MSE on the selection split), that enhancer's PSNR to its target (mean of per-image "
+              "PSNR), the unchanged input's PSNR to the same target (what no enhancement scores; 100 dB when the "
+              "target is the input), its MSE and share of output values within 0.01 of 0 or 1 (saturated) on that "
+              "split, and whether its PSNR is below the run's `pretrain.min_psnr`; n/a: not in the run's rows. "
+              "Per model variant, mean ± sample standard deviation of that PSNR over seeds:", "",
               *(_model_summary(model, [o for o in outcomes if o.run.model == model]) for model in models), ""]
     return parts
