@@ -46,20 +46,22 @@ and 90-degree rotations, the training originals only (no offline augmentation), 
 training (fine-tuning a pretrained classifier), phase 1 of 3 epochs (Net4, RSGUNet, dynamic enhancement),
 model selection on the validation split, test evaluated at the selected and the last epoch.
 
-Sizing and cost (2-core CPU). Measured with bench/train_step.py at 96 px, batch 32: ResNet18 alone trains
-at about 21 images/s and predicts 144 images/s; with the UR-Net enhancer of width 8, 15.5 and 90 images/s.
+Sizing and cost (2-core CPU). Measured with bench/train_step.py at 96 px, batch 32, train step only, on a
+2-core Intel Xeon with AVX-512 (JAX 0.10): ResNet18 alone trains at about 48 images/s; with the UR-Net
+enhancer of width 8, 27; with RSGUNet and with dynamic enhancement (width 16), 35 and 19 (the same benchmark
+gave 21, 15.5, 3.3 and 2.7 images/s before the library compiled CPU programs without YNNPACK's convolutions).
 At 64 px the same networks are 10x slower (3x3 convolutions on 2x2 maps), so 96 px is the smallest usable
 size. Half the training split is about 3080 images (2299 granulocytes, 414 monocytes, 368 lymphocytes).
 Measured training time of the committed runs (sum of their epochs in metrics.jsonl, validation and test
-logging included, the final evaluation on the 3099 test images adds about 1 min): Net1 and CLAHE 5-6 min
-(one CLAHE run on a shared machine 12.6 min), Net3 and `conv_frontend` 9-11 min, Net4 12-14 min with its
-3 phase-1 epochs; about 45 min per seed for the five core models, so 5 seeds take about 4 hours per data
-variant. On a 2-core AMD EPYC with AVX2 (no AVX-512) the same runs took about 3x longer (Net1 17 min with
-data preparation, CLAHE 16, Net3 24, Net4 31, the stand-in 47). Preparing the 10298 WBCAtt images at
-96 px takes a few minutes once per data variant. Each stand-in (15 epochs on half "a") takes 20-40 min,
-once per data seed. RSGUNet and dynamic enhancement (width 16) trained at only 3.3 and 2.7 images/s in
-the same benchmark: about 17 min per epoch, 1.5 hours a run with phase 1, so their 15 runs per variant do
-not fit a CPU's few hours: run them with --only where time allows, or on a GPU.
+logging included, the final evaluation on the 3099 test images adds about 1 min): Net1 and CLAHE 5-6 min (one
+CLAHE run on a shared machine 12.6 min), Net3 and `conv_frontend` 9-11 min, Net4 12-14 min with its 3 phase-1
+epochs; about 45 min per seed for the five core models, so 5 seeds take about 4 hours per data variant.
+RSGUNet took 23 min and dynamic enhancement 42 min a run with their 3 phase-1 epochs while two runs shared the
+2 cores (alone, their step times give about 12 and 20 min). On a 2-core AMD EPYC with AVX2 (no AVX-512) the
+runs took about 3x longer (Net1 17 min with data preparation, CLAHE 16, Net3 24, Net4 31, the stand-in 47).
+Preparing the 10298 WBCAtt images at 96 px takes a few minutes once per data variant (and per model that
+changes data.*, such as RSGUNet's stained targets). Each stand-in (15 epochs on half "a") takes 20-40 min,
+once per data seed.
 """
 
 import pathlib
