@@ -38,7 +38,8 @@ never on test: contrast 12-26%, defocus 1.25-2.25 px at 200 px, noise 0.015-0.03
 - clahe: the fixed-enhancement control (Shahzad et al. 2021, configs/shahzad2021.py: CLAHE before the
   classifier, no learned enhancer);
 - rsgunet, dynamic_enhancement: Table 4's learned enhancers (configs/huang2018_rsgunet.py,
-  configs/sharma2018.py) with this study's classifier and phase-1 budget.
+  configs/sharma2018.py) with this study's classifier and phase-1 budget; RSGUNet's phase 1 (proxy -> stained
+  pairs) at AdamW 1e-3, chosen on validation by configs/phase1_tuning_rsgunet.py.
 
 Protocol: ResNet18 (torchvision width, as the stand-in) at 96 px, batch 32, SGD momentum 0.9 lr 0.01 with
 150 warm-up steps then cosine to 0, gradient-norm clipping at 1.0, weight decay 1e-4, online random flips
