@@ -600,9 +600,11 @@ def test_the_study_uses_the_phase1_learning_rate_its_committed_tuning_chose(tmp_
     chosen = tuning_lib.choose(means, config.target_range, config.target_rule)
     assert chosen is not None, f"no phase-1 candidate inside {tuple(config.target_range)}: {means}"
     study = cli.load_config_file(str(REPO_ROOT / "configs" / "study_wbcatt.py"))
-    for run in sweep.plan_runs(study, tmp_path, out_dir=tmp_path / "study"):
-        if run.name.startswith(f"{model}-"):
-            assert run.config.pretrain.optimizer.lr == config.models[chosen].pretrain.optimizer.lr, run.name
+    model_runs = [run for run in sweep.plan_runs(study, tmp_path, out_dir=tmp_path / "study")
+                  if run.name.startswith(f"{model}-")]
+    assert model_runs, f"the study plans no run of {model}"
+    for run in model_runs:
+        assert run.config.pretrain.optimizer.lr == config.models[chosen].pretrain.optimizer.lr, run.name
 
 
 def test_bad_study_configs_give_one_line_errors(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import types
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +93,19 @@ def test_phase1_psnr_threshold(output, passes, prepared, tmp_path):
     assert last["phase1_psnr"] == kept["val_psnr"] == max(row["val_psnr"] for row in rows)
     # The target is the input itself: the unchanged input scores the PSNR floor's 100 dB.
     assert all(row["val_input_psnr"] == pytest.approx(100.0) for row in rows)
+
+
+@pytest.mark.parametrize("input_psnr, reference", [(11.554, " (the unchanged input: 11.55 dB)"), (None, "")])
+def test_phase1_verdict_warns_with_the_unchanged_inputs_psnr_where_the_rows_have_it(capsys, input_psnr, reference):
+    """Rows restored from a run written before `val_input_psnr` existed still get their verdict and warning."""
+    rows = [{"epoch": 1, "val_psnr": 18.0, "best": True}, {"epoch": 2, "val_psnr": 20.814, "best": True}]
+    if input_psnr is not None:
+        for row in rows:
+            row["val_input_psnr"] = input_psnr
+    context = types.SimpleNamespace(selection_split="val", is_main=True, config=config_lib.base_config())
+    assert trainer.phase1_verdict(context, rows) == {"phase1_psnr": 20.814, "phase1_below_min_psnr": True}
+    assert (f"reconstructs the val split at 20.81 dB < 30.0 dB{reference}, so phase 2 starts"
+            in capsys.readouterr().out)
 
 
 def _global_norm(tree) -> float:

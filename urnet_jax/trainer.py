@@ -226,10 +226,11 @@ def phase1_verdict(context: RunContext, phase1_rows: list[dict[str, Any]]) -> di
     kept = [row for row in phase1_rows if row["best"]][-1]
     psnr = kept[f"{split}_psnr"]
     if psnr < minimum and context.is_main:
+        input_psnr = kept.get(f"{split}_input_psnr")  # absent from rows restored from an older run's checkpoint
+        reference = "" if input_psnr is None else f" (the unchanged input: {input_psnr:.2f} dB)"
         tqdm.write(f"warning: phase 1 ends below pretrain.min_psnr: the kept enhancer (epoch {kept['epoch']}) "
-                   f"reconstructs the {split} split at {psnr:.2f} dB < {minimum:.1f} dB (the unchanged input: "
-                   f"{kept[f'{split}_input_psnr']:.2f} dB), so phase 2 starts from an enhancer that does not "
-                   "reproduce its target")
+                   f"reconstructs the {split} split at {psnr:.2f} dB < {minimum:.1f} dB{reference}, so phase 2 starts "
+                   "from an enhancer that does not reproduce its target")
     return {"phase1_psnr": psnr, "phase1_below_min_psnr": psnr < minimum}
 
 
