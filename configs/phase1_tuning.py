@@ -29,17 +29,19 @@ CANDIDATES = {"lr0_002": 2e-3, "lr0_01": 1e-2, "lr0_02": 2e-2}  # phase 1's Adam
 
 
 def tuning_study(model: str, data_variant: str, candidates: dict[str, float], target_range: tuple[float, float],
-                 data_dir: str = "") -> ml_collections.ConfigDict:
-    """Phase-1-only runs of `model`-`data_variant`-seed1 of configs/study_wbcatt.py, one per AdamW learning
-    rate of `candidates` (name -> lr); the highest validation PSNR inside `target_range` (dB) is chosen."""
+                 data_dir: str = "", seed: int = 1) -> ml_collections.ConfigDict:
+    """Phase-1-only runs of `model`-`data_variant`-seed<seed> of configs/study_wbcatt.py (its data seed and
+    stand-in), one per AdamW learning rate of `candidates` (name -> lr); the highest validation PSNR inside
+    `target_range` (dB) is chosen."""
     study = runpy.run_path(str(CONFIG_DIR / "study_wbcatt.py"))["get_config"](data_dir)
     overrides = study.models[model].to_dict()
+    data_seed = dict(zip(study.seeds, study.data_seeds))[seed]
     return ml_collections.ConfigDict({
         "base": study.base,
         "models": {name: {**overrides, "train": {**overrides.get("train", {}), "epochs": 0},
                           "pretrain": {**overrides.get("pretrain", {}), "optimizer": {"lr": lr}}}
                    for name, lr in candidates.items()},
-        "data_variants": (data_variant,), "seeds": (1,), "data_seeds": (1,), "subset_per_class": 0,
+        "data_variants": (data_variant,), "seeds": (seed,), "data_seeds": (data_seed,), "subset_per_class": 0,
         "baseline": "", "pretrained_classifier": study.pretrained_classifier, "standins_dir": "results/study_wbcatt",
         "report": "validation", "tuning_metric": "phase1_psnr", "target_range": target_range,
         "target_rule": "highest"})

@@ -39,7 +39,14 @@ never on test: contrast 12-26%, defocus 1.25-2.25 px at 200 px, noise 0.015-0.03
   classifier, no learned enhancer);
 - rsgunet, dynamic_enhancement: Table 4's learned enhancers (configs/huang2018_rsgunet.py,
   configs/sharma2018.py) with this study's classifier and phase-1 budget; RSGUNet's phase 1 (proxy -> stained
-  pairs) at AdamW 1e-3, chosen on validation by configs/phase1_tuning_rsgunet.py.
+  pairs) at AdamW 1e-3, chosen on validation by configs/phase1_tuning_rsgunet.py;
+- net4_stained: the paired-target control for RSGUNet: Net4 whose phase 1 maps each image to the stained original
+  of the same cell (RSGUNet's target, `data.target` 'stained') instead of reproducing its input, then trains
+  jointly with the classifier as Net4 does. Net4_stained - Net4: do paired clean targets help UR-Net; RSGUNet -
+  Net4_stained: is RSGUNet's gain its network (and frozen enhancer) or its targets. Only the proxies have
+  stained targets that differ from the input (on `raw` it would repeat Net4), so the study runs it on the
+  proxies only (`model_data_variants`). Phase 1's learning rate is chosen on validation by
+  configs/phase1_tuning_net4_stained.py.
 
 Protocol: ResNet18 (torchvision width, as the stand-in) at 96 px, batch 32, SGD momentum 0.9 lr 0.01 with
 150 warm-up steps then cosine to 0, gradient-norm clipping at 1.0, weight decay 1e-4, online random flips
@@ -88,10 +95,14 @@ MODELS = {
     "dynamic_enhancement": {"model": {"enhancer": "dynamic_enhancement", "enhancer_width": 0,
                                       "enhancer_output": "sigmoid"},
                             "data": {"target": "unsharp_mask"}},
+    # RSGUNet's paired targets with UR-Net and joint training: Net4 whose phase 1 maps each image to its stained
+    # original. Phase 1's learning rate: the choice of configs/phase1_tuning_net4_stained.py.
+    "net4_stained": {"model": {"enhancer_output": "sigmoid"}, "data": {"target": "stained"}},
 }
 # The paired comparisons of the report (first minus second); DECISION_RULE reads the first three.
 COMPARISONS = (("net4", "net1"), ("net4", "conv_frontend"), ("net4", "clahe"), ("net3", "net1"), ("net4", "net3"),
-               ("conv_frontend", "net1"), ("clahe", "net1"), ("rsgunet", "net1"), ("dynamic_enhancement", "net1"))
+               ("conv_frontend", "net1"), ("clahe", "net1"), ("rsgunet", "net1"), ("dynamic_enhancement", "net1"),
+               ("net4_stained", "net1"), ("net4_stained", "net4"), ("rsgunet", "net4_stained"))
 
 # docs/RESULTS.md's decision rule, written before the study's runs; the report applies it to each data variant.
 DECISION_RULE = {"effect": ("net4", "net1"), "controls": (("net4", "conv_frontend"), ("net4", "clahe")),
@@ -141,6 +152,7 @@ def get_config(data_dir: str = "") -> ml_collections.ConfigDict:
     base.log_every_steps = 10
     return ml_collections.ConfigDict({
         "base": base, "models": MODELS, "data_variants": ("raw", "stainfree_proxy", "severe_proxy"),
+        "model_data_variants": {"net4_stained": ("stainfree_proxy", "severe_proxy")},
         "seeds": (1, 2, 3, 4, 5), "data_seeds": (1, 1, 1, 2, 2), "subset_per_class": 0, "baseline": "",
         "pretrained_classifier": standin, "comparisons": COMPARISONS,
         "decision_rule": DECISION_RULE})

@@ -560,18 +560,20 @@ def test_the_study_uses_the_severe_proxy_strength_its_committed_tuning_chose():
 
 
 # Phase-1 tuning configs: (file, the study's model and data variant whose seed-1 run each candidate is).
-PHASE1_TUNINGS = [("phase1_tuning", "net4", "raw"), ("phase1_tuning_rsgunet", "rsgunet", "severe_proxy")]
+PHASE1_TUNINGS = [("phase1_tuning", "net4", "raw", 1), ("phase1_tuning_rsgunet", "rsgunet", "severe_proxy", 1),
+                  ("phase1_tuning_net4_stained", "net4_stained", "severe_proxy", 4)]
 
 
-@pytest.mark.parametrize("config_name, model, data_variant", PHASE1_TUNINGS)
+@pytest.mark.parametrize("config_name, model, data_variant, seed", PHASE1_TUNINGS)
 def test_phase1_tuning_runs_a_model_of_the_study_phase1_only_at_each_learning_rate(tmp_path, config_name, model,
-                                                                                    data_variant):
-    """configs/phase1_tuning*.py: every candidate is the study's <model>-<variant>-seed1 but for train.epochs (0)
-    and phase 1's learning rate, chosen by the highest validation PSNR inside the config's target range."""
+                                                                                    data_variant, seed):
+    """configs/phase1_tuning*.py: every candidate is the study's <model>-<variant>-seed<seed> (its data seed and
+    stand-in) but for train.epochs (0) and phase 1's learning rate, chosen by the highest validation PSNR inside
+    the config's target range."""
     tuning = cli.load_config_file(str(REPO_ROOT / "configs" / f"{config_name}.py"))
     study = cli.load_config_file(str(REPO_ROOT / "configs" / "study_wbcatt.py"))
     reference = next(run.config for run in sweep.plan_runs(study, tmp_path, out_dir=tmp_path / "study")
-                     if run.name == f"{model}-{data_variant}-seed1")
+                     if run.name == f"{model}-{data_variant}-seed{seed}")
     assert (tuning.report, tuning.tuning_metric, tuning.target_rule) == ("validation", "phase1_psnr", "highest")
     assert tuning.standins_dir == "results/study_wbcatt"
     assert tuning.target_range[0] <= reference.pretrain.min_psnr
@@ -580,13 +582,13 @@ def test_phase1_tuning_runs_a_model_of_the_study_phase1_only_at_each_learning_ra
     for run in candidates:
         differences = {key for key, value in config_lib.flatten(run.config.to_dict()).items()
                        if value != config_lib.flatten(reference.to_dict()).get(key)}
-        # data.prepared_dir: a model variant that changes data.* prepares into '<variant>-dataseed1-<candidate>'.
+        # data.prepared_dir: a model variant that changes data.* prepares into '<variant>-dataseed<k>-<candidate>'.
         assert "train.epochs" in differences <= {"train.epochs", "pretrain.optimizer.lr", "data.prepared_dir"}
 
 
-@pytest.mark.parametrize("config_name, model, data_variant", PHASE1_TUNINGS)
+@pytest.mark.parametrize("config_name, model, data_variant, seed", PHASE1_TUNINGS)
 def test_the_study_uses_the_phase1_learning_rate_its_committed_tuning_chose(tmp_path, config_name, model,
-                                                                            data_variant):
+                                                                            data_variant, seed):
     """configs/study_wbcatt.py's phase-1 learning rate of <model> is the candidate that
     results/<config_name>'s validation PSNRs choose (the rule of its report)."""
     from urnet_jax.study import tuning as tuning_lib
@@ -605,6 +607,20 @@ def test_the_study_uses_the_phase1_learning_rate_its_committed_tuning_chose(tmp_
     assert model_runs, f"the study plans no run of {model}"
     for run in model_runs:
         assert run.config.pretrain.optimizer.lr == config.models[chosen].pretrain.optimizer.lr, run.name
+
+
+def test_a_study_runs_a_model_only_on_the_data_variants_it_names(tmp_path):
+    study = tiny_study(models={"tiny": {"model": {"enhancer": "none"}}, "other": {"model": {"enhancer": "none"}}})
+    study.data_variants = ("raw", "stainfree_proxy")
+    assert len(sweep.plan_runs(study, tmp_path)) == 8
+    study.model_data_variants = {"other": ("stainfree_proxy",)}
+    assert sorted(run.name for run in sweep.plan_runs(study, tmp_path)) == [
+        "other-stainfree_proxy-seed1", "other-stainfree_proxy-seed2", "tiny-raw-seed1", "tiny-raw-seed2",
+        "tiny-stainfree_proxy-seed1", "tiny-stainfree_proxy-seed2"]
+    for bad in ({"other": ("severe_proxy",)}, {"missing": ("raw",)}, {"other": ()}):
+        study.model_data_variants = bad
+        with pytest.raises(errors.ConfigError, match="study 'model_data_variants' must map model variants"):
+            sweep.plan_runs(study, tmp_path)
 
 
 def test_bad_study_configs_give_one_line_errors(tmp_path):
@@ -803,6 +819,18 @@ def test_report_counts_the_finished_runs_of_the_study_config(results):
     assert rows == {"`raw`": ["3/3", "0/3", "2/3 (1, 2)", "5/9"],
                     "`stainfree_proxy`": ["0/3", "0/3", "1/3 (1)", "1/9"]}
     assert "Finished runs of the study config (seeds in brackets where some are missing): 6 of 18." in block
+
+    # A model the study runs on some data variants only: a dash elsewhere, and fewer runs planned.
+    (folder / "study.json").write_text(json.dumps({"models": {"net4": {}, "net1": {}, "net2": {}},
+                                                   "data_variants": ["raw", "stainfree_proxy"], "seeds": [1, 2, 3],
+                                                   "model_data_variants": {"net2": ["stainfree_proxy"]}}))
+    block = report.results_block(folder)
+    table = block.split("| data variant |")[1].split("\n\n")[0]
+    rows = {cells[0]: cells[1:] for cells in (line[2:-2].split(" | ") for line in table.splitlines()[2:])}
+    assert rows == {"`raw`": ["3/3", report.NOT_PLANNED, "2/3 (1, 2)", "5/6"],
+                    "`stainfree_proxy`": ["0/3", "0/3", "1/3 (1)", "1/9"]}
+    assert (f"(seeds in brackets where some are missing; {report.NOT_PLANNED}: a model the study does not run on "
+            "that data variant): 6 of 15.") in block
 
 
 def test_report_writes_between_markers_and_check_detects_tampering(results, tmp_path, capsys):

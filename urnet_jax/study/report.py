@@ -34,7 +34,7 @@ from urnet_jax.study.results import (FinishedRun, collect_finished_runs, column_
                                      unselected_accuracy)
 from urnet_jax.study.seed_stats import (Pick, aggregate_metrics, common_classes, difference_cell, mean_std_points,
                                         paired_differences, t_interval)
-from urnet_jax.study.sweep import ABLATION_MODELS, IGNORED_KEYS
+from urnet_jax.study.sweep import ABLATION_MODELS, IGNORED_KEYS, runs_on
 
 MARKER_BEGIN = "<!-- results:begin {name} -->"
 MARKER_END = "<!-- results:end {name} -->"
@@ -199,27 +199,36 @@ def error_table(cells: Mapping[str, Sequence[FinishedRun]], classes: Sequence[st
     return markdown_table(["true → predicted", *cells], rows)
 
 
+NOT_PLANNED = "—"  # a progress-table cell of a model the study does not run on that data variant
+
+
 def progress_table(study: Mapping[str, Any], runs: Sequence[FinishedRun]) -> str:
     """Which of the study config's runs (models x data variants x seeds) have finished, as Markdown: one row
     per data variant, one column per model ('finished/planned', then the finished seeds when some are
-    missing), a last column per variant, and a closing sentence with the total."""
+    missing; NOT_PLANNED where the study does not run that model on that variant), a last column per variant, and
+    a closing sentence with the total."""
     seeds = [int(seed) for seed in study["seeds"]]
     models = ordered(list(study["models"]), ABLATION_MODELS)
     finished = {(run.model, run.data_variant, run.seed) for run in runs}
 
-    def cell(done: Sequence[int]) -> str:
+    def cell(done: Sequence[int] | None) -> str:
+        if done is None:
+            return NOT_PLANNED
         count = f"{len(done)}/{len(seeds)}"
         return f"{count} ({', '.join(map(str, done))})" if 0 < len(done) < len(seeds) else count
 
-    rows, total = [], 0
+    rows, total, planned = [], 0, 0
     for variant in study["data_variants"]:
-        done = [[seed for seed in seeds if (model, variant, seed) in finished] for model in models]
-        finished_here = sum(map(len, done))
-        total += finished_here
-        rows.append([f"`{variant}`", *map(cell, done), f"{finished_here}/{len(seeds) * len(models)}"])
+        done = [[seed for seed in seeds if (model, variant, seed) in finished]
+                if runs_on(study, model, variant) else None for model in models]
+        finished_here = sum(len(seeds_done) for seeds_done in done if seeds_done is not None)
+        planned_here = len(seeds) * sum(seeds_done is not None for seeds_done in done)
+        total, planned = total + finished_here, planned + planned_here
+        rows.append([f"`{variant}`", *map(cell, done), f"{finished_here}/{planned_here}"])
     table = markdown_table(["data variant", *map(column_header, models), "finished"], rows)
-    planned = len(seeds) * len(models) * len(study["data_variants"])
-    return (f"{table}\n\nFinished runs of the study config (seeds in brackets where some are missing): "
+    not_run = f"; {NOT_PLANNED}: a model the study does not run on that data variant" if planned < (
+        len(seeds) * len(models) * len(study["data_variants"])) else ""
+    return (f"{table}\n\nFinished runs of the study config (seeds in brackets where some are missing{not_run}): "
             f"{total} of {planned}.")
 
 

@@ -4,6 +4,9 @@ A study config (`get_config()` of configs/study_*.py, plain data) holds
   base:             a complete run config (`urnet_jax.config.base_config()` plus the protocol's overrides);
   models:           {variant name: partial config applied over base}, e.g. the paper's ablation Net1-Net4;
   data_variants:    the data.variant values to run;
+  model_data_variants: optional: {model variant: the data variants it runs on} for a model that means
+                    something on some of them only (e.g. a paired-target control: on `raw` the stained
+                    target is the input); a model not named runs on every data variant;
   seeds:            the config.seed values (model initialisation, per-step keys and the training data
                     order). data.seed stays base's, so every run sees the same split and the same
                     augmented training images: the model variants are compared on identical data (paired);
@@ -173,6 +176,11 @@ def check_study_config(study: ml_collections.ConfigDict) -> None:
     data_seeds = tuple(study.get("data_seeds", ()))
     _check(not data_seeds or (len(data_seeds) == len(seeds) and all(map(_is_count, data_seeds))),
            f"study 'data_seeds' must give one integer >= 0 per seed, got {data_seeds!r}")
+    restricted = study.get("model_data_variants", {})
+    for model, model_variants in restricted.items():
+        _check(model in study.models and len(model_variants) > 0 and set(model_variants) <= set(variants),
+               f"study 'model_data_variants' must map model variants of 'models' to some of 'data_variants', got "
+               f"{model!r}: {tuple(model_variants)!r}")
     for pair in study.get("comparisons", ()):
         _check(len(pair) == 2 and all(name in study.models for name in pair) and pair[0] != pair[1],
                f"study 'comparisons' must pair two distinct model variants of 'models', got {tuple(pair)!r}")
@@ -223,6 +231,12 @@ def external_sets(study: ml_collections.ConfigDict, model: str) -> dict[str, dic
                    "adapt_bn": bool(external.get("adapt_bn", False))}
             for name, external in study.get("external", {}).items()
             if not external.get("models") or model in external.models}
+
+
+def runs_on(study: Mapping[str, Any], model: str, data_variant: str) -> bool:
+    """Whether the study runs model variant `model` on `data_variant` ('model_data_variants'; default: yes)."""
+    restricted = study.get("model_data_variants") or {}
+    return model not in restricted or data_variant in tuple(restricted[model])
 
 
 def data_seed_of(study: ml_collections.ConfigDict, seed: int) -> int:
@@ -284,6 +298,8 @@ def plan_runs(study: ml_collections.ConfigDict, prepared_root: str | os.PathLike
         data_seed = data_seed_of(study, seed)
         for variant in study.data_variants:
             for model, overrides in study.models.items():
+                if not runs_on(study, model, variant):
+                    continue
                 name = run_name(model, variant, seed)
                 config = with_overrides(study.base, overrides, f"model variant {model}")
                 config.seed = seed
