@@ -45,8 +45,8 @@ never on test: contrast 12-26%, defocus 1.25-2.25 px at 200 px, noise 0.015-0.03
   jointly with the classifier as Net4 does. Net4_stained - Net4: do paired clean targets help UR-Net; RSGUNet -
   Net4_stained: is RSGUNet's gain its network (and frozen enhancer) or its targets. Only the proxies have
   stained targets that differ from the input (on `raw` it would repeat Net4), so the study runs it on the
-  proxies only (`model_data_variants`). Phase 1's learning rate is chosen on validation by
-  configs/phase1_tuning_net4_stained.py.
+  proxies only (`model_data_variants`). Phase 1's learning rate, the base's 2e-2, is the choice of
+  configs/phase1_tuning_net4_stained.py on validation.
 
 Protocol: ResNet18 (torchvision width, as the stand-in) at 96 px, batch 32, SGD momentum 0.9 lr 0.01 with
 150 warm-up steps then cosine to 0, gradient-norm clipping at 1.0, weight decay 1e-4, online random flips
@@ -96,7 +96,7 @@ MODELS = {
                                       "enhancer_output": "sigmoid"},
                             "data": {"target": "unsharp_mask"}},
     # RSGUNet's paired targets with UR-Net and joint training: Net4 whose phase 1 maps each image to its stained
-    # original. Phase 1's learning rate: the choice of configs/phase1_tuning_net4_stained.py.
+    # original. Phase 1's learning rate: the base's 2e-2, which configs/phase1_tuning_net4_stained.py chose.
     "net4_stained": {"model": {"enhancer_output": "sigmoid"}, "data": {"target": "stained"}},
 }
 # The paired comparisons of the report (first minus second); DECISION_RULE reads the first three.
