@@ -495,8 +495,10 @@ def test_study_wbcatt_is_the_validated_protocol_with_a_pretrained_stand_in(tmp_p
     standin = cli.load_config_file(str(REPO_ROOT / "configs" / "pretrain_standin.py"))
     assert study.pretrained_classifier.to_dict() == standin.to_dict()
     runs = sweep.plan_runs(study, tmp_path / "prepared", out_dir=tmp_path / "out")
-    assert len(runs) == 7 * 3 * 5 and len(study.seeds) >= 5
+    # Seven models on the three data variants, and the paired-target control on the two proxies only.
+    assert len(runs) == (7 * 3 + 2) * 5 and len(study.seeds) >= 5
     assert {run.data_variant for run in runs} == {"raw", "stainfree_proxy", "severe_proxy"}
+    assert {run.data_variant for run in runs if run.model == "net4_stained"} == {"stainfree_proxy", "severe_proxy"}
     for run in runs:
         config = run.config
         assert config.train.select_on == "val" and config.data.split_dir == standin.data.split_dir
@@ -513,6 +515,11 @@ def test_study_wbcatt_is_the_validated_protocol_with_a_pretrained_stand_in(tmp_p
     assert 0 < by_name["conv_frontend-raw-seed1"].model.enhancer_width < conv_frontend.width_matching_urnet(
         by_name["net4-raw-seed1"].model.enhancer_width)
     assert by_name["clahe-raw-seed1"].data.preprocessing == "clahe"
+    # The paired-target control is Net4 but for phase 1's target: RSGUNet's stained originals.
+    net4, stained = (config_lib.flatten(by_name[f"{name}-severe_proxy-seed1"].to_dict())
+                     for name in ("net4", "net4_stained"))
+    assert {key for key in net4 if net4[key] != stained[key]} == {"data.target", "data.prepared_dir"}
+    assert stained["data.target"] == by_name["rsgunet-severe_proxy-seed1"].data.target == "stained"
     assert [run.name for run in sweep.plan_standins(study, tmp_path)] == ["standin_dataseed1", "standin_dataseed2"]
     assert tuple(study.comparisons[0]) == ("net4", "net1")
     rule = rules.decision_rule(study.decision_rule, models=list(study.models))  # docs/RESULTS.md's rule
@@ -831,6 +838,14 @@ def test_report_counts_the_finished_runs_of_the_study_config(results):
                     "`stainfree_proxy`": ["0/3", "0/3", "1/3 (1)", "1/9"]}
     assert (f"(seeds in brackets where some are missing; {report.NOT_PLANNED}: a model the study does not run on "
             "that data variant): 6 of 15.") in block
+    # A variant's tables have no column for a model the study does not run there, unless it has runs there.
+    assert table_rows(block, "stainfree_proxy")[""] == ["Net1", "Net4"]  # net2 has no run at all
+    (folder / "study.json").write_text(json.dumps({"models": {"net4": {}, "net1": {}}, "data_variants": ["raw",
+                                                   "stainfree_proxy"], "seeds": [1, 2, 3],
+                                                   "model_data_variants": {"net1": ["raw"], "net4": ["raw"]}}))
+    block = report.results_block(folder)
+    assert table_rows(block, "stainfree_proxy")[""] == ["Net4"]  # net1: not planned, no run; net4: a run
+    assert table_rows(block, "raw")[""] == ["Net1", "Net4"]
 
 
 def test_report_writes_between_markers_and_check_detects_tampering(results, tmp_path, capsys):

@@ -300,8 +300,10 @@ def results_block(results_dir: str | os.PathLike) -> str:
     verdicts: dict[str, decision.Verdict] = {}
     for variant in ordered([run.data_variant for run in runs], VARIANTS):
         of_variant = [run for run in runs if run.data_variant == variant]
+        # A model the study does not run on this variant gets no column, unless runs of it are here.
         cells = {column_header(model): sorted((r for r in of_variant if r.model == model), key=lambda r: r.seed)
-                 for model in models}
+                 for model in models if study is None or runs_on(study, model, variant)
+                 or any(r.model == model for r in of_variant)}
         seeds = sorted({run.seed for run in of_variant})
         description = DATA_DESCRIPTIONS.get(variant, variant)
         parts += [f"#### `results/{name}`, data variant `{variant}`: {description}", "",
