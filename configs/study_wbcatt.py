@@ -66,7 +66,7 @@ CLAHE run on a shared machine 12.6 min), Net3 and `conv_frontend` 9-11 min, Net4
 epochs; about 45 min per seed for the five core models, so 5 seeds take about 4 hours per data variant.
 RSGUNet took 20-23 min and dynamic enhancement 39-43 min a run with their 3 phase-1 epochs while two runs shared the
 2 cores (alone, their step times give about 12 and 20 min; one dynamic enhancement run alone took 21 min), and
-`net4_stained` 27-28 min shared, its data preparation included. On a 2-core AMD EPYC with AVX2 (no AVX-512) the
+`net4_stained` 27-31 min shared, its data preparation included. On a 2-core AMD EPYC with AVX2 (no AVX-512) the
 runs took about 3x longer (Net1 17 min with data preparation, CLAHE 16, Net3 24, Net4 31, the stand-in 47).
 Preparing the 10298 WBCAtt images at 96 px takes a few minutes once per data variant (and per model that
 changes data.*, such as RSGUNet's stained targets). Each stand-in (15 epochs on half "a") takes 20-40 min,
