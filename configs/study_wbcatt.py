@@ -64,7 +64,7 @@ Measured training time of the committed runs (sum of their epochs in metrics.jso
 logging included, the final evaluation on the 3099 test images adds about 1 min): Net1 and CLAHE 5-6 min (one
 CLAHE run on a shared machine 12.6 min), Net3 and `conv_frontend` 9-11 min, Net4 12-14 min with its 3 phase-1
 epochs; about 45 min per seed for the five core models, so 5 seeds take about 4 hours per data variant.
-RSGUNet took 20-23 min and dynamic enhancement 39-43 min a run with their 3 phase-1 epochs while two runs shared the
+RSGUNet took 20-33 min and dynamic enhancement 39-61 min a run with their 3 phase-1 epochs while two runs shared the
 2 cores (alone, their step times give about 12 and 20 min; one dynamic enhancement run alone took 21 min), and
 `net4_stained` 27-31 min shared, its data preparation included. On a 2-core AMD EPYC with AVX2 (no AVX-512) the
 runs took about 3x longer (Net1 17 min with data preparation, CLAHE 16, Net3 24, Net4 31, the stand-in 47).
