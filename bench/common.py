@@ -185,6 +185,7 @@ def environment() -> dict[str, Any]:
         "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax_compiler_options": compiler_options.for_platform(jax.default_backend()),
+        "xla_cpu_options": compiler_options.selected_cpu_options(),
     }
     for name in ("flax", "optax", "torch", "torchvision"):
         try:

@@ -48,6 +48,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (bench/ is not a package; common must come before JAX and torch)
 
+from urnet_jax.config import XLA_CPU_OPTIONS  # noqa: E402  (imports no JAX)
 from urnet_jax.models import registry  # noqa: E402  (imports no JAX)
 
 ENHANCERS = (registry.NO_ENHANCER, *registry.ENHANCER_NAMES)
@@ -76,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="timed blocks per framework (alternating)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per framework before timing (>= 1)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for both (default: all)")
+    parser.add_argument("--xla-cpu-options", default=XLA_CPU_OPTIONS[0], choices=XLA_CPU_OPTIONS,
+                        help="the XLA option set of the JAX programs on a CPU (urnet_jax.compiler_options)")
     parser.add_argument("--torch-variants", default=",".join(TORCH_VARIANTS),
                         help=f"comma-separated torch variants to time, among {', '.join(TORCH_VARIANTS)} "
                              "(eager is always included)")
@@ -539,7 +542,7 @@ def _probe_in_subprocess(args: argparse.Namespace, framework: str, batch: int) -
     command = [sys.executable, os.path.abspath(__file__), "--enhancer", args.enhancer,
                "--enhancer-width", str(args.enhancer_width), "--classifier", args.classifier,
                "--num-classes", str(args.num_classes), "--size", str(args.size), "--batch", str(batch),
-               "--precision", args.precision, "--memory-probe", framework]
+               "--precision", args.precision, "--xla-cpu-options", args.xla_cpu_options, "--memory-probe", framework]
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
     _progress(f"memory of the {framework} train step at batch {batch} (fresh process)")
@@ -724,6 +727,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ValueError as error:
         sys.exit(f"error: {error}")
     common.prepare_gpu_allocators()
+    from urnet_jax import compiler_options
+
+    compiler_options.use_cpu_options(args.xla_cpu_options)
     if args.memory_probe:
         return _memory_probe(args, threads)
     load_at_start = common.load_average()

@@ -151,6 +151,9 @@ def get_config(data_dir: str = "") -> ml_collections.ConfigDict:
     base.checkpoint.every_steps = 0  # a checkpoint at every epoch end: 'latest' is the last epoch's weights
     base.checkpoint.keep = 1
     base.log_every_steps = 10
+    # The XLA options of the study's first runs (and of the stand-in digests they recorded): faster option sets
+    # change float rounding, and with it every run's trajectory (`urnet_jax.compiler_options`).
+    standin.xla_cpu_options = base.xla_cpu_options = "no_ynnpack"
     return ml_collections.ConfigDict({
         "base": base, "models": MODELS, "data_variants": ("raw", "stainfree_proxy", "severe_proxy"),
         "model_data_variants": {"net4_stained": ("stainfree_proxy", "severe_proxy")},

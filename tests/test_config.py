@@ -67,6 +67,7 @@ def test_ablation_configs_match_the_paper(name, enhancer, pretrain_epochs):
 
 @pytest.mark.parametrize("key, value, message", [
     ("precision", "float16", "precision must be one of"),
+    ("xla_cpu_options", "fast", "xla_cpu_options must be one of ynnpack_reductions, no_ynnpack, xla_defaults"),
     ("model.enhancer", "resunet2", "model.enhancer must be one of"),
     ("model.classifier", "resnet9", "model.classifier must be one of"),
     ("model.pretrained", "/nonexistent/weights.pth", "model.pretrained file"),
@@ -110,6 +111,13 @@ def test_a_saved_config_without_later_keys_compares_as_their_defaults():
     assert config_lib.config_differences(saved, current.to_dict()) == ["optimizer.schedule: 'constant' != 'cosine'"]
     with pytest.raises(ValueError, match="saved config key model.depth=3 does not fit"):
         config_lib.saved_config({**saved, "model": {**saved["model"], "depth": 3}})
+
+
+def test_a_saved_config_from_before_xla_cpu_options_reads_as_the_set_it_ran_with():
+    saved = base_config().to_dict()
+    assert saved["xla_cpu_options"] == "ynnpack_reductions"
+    del saved["xla_cpu_options"]
+    assert config_lib.saved_config(saved).xla_cpu_options == "no_ynnpack"
 
 
 def test_train_epochs_may_change_on_resume_only_under_a_constant_schedule():

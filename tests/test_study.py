@@ -493,7 +493,9 @@ def test_study_wbcatt_is_the_validated_protocol_with_a_pretrained_stand_in(tmp_p
 
     study = cli.load_config_file(str(REPO_ROOT / "configs" / "study_wbcatt.py"))
     standin = cli.load_config_file(str(REPO_ROOT / "configs" / "pretrain_standin.py"))
-    assert study.pretrained_classifier.to_dict() == standin.to_dict()
+    # The stand-in's config but for the XLA option set, which the study pins for every run (its first runs').
+    assert study.pretrained_classifier.to_dict() == {**standin.to_dict(), "xla_cpu_options": "no_ynnpack"}
+    assert study.base.xla_cpu_options == "no_ynnpack"
     runs = sweep.plan_runs(study, tmp_path / "prepared", out_dir=tmp_path / "out")
     # Seven models on the three data variants, and the paired-target control on the two proxies only.
     assert len(runs) == (7 * 3 + 2) * 5 and len(study.seeds) >= 5
@@ -502,6 +504,7 @@ def test_study_wbcatt_is_the_validated_protocol_with_a_pretrained_stand_in(tmp_p
     for run in runs:
         config = run.config
         assert config.train.select_on == "val" and config.data.split_dir == standin.data.split_dir
+        assert config.xla_cpu_options == "no_ynnpack"
         assert (config.data.partition, standin.data.partition) == ("b", "a")
         assert config.model.classifier == standin.model.classifier and config.data.image_size == standin.data.image_size
         assert config.optimizer.schedule == "cosine" and config.optimizer.warmup_steps > 0

@@ -21,6 +21,8 @@ from urnet_jax.models import CLASSIFIERS, ENHANCERS
 from urnet_jax.models.registry import GROUP_NORM_CLASSIFIERS, RESIDUAL_OUTPUT_ENHANCERS
 
 PRECISIONS = ("float32", "bfloat16")
+# The names of urnet_jax.compiler_options.CPU_OPTION_SETS, its default first.
+XLA_CPU_OPTIONS = ("ynnpack_reductions", "no_ynnpack", "xla_defaults")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine")
 SELECTION_SPLITS = ("val", "test")  # train.select_on: the split whose metrics choose `best` / `pretrain_best`
@@ -35,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.precision = "float32"  # or "bfloat16": bf16 compute, float32 master weights.
+    # XLA's option set for CPU programs (urnet_jax.compiler_options.CPU_OPTION_SETS): the same results up to
+    # float rounding; "no_ynnpack" keeps the numerics of runs made before "ynnpack_reductions" existed.
+    config.xla_cpu_options = XLA_CPU_OPTIONS[0]
     config.batch_size = 32  # global batch, split over every device.
     config.eval_batch_size = 64
 
@@ -155,11 +160,14 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _as_run_then(saved: Mapping[str, Any]) -> dict[str, Any]:
     """`flatten(saved)` with the keys added since it was written set to what its run did: phase 1 used the
-    `optimizer` section before `pretrain.optimizer` existed, and `best` was chosen on the test split before
-    `train.select_on` existed. Every other missing key is its default."""
+    `optimizer` section before `pretrain.optimizer` existed, `best` was chosen on the test split before
+    `train.select_on` existed, and CPU programs were compiled without YNNPACK fusions before
+    `xla_cpu_options` existed (the earliest runs with XLA's defaults, which no record tells apart). Every
+    other missing key is its default."""
     flat = flatten(saved)
     if "train.select_on" not in flat:
         flat["train.select_on"] = "test"
+    flat.setdefault("xla_cpu_options", "no_ynnpack")
     if not any(key.startswith("pretrain.optimizer.") for key in flat):
         flat.update({f"pretrain.{key}": value for key, value in flat.items() if key.startswith("optimizer.")})
     return flat
@@ -296,6 +304,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     model = config.model
     _check(config.precision in PRECISIONS,
            f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+    _check(config.xla_cpu_options in XLA_CPU_OPTIONS,
+           f"xla_cpu_options must be one of {', '.join(XLA_CPU_OPTIONS)}, got {config.xla_cpu_options!r}")
     _check(model.enhancer in ("none", *ENHANCERS),
            f"model.enhancer must be one of none, {', '.join(ENHANCERS)}, got {model.enhancer!r}")
     _check(model.classifier in CLASSIFIERS,

@@ -39,7 +39,7 @@ import jax
 import ml_collections
 
 import urnet_jax.data as data_lib
-from urnet_jax import config as config_lib, sharding
+from urnet_jax import compiler_options, config as config_lib, sharding
 from urnet_jax.checkpointing import CheckpointStore
 from urnet_jax.errors import ConfigError, NoReadableCheckpoint
 from urnet_jax.port import body_digest, replace_head
@@ -202,6 +202,7 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = "best") -> Run:
     if checkpoint not in CHECKPOINT_NAMES:
         raise ConfigError(f"checkpoint must be one of {', '.join(CHECKPOINT_NAMES)}, got {checkpoint!r}")
     config = _saved_config(workdir)
+    compiler_options.use_cpu_options(config.xla_cpu_options)  # evaluated with the numerics it was trained with
     prepared_dir = prepared_dir_of(config, workdir)
     class_names = list(data_lib.load_info(prepared_dir).class_names)
     model = build(config, len(class_names))
