@@ -113,13 +113,6 @@ def test_a_saved_config_without_later_keys_compares_as_their_defaults():
         config_lib.saved_config({**saved, "model": {**saved["model"], "depth": 3}})
 
 
-def test_a_saved_config_from_before_xla_cpu_options_reads_as_the_set_it_ran_with():
-    saved = base_config().to_dict()
-    assert saved["xla_cpu_options"] == "ynnpack_reductions"
-    del saved["xla_cpu_options"]
-    assert config_lib.saved_config(saved).xla_cpu_options == "no_ynnpack"
-
-
 def test_train_epochs_may_change_on_resume_only_under_a_constant_schedule():
     saved = base_config().to_dict()
     longer = base_config()

@@ -236,9 +236,10 @@ def test_old_saved_configs_read_as_what_their_runs_did():
     config = config_lib.saved_config(saved)
     assert config.train.select_on == "test"  # chosen on test before validation selection existed
     assert config.pretrain.optimizer.lr == 0.01  # phase 1 used the one optimiser section
+    assert config.xla_cpu_options == "no_ynnpack"  # before YNNPACK's reductions became the default
     current = config_lib.base_config()
     current.optimizer.lr = current.pretrain.optimizer.lr = 0.01
-    current.train.select_on, current.train.epochs = "test", 3
+    current.train.select_on, current.train.epochs, current.xla_cpu_options = "test", 3, "no_ynnpack"
     assert config_lib.config_differences(saved, current.to_dict()) == []
 
 
