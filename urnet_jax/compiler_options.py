@@ -34,12 +34,14 @@ from typing import Any
 import jax
 import numpy as np
 
+from urnet_jax.config import XLA_CPU_OPTIONS
+
 CPU_OPTION_SETS: dict[str, dict[str, str]] = {
     "ynnpack_reductions": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"},
     "no_ynnpack": {"xla_cpu_experimental_ynn_fusion_type": ""},
     "xla_defaults": {},
 }
-DEFAULT_CPU_OPTIONS = "ynnpack_reductions"
+DEFAULT_CPU_OPTIONS = XLA_CPU_OPTIONS[0]  # the config's names of CPU_OPTION_SETS, the default first
 DEFAULTS_ENV = "URNET_JAX_XLA_DEFAULTS"
 UNOPTIMISED = {"xla_backend_optimization_level": 0}
 
