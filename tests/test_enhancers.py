@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from urnet_jax.models import create
+from urnet_jax.models import create, layers
 from urnet_jax.models.enhancer_blocks import ConvBlock, ConvNormAct, MaxPool2x2, UpConv2x2, apply_output_activation
 from urnet_jax.models.resunet import ResUNet
 from urnet_jax.models.se import SqueezeExcitation
@@ -141,6 +141,44 @@ def test_up_conv_equals_torch_conv_transpose_2x2_stride_2():
     output = UpConv2x2(6).apply({"params": params}, jnp.asarray(x))
     assert output.shape == expected.shape == (2, 10, 14, 6)
     np.testing.assert_allclose(np.asarray(output), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_up_conv_gradients_equal_torch_conv_transpose_gradients():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, 5, 7, 3)).astype(np.float32)
+    cotangent = rng.normal(size=(2, 10, 14, 6)).astype(np.float32)
+    torch_up = torch.nn.ConvTranspose2d(3, 6, kernel_size=2, stride=2)
+    torch_x = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    (torch_up(torch_x) * torch.from_numpy(cotangent).permute(0, 3, 1, 2)).sum().backward()
+    params = {"kernel": jnp.asarray(torch_up.weight.detach().permute(2, 3, 0, 1).numpy()),
+              "bias": jnp.asarray(torch_up.bias.detach().numpy())}
+
+    def weighted_sum(params, x):
+        return jnp.sum(UpConv2x2(6).apply({"params": params}, x) * cotangent)
+
+    params_grad, x_grad = jax.jit(jax.grad(weighted_sum, argnums=(0, 1)))(params, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(x_grad), torch_x.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(params_grad["kernel"]), torch_up.weight.grad.permute(2, 3, 0, 1).numpy(),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(params_grad["bias"]), torch_up.bias.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_channel_matmul_values_and_gradients_equal_jnp_dot(dtype):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 3, 5, 4)), dtype)
+    kernel = jnp.asarray(rng.normal(size=(4, 6)), dtype)
+    cotangent = jnp.asarray(rng.normal(size=(2, 3, 5, 6)), dtype)
+    value, vjp = jax.vjp(layers.channel_matmul, x, kernel)
+    expected_value, expected_vjp = jax.vjp(jnp.dot, x, kernel)
+    tolerance = 1e-6 if dtype == jnp.float32 else 2e-2
+    assert value.dtype == dtype
+    np.testing.assert_allclose(np.asarray(value, np.float32), np.asarray(expected_value, np.float32),
+                               rtol=tolerance, atol=tolerance)
+    for grad, expected in zip(vjp(cotangent), expected_vjp(cotangent)):
+        assert grad.shape == expected.shape and grad.dtype == expected.dtype == dtype
+        np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(expected, np.float32),
+                                   rtol=tolerance, atol=tolerance * 10)
 
 
 @pytest.mark.parametrize("size", [(97, 113), (7, 9)])

@@ -156,8 +156,8 @@ class UpConv2x2(nn.Module):
 
     With kernel_size == stride the output pixels (2i + a, 2j + b) only see input pixel (i, j):
         y[n, 2i + a, 2j + b, o] = sum_c x[n, i, j, c] * kernel[a, b, c, o] + bias[o].
-    It is computed as a 1x1 conv (a matmul) to 4 * features channels followed by depth-to-space, which
-    is exact and much faster on CPU than XLA's transposed convolution.
+    It is computed as a 1x1 conv (a matmul, `layers.channel_matmul`) to 4 * features channels followed by
+    depth-to-space, which is exact and much faster on CPU than XLA's transposed convolution.
 
     Params: 'kernel' (2, 2, C_in, features), 'bias' (features,). Porting from / mirroring PyTorch:
     kernel = torch_weight.permute(2, 3, 0, 1) (torch weight is (C_in, C_out, 2, 2)); bias as is.
@@ -177,7 +177,8 @@ class UpConv2x2(nn.Module):
         batch, height, width, _ = x.shape
         # (C_in, 2 * 2 * C_out) with columns ordered (a, b, o): the 1x1 conv.
         matrix = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(in_features, 4 * self.features)
-        y = jnp.dot(x.astype(dtype), matrix.astype(dtype)).reshape(batch, height, width, 2, 2, self.features)
+        y = layers.channel_matmul(x.astype(dtype), matrix.astype(dtype))
+        y = y.reshape(batch, height, width, 2, 2, self.features)
         # depth-to-space: (N, H, W, a, b, O) -> (N, H, a, W, b, O) -> (N, 2H, 2W, O).
         y = jnp.transpose(y, (0, 1, 3, 2, 4, 5)).reshape(batch, 2 * height, 2 * width, self.features)
         return y + bias.astype(dtype)
