@@ -1,7 +1,7 @@
 """Whole-run throughput: images/s of `train.py` epochs against the train step alone, on the same model.
 
   python bench/train_run.py --enhancer urnet --enhancer-width 32 --classifier resnet18 --size 128 \
-      --batch 16 [--train-size 320] [--epochs 3] [--threads N] [--out DIR] [--step-img-s X]
+      --batch 16 [--train-size 320] [--epochs 5] [--threads N] [--out DIR] [--step-img-s X]
 
 Runs `train.py` (phase 2 only: `pretrain.epochs=0`) in a subprocess on a fixed synthetic data set
 (`data.allow_synthetic=True`, prepared once under `--out` and reused), with the model, batch, image size
@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16, help="training batch (also the evaluation batch)")
     parser.add_argument("--train-size", type=int, default=320, help="training images per epoch")
     parser.add_argument("--per-class", type=int, default=40, help="synthetic source images per class")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs (>= 2: the first one compiles)")
+    parser.add_argument("--epochs", type=int, default=5,
+                        help="epochs (>= 2: the first one compiles; the median of the later ones is read)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "bench_train_run"),

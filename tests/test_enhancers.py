@@ -196,6 +196,69 @@ def test_strided_down_conv_equals_torch_conv_3x3_stride_2_padding_1(size):
     np.testing.assert_allclose(np.asarray(output), expected, rtol=1e-5, atol=1e-5)
 
 
+
+# (input height, width, kernel size, stride, padding): the enhancers' 3x3 stride-2 downsampling (even and odd
+# sizes), ResNet's 7x7 stem, a 1x1 shortcut (a phase no tap reaches), a stride larger than the kernel's reach.
+STRIDED_CONVS = [(8, 10, 3, 2, 1), (7, 9, 3, 2, 1), (11, 12, 7, 2, 3), (6, 7, 1, 2, 0), (10, 8, 3, 3, 1),
+                 (9, 9, 5, 3, 0)]
+
+
+@pytest.mark.parametrize("height, width, kernel_size, stride, padding", STRIDED_CONVS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_strided_conv_values_and_gradients_equal_lax_conv(height, width, kernel_size, stride, padding, dtype):
+    rng = np.random.default_rng(height * width + kernel_size + stride)
+    x = jnp.asarray(rng.normal(size=(2, height, width, 3)), dtype)
+    kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 3, 5)), dtype)
+
+    def lax_conv(x, kernel):
+        return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    expected_value, expected_vjp = jax.vjp(lax_conv, x, kernel)
+    value, vjp = jax.vjp(lambda x, kernel: layers.strided_conv(x, kernel, stride, padding), x, kernel)
+    cotangent = jnp.asarray(rng.normal(size=expected_value.shape), dtype)
+    tolerance = 1e-5 if dtype == jnp.float32 else 5e-2
+    assert value.shape == expected_value.shape and value.dtype == dtype
+    np.testing.assert_allclose(np.asarray(value, np.float32), np.asarray(expected_value, np.float32),
+                               rtol=tolerance, atol=tolerance)
+    for grad, expected in zip(jax.jit(vjp)(cotangent), expected_vjp(cotangent)):
+        assert grad.shape == expected.shape and grad.dtype == expected.dtype == dtype
+        np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(expected, np.float32),
+                                   rtol=tolerance, atol=tolerance * 10)
+
+
+@pytest.mark.parametrize("size", [(12, 14), (7, 9)])
+def test_strided_down_conv_gradients_equal_torch_conv_gradients(size):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, *size, 4)).astype(np.float32)
+    torch_conv = torch.nn.Conv2d(4, 5, kernel_size=3, stride=2, padding=1, bias=False)
+    torch_x = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+    out = torch_conv(torch_x)
+    cotangent = rng.normal(size=out.shape).astype(np.float32)  # (N, C, H, W)
+    (out * torch.from_numpy(cotangent)).sum().backward()
+    params = {"conv": {"kernel": jnp.asarray(torch_conv.weight.detach().permute(2, 3, 1, 0).numpy())}}
+    down = ConvNormAct(5, kernel_size=3, stride=2, padding=1, norm="batch", activate=False)
+    variables = {"params": {**params, "norm": {"scale": jnp.ones(5), "bias": jnp.zeros(5)}},
+                 "batch_stats": {"norm": {"mean": jnp.zeros(5), "var": jnp.full(5, 1 - 1e-5)}}}
+
+    def weighted_sum(params, x):  # eval-mode BatchNorm with these statistics is the identity
+        output = down.apply({**variables, "params": params}, x)
+        return jnp.sum(output * jnp.asarray(cotangent.transpose(0, 2, 3, 1)))
+
+    params_grad, x_grad = jax.jit(jax.grad(weighted_sum, argnums=(0, 1)))(variables["params"], jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(x_grad), torch_x.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(params_grad["conv"]["kernel"]),
+                               torch_conv.weight.grad.permute(2, 3, 1, 0).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_strided_conv_is_used_only_for_strided_convs_with_one_group():
+    def conv_functions(**kwargs):
+        return layers.conv(4, 3, padding=1, input_grad_by_phase=True, **kwargs).conv_general_dilated
+
+    assert conv_functions(stride=2) is not None
+    assert conv_functions(stride=1) is None and conv_functions(stride=2, groups=2) is None
+    assert layers.conv(4, 3, 2, 1).conv_general_dilated is None
+
 def test_squeeze_excitation_matches_numpy():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(2, 5, 6, 32)).astype(np.float32)

@@ -93,7 +93,8 @@ def apply_output_activation(head: Array, image: Array, kind: str) -> Array:
 class ConvNormAct(nn.Module):
     """conv (k x k, stride, explicit symmetric padding) -> norm -> activation (if `activate`).
 
-    Submodules: 'conv' (kernel HWIO; bias only when norm == 'none'), 'norm' (when norm == 'batch').
+    Submodules: 'conv' (kernel HWIO; bias only when norm == 'none'), 'norm' (when norm == 'batch'). A strided
+    conv's input gradient is computed phase by phase (`layers.strided_conv`).
     """
 
     features: int
@@ -108,7 +109,7 @@ class ConvNormAct(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         x = layers.conv(self.features, self.kernel_size, self.stride, self.padding,
-                        use_bias=self.norm == "none", dtype=self.dtype, name="conv")(x)
+                        use_bias=self.norm == "none", dtype=self.dtype, input_grad_by_phase=True, name="conv")(x)
         if self.norm == "batch":
             x = layers.BatchNorm(dtype=self.dtype, name="norm")(x, train)
         return activation(x, self.negative_slope) if self.activate else x

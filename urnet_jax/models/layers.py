@@ -48,9 +48,15 @@ def conv(
     use_bias: bool = False,
     dtype: Dtype = None,
     kernel_init: Any = kaiming_fan_out,
+    input_grad_by_phase: bool = False,
     name: str | None = None,
 ) -> nn.Conv:
-    """A `torch.nn.Conv2d(kernel_size, stride, padding, groups, bias)` equivalent as a Flax `nn.Conv`."""
+    """A `torch.nn.Conv2d(kernel_size, stride, padding, groups, bias)` equivalent as a Flax `nn.Conv`.
+
+    input_grad_by_phase: with stride > 1 (and groups == 1), compute the input's gradient with
+    `strided_conv`'s backward pass (phase by phase) instead of XLA's; the same values and gradients.
+    """
+    by_phase = input_grad_by_phase and stride > 1 and groups == 1
     return nn.Conv(
         features,
         (kernel_size, kernel_size),
@@ -61,8 +67,94 @@ def conv(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=kernel_init,
+        conv_general_dilated=_strided_conv_general_dilated if by_phase else None,
         name=name,
     )
+
+
+_NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+
+
+def _lax_strided_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
+                                        dimension_numbers=_NHWC_HWIO)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def strided_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+    """conv2d of x (N, H, W, C_in) with kernel (kh, kw, C_in, C_out), stride and symmetric zero padding (ints),
+    -> (N, H_out, W_out, C_out): `lax.conv_general_dilated`'s values and gradients, with the input's gradient
+    written out phase by phase.
+
+    XLA computes a strided conv's input gradient as a conv over the output's gradient dilated with
+    stride - 1 zeros between its pixels, and on CPUs does not skip the zeros. Here the input pixels are
+    split into stride x stride phases (the pixels (s*q + a, s*q' + b) of one phase (a, b) all see the
+    output's gradient through the same kernel taps), each computed by a stride-1 conv over the undilated
+    output gradient with only that phase's taps, and interleaved. The kernel's gradient is XLA's own.
+    """
+    return _lax_strided_conv(x, kernel, stride, padding)
+
+
+def _strided_conv_forward(x: Array, kernel: Array, stride: int, padding: int) -> tuple[Array, tuple[Array, Array]]:
+    return _lax_strided_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _phase_taps(size: int, kernel_size: int, stride: int, padding: int, out_size: int, phase: int
+                ) -> tuple[slice, tuple[int, int]] | None:
+    """For one axis: the kernel taps that input positions s*q + phase see (a slice, in the order of the output
+    positions q + d they meet, d ascending) and the (low, high) padding of the output's gradient (negative:
+    cropped) that aligns them for q = 0 .. ceil(size / s) - 1; None when no tap reaches the phase."""
+    taps = [t for t in range(kernel_size) if (phase + padding - t) % stride == 0]
+    if not taps:
+        return None
+    offset_low = (phase + padding - taps[-1]) // stride  # the largest tap meets the lowest output offset
+    offset_high = (phase + padding - taps[0]) // stride
+    positions = -(-size // stride)
+    return slice(taps[-1], None, -stride), (-offset_low, positions + offset_high - out_size)
+
+
+def _strided_conv_backward(stride: int, padding: int, residuals: tuple[Array, Array], grad: Array
+                           ) -> tuple[Array, Array]:
+    x, kernel = residuals
+    (n, height, width, in_channels), (kernel_h, kernel_w) = x.shape, kernel.shape[:2]
+    rows, cols = -(-height // stride), -(-width // stride)
+    zero = jnp.zeros((), grad.dtype)
+    phase_rows = []
+    for a in range(stride):
+        phase_cols = []
+        for b in range(stride):
+            along_h = _phase_taps(height, kernel_h, stride, padding, grad.shape[1], a)
+            along_w = _phase_taps(width, kernel_w, stride, padding, grad.shape[2], b)
+            if along_h is None or along_w is None:
+                phase_cols.append(jnp.zeros((n, rows, cols, in_channels), grad.dtype))
+                continue
+            taps = jnp.swapaxes(kernel[along_h[0], along_w[0]], 2, 3).astype(grad.dtype)  # (.., .., C_out, C_in)
+            padded = jax.lax.pad(grad, zero, ((0, 0, 0), (*along_h[1], 0), (*along_w[1], 0), (0, 0, 0)))
+            phase_cols.append(jax.lax.conv_general_dilated(padded, taps, (1, 1), "VALID",
+                                                           dimension_numbers=_NHWC_HWIO))
+        phase_rows.append(jnp.stack(phase_cols, axis=3))  # (N, rows, cols, stride, C_in)
+    interleaved = jnp.stack(phase_rows, axis=2).reshape(n, rows * stride, cols * stride, in_channels)
+    x_grad = interleaved[:, :height, :width].astype(x.dtype)
+    _, kernel_pullback = jax.vjp(lambda k: _lax_strided_conv(x, k, stride, padding), kernel)
+    (kernel_grad,) = kernel_pullback(grad)
+    return x_grad, kernel_grad
+
+
+strided_conv.defvjp(_strided_conv_forward, _strided_conv_backward)
+
+
+def _strided_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Any, padding: Any, *,
+                                  lhs_dilation: Any = None, rhs_dilation: Any = None, dimension_numbers: Any = None,
+                                  feature_group_count: int = 1, precision: Any = None) -> Array:
+    """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)` (NHWC / HWIO): equal strides and
+    symmetric equal paddings without dilation go through `strided_conv`, anything else to lax."""
+    plain = (not isinstance(padding, str) and len(set(window_strides)) == 1
+             and len({pad for pair in padding for pad in pair}) == 1 and feature_group_count == 1
+             and precision is None and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))))
+    if plain:
+        return strided_conv(lhs, rhs, window_strides[0], padding[0][0])
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, precision=precision)
 
 
 @jax.custom_vjp
