@@ -65,6 +65,21 @@ def test_training_lowers_the_losses_and_writes_the_workdir(reference_run):
         assert any((reference_run / "checkpoints" / name).iterdir()), name
 
 
+
+def test_tensorboard_writer_keeps_torch_out_of_the_run(tmp_path):
+    """tensorboardX imports torch whenever it is installed; a run's writer keeps it out (start-up, memory),
+    still writes events, and leaves torch importable afterwards."""
+    pytest.importorskip("torch", reason="torch is not installed: there is no torch import to keep out")
+    code = ("import sys; from urnet_jax.run_log import summary_writer; "
+            f"writer = summary_writer({str(tmp_path)!r}); writer.add_scalar('loss', 1.5, 3); writer.close(); "
+            "print('torch' in sys.modules); import torch; print(torch.ones(1).item())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
+                            cwd=REPO_ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["False", "1.0"]
+    events = list(tmp_path.glob("events.out.tfevents.*"))
+    assert len(events) == 1 and b"loss" in events[0].read_bytes()
+
 def test_training_compiles_a_few_whole_programs_and_estimates_each_phase(prepared, tmp_path, capsys):
     # Per phase: initial weights, initial state, train step and eval step, one program each. An eager
     # optimizer.init lowered a program per parameter shape (49 here, hundreds for ResNet101 + UR-Net).

@@ -4,6 +4,8 @@ metrics.jsonl rows and TensorBoard events (process 0 only)."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from typing import Any
 
 import jax
@@ -44,9 +46,26 @@ def open_outputs(context: RunContext, position: Position | None, resume_step: in
     (workdir / "config.json").write_text(json.dumps(context.config.to_dict(), indent=2, sort_keys=True) + "\n")
     rows = position.history if position else []
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    from tensorboardX import SummaryWriter  # deferred: only process 0 writes events
+    return summary_writer(workdir / "tensorboard", resume_step)
 
-    return SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step)
+
+def summary_writer(logdir: str | os.PathLike, purge_step: int | None = None) -> Any:
+    """A tensorboardX SummaryWriter writing to `logdir`, dropping events after `purge_step` (None: none).
+
+    tensorboardX imports torch whenever torch is installed, only to accept torch tensors, which a run never
+    logs; that import would add about a second of start-up and half a GB of memory to every run. So unless
+    torch is already loaded, it is hidden while tensorboardX is imported (`import torch` then raises
+    ImportError, which tensorboardX handles).
+    """
+    hidden = "torch" not in sys.modules
+    if hidden:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        from tensorboardX import SummaryWriter  # deferred: only process 0 writes events
+    finally:
+        if hidden and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter(str(logdir), purge_step=purge_step)
 
 
 def record_epoch(context: RunContext, writer: Any, row: dict[str, Any]) -> None:
