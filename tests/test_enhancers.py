@@ -258,6 +258,11 @@ def test_strided_conv_is_used_only_for_strided_convs_with_one_group():
     assert conv_functions(stride=2) is not None
     assert conv_functions(stride=1) is None and conv_functions(stride=2, groups=2) is None
     assert layers.conv(4, 3, 2, 1).conv_general_dilated is None
+    x = jnp.ones((1, 8, 8, 3))
+    for stride, by_phase in ((2, True), (1, False)):  # the enhancers' downsampling convs take it
+        down = ConvNormAct(4, 3, stride, 1, norm="none")
+        program = str(jax.make_jaxpr(down.apply)(down.init(KEY, x), x))
+        assert ("custom_vjp_call" in program) == by_phase
 
 def test_squeeze_excitation_matches_numpy():
     rng = np.random.default_rng(2)
