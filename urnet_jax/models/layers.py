@@ -143,18 +143,11 @@ def _strided_conv_backward(stride: int, padding: int, residuals: tuple[Array, Ar
 strided_conv.defvjp(_strided_conv_forward, _strided_conv_backward)
 
 
-def _strided_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Any, padding: Any, *,
-                                  lhs_dilation: Any = None, rhs_dilation: Any = None, dimension_numbers: Any = None,
-                                  feature_group_count: int = 1, precision: Any = None) -> Array:
-    """`lax.conv_general_dilated` for `nn.Conv(conv_general_dilated=...)` (NHWC / HWIO): equal strides and
-    symmetric equal paddings without dilation go through `strided_conv`, anything else to lax."""
-    plain = (not isinstance(padding, str) and len(set(window_strides)) == 1
-             and len({pad for pair in padding for pad in pair}) == 1 and feature_group_count == 1
-             and precision is None and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))))
-    if plain:
-        return strided_conv(lhs, rhs, window_strides[0], padding[0][0])
-    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                        dimension_numbers, feature_group_count, precision=precision)
+def _strided_conv_general_dilated(lhs: Array, rhs: Array, window_strides: Any, padding: Any, **_: Any) -> Array:
+    """`strided_conv` with `lax.conv_general_dilated`'s signature, for `nn.Conv(conv_general_dilated=...)`.
+    `conv` passes it only for what `strided_conv` computes: equal strides, one symmetric padding, one group,
+    no dilation, NHWC / HWIO (Flax's layout)."""
+    return strided_conv(lhs, rhs, window_strides[0], padding[0][0])
 
 
 @jax.custom_vjp
