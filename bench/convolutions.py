@@ -5,7 +5,8 @@
 For each 3x3 convolution shape of UR-Net(32) + ResNet18 at 128 px (`SHAPES`), times the three convolutions
 a train step runs: the forward pass, the input gradient ('dgrad') and the weight gradient ('wgrad'), for
 JAX (`lax.conv_general_dilated` and its `jax.vjp`, jitted with the library's compiler options
-(`urnet_jax.compiler_options`; `URNET_JAX_XLA_DEFAULTS=1`: XLA's defaults), NHWC / HWIO) and for torch in both memory
+(`urnet_jax.compiler_options`; `URNET_JAX_XLA_DEFAULTS=1`: XLA's defaults), NHWC / HWIO), for JAX with oneDNN's
+kernels (`urnet_jax.models.onednn.conv`, 'jax_onednn', where that backend can be built) and for torch in both memory
 formats (`aten.convolution` and `aten.convolution_backward`, NCHW and channels_last). Each thread count
 runs in a fresh subprocess pinned to that many CPUs (XLA sizes its thread pool when it starts), so
 `threads_speedup` = time at the first count / time at the last one says which kernels use a second core.
@@ -33,7 +34,7 @@ import common  # noqa: E402  (bench/ is not a package)
 SHAPES = ((128, 32, 32, 1), (128, 64, 32, 1), (64, 64, 64, 1), (128, 32, 32, 2), (32, 128, 128, 1),
           (16, 256, 256, 1), (8, 512, 512, 1))
 KINDS = ("fwd", "dgrad", "wgrad")
-FRAMEWORKS = ("jax", "torch_nchw", "torch_channels_last")
+FRAMEWORKS = ("jax", "jax_onednn", "torch_nchw", "torch_channels_last")
 
 
 def _median_ms(call: Callable[[], Any], repeats: int) -> dict[str, float]:
@@ -47,17 +48,21 @@ def _median_ms(call: Callable[[], Any], repeats: int) -> dict[str, float]:
     return {"wall_ms": 1e3 * statistics.median(walls), "cpu_ms": 1e3 * statistics.median(cpus)}
 
 
-def _jax_calls(size: int, c_in: int, c_out: int, stride: int, batch: int) -> dict[str, Callable[[], Any]]:
+def _jax_calls(size: int, c_in: int, c_out: int, stride: int, batch: int, by_onednn: bool
+               ) -> dict[str, Callable[[], Any]]:
     import jax
     import numpy as np
 
     from urnet_jax import compiler_options
+    from urnet_jax.models import onednn
 
     rng = np.random.default_rng(0)
     x = jax.device_put(rng.standard_normal((batch, size, size, c_in), np.float32))
     w = jax.device_put(rng.standard_normal((3, 3, c_in, c_out), np.float32) * 0.05)
 
     def conv(x: jax.Array, w: jax.Array) -> jax.Array:
+        if by_onednn:
+            return onednn.conv(x, w, (stride, stride), ((1, 1), (1, 1)))
         return jax.lax.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -95,18 +100,27 @@ def _torch_calls(size: int, c_in: int, c_out: int, stride: int, batch: int,
 
 
 def measure(threads: int, batch: int, repeats: int) -> dict[str, Any]:
-    """{framework: {shape name: {kind: {'wall_ms', 'cpu_ms'}}}} in this process, pinned to `threads` CPUs."""
+    """{framework: {shape name: {kind: {'wall_ms', 'cpu_ms'}}}} in this process, pinned to `threads` CPUs
+    (without 'jax_onednn' where that backend cannot be built)."""
     common.pin_threads(threads)
     import torch
 
+    from urnet_jax.models import onednn
+
     torch.set_num_threads(threads)
-    results: dict[str, Any] = {framework: {} for framework in FRAMEWORKS}
+    unavailable = onednn.available()
+    if unavailable:
+        print(f"no jax_onednn column: {unavailable}", file=sys.stderr)
+    frameworks = [framework for framework in FRAMEWORKS if framework != "jax_onednn" or not unavailable]
+    results: dict[str, Any] = {framework: {} for framework in frameworks}
     for shape in SHAPES:
         name = shape_name(shape)
-        calls = {"jax": _jax_calls(*shape, batch),
+        calls = {"jax": _jax_calls(*shape, batch, by_onednn=False),
                  "torch_nchw": _torch_calls(*shape, batch, channels_last=False),
                  "torch_channels_last": _torch_calls(*shape, batch, channels_last=True)}
-        for framework in FRAMEWORKS:
+        if not unavailable:
+            calls["jax_onednn"] = _jax_calls(*shape, batch, by_onednn=True)
+        for framework in frameworks:
             with torch.no_grad():
                 results[framework][name] = {kind: _median_ms(calls[framework][kind], repeats) for kind in KINDS}
     return results
@@ -130,12 +144,13 @@ def _run_subprocess(threads: int, batch: int, repeats: int) -> dict[str, Any]:
 
 def print_table(per_threads: dict[int, Any], metric: str) -> None:
     counts = sorted(per_threads)
+    frameworks = list(per_threads[counts[0]])
     print(f"\n{metric} per call (threads {' / '.join(map(str, counts))}), batch of the run:")
-    print(f"{'shape':<20}" + "".join(f"{framework + ' ' + kind:>28}" for framework in FRAMEWORKS for kind in KINDS))
+    print(f"{'shape':<20}" + "".join(f"{framework + ' ' + kind:>28}" for framework in frameworks for kind in KINDS))
     for shape in SHAPES:
         name = shape_name(shape)
         cells = [" / ".join(f"{per_threads[count][framework][name][kind][metric]:.0f}" for count in counts)
-                 for framework in FRAMEWORKS for kind in KINDS]
+                 for framework in frameworks for kind in KINDS]
         print(f"{name:<20}" + "".join(f"{cell:>28}" for cell in cells))
 
 
@@ -152,16 +167,17 @@ def main(argv: list[str] | None = None) -> None:
     counts = [int(count) for count in args.threads.split(",")]
     load_before = common.load_average()
     per_threads = {count: _run_subprocess(count, args.batch, args.repeats) for count in counts}
+    frameworks = list(per_threads[counts[0]])
     for metric in ("wall_ms", "cpu_ms"):
         print_table(per_threads, metric)
     totals = {count: {framework: {kind: sum(per_threads[count][framework][shape_name(shape)][kind]["wall_ms"]
-                                            for shape in SHAPES) for kind in KINDS} for framework in FRAMEWORKS}
+                                            for shape in SHAPES) for kind in KINDS} for framework in frameworks}
               for count in counts}
     first, last = counts[0], counts[-1]
     speedup = {framework: {kind: totals[first][framework][kind] / totals[last][framework][kind] for kind in KINDS}
-               for framework in FRAMEWORKS}
+               for framework in frameworks}
     print(f"\nsum over the shapes, wall ms, {first} -> {last} threads (speedup):")
-    for framework in FRAMEWORKS:
+    for framework in frameworks:
         print(f"  {framework:<20}" + "  ".join(
             f"{kind} {totals[first][framework][kind]:.0f} -> {totals[last][framework][kind]:.0f} "
             f"({speedup[framework][kind]:.2f}x)" for kind in KINDS))

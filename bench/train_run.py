@@ -1,7 +1,8 @@
 """Whole-run throughput: images/s of `train.py` epochs against the train step alone, on the same model.
 
   python bench/train_run.py --enhancer urnet --enhancer-width 32 --classifier resnet18 --size 128 \
-      --batch 16 [--train-size 320] [--epochs 5] [--threads N] [--out DIR] [--step-img-s X]
+      --batch 16 [--train-size 320] [--epochs 5] [--threads N] [--conv-backend xla|onednn] [--out DIR] \
+      [--step-img-s X]
 
 Runs `train.py` (phase 2 only: `pretrain.epochs=0`) in a subprocess on a fixed synthetic data set
 (`data.allow_synthetic=True`, prepared once under `--out` and reused), with the model, batch, image size
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="epochs (>= 2: the first one compiles; the median of the later ones is read)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--conv-backend", default="xla", choices=("xla", "onednn"),
+                        help="the models' convolutions (config.conv_backend)")
     parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "bench_train_run"),
                         help="the prepared data set (kept) and the run's workdir (replaced) go here")
     parser.add_argument("--step-img-s", type=float, default=None,
@@ -74,7 +77,7 @@ def config_overrides(args: argparse.Namespace, prepared_dir: pathlib.Path) -> di
         "data.allow_synthetic": True, "data.image_size": args.size, "data.synthetic_per_class": args.per_class,
         "data.train_size": args.train_size, "data.prepared_dir": str(prepared_dir),
         "pretrain.epochs": 0, "train.epochs": args.epochs, "batch_size": args.batch, "eval_batch_size": args.batch,
-        "precision": args.precision,
+        "precision": args.precision, "conv_backend": args.conv_backend,
     }
 
 
@@ -116,7 +119,7 @@ def step_images_per_second(args: argparse.Namespace) -> dict[str, Any]:
                "--enhancer-width", str(args.enhancer_width), "--classifier", args.classifier,
                "--size", str(args.size), "--batch", str(args.batch), "--precision", args.precision,
                "--steps", "1", "--rounds", str(args.step_rounds), "--warmup", "1", "--skip-torch",
-               "--skip-inference"]
+               "--skip-inference", "--conv-backend", args.conv_backend]
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
     completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, check=False)

@@ -3,7 +3,7 @@
   python bench/train_step.py --enhancer urnet --enhancer-width 32 --classifier resnet18 --size 128 \
       --batch 16 [--precision float32|bfloat16] [--steps 3] [--rounds 3] [--warmup 2] [--threads N] \
       [--torch-variants eager,eager_channels_last,compile,compile_channels_last,compile_max_autotune] \
-      [--memory] [--max-batch [--memory-budget-gb G]]
+      [--memory] [--max-batch [--memory-budget-gb G]] [--conv-backend xla|onednn]
 
 JAX side: the library's own jitted steps (`steps.make_train_step`: forward, softmax cross-entropy,
 backward, SGD-momentum update, donated state; `steps.make_eval_step` for inference) on a batch
@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for both (default: all)")
     parser.add_argument("--xla-cpu-options", default=XLA_CPU_OPTIONS[0], choices=XLA_CPU_OPTIONS,
                         help="the XLA option set of the JAX programs on a CPU (urnet_jax.compiler_options)")
+    parser.add_argument("--conv-backend", default="xla", choices=("xla", "onednn"),
+                        help="the JAX models' convolutions (urnet_jax.models.layers.use_conv_backend)")
     parser.add_argument("--torch-variants", default=",".join(TORCH_VARIANTS),
                         help=f"comma-separated torch variants to time, among {', '.join(TORCH_VARIANTS)} "
                              "(eager is always included)")
@@ -146,18 +148,24 @@ class JaxBench:
             {"image": images_nhwc, "label": labels, "mask": labels >= 0}, mesh)
 
         started = time.perf_counter()
-        train_lowered = steps.make_train_step(steps.JOINT, mesh).lower(self.state, self.batch, self.rng)
+        def lower_train() -> Any:
+            return steps.make_train_step(steps.JOINT, mesh).lower(self.state, self.batch, self.rng)
+
+        train_lowered = lower_train()
         self.train_step = train_lowered.compile()
         self.train_compile_s = time.perf_counter() - started
-        self.train_flops = _flops(train_lowered)
+        self.train_flops = _flops(train_lowered, lower_train)
         self.eval_step, self.eval_compile_s, self.eval_flops = None, None, None
         if compile_eval:
             started = time.perf_counter()
-            eval_lowered = steps.make_eval_step(model, steps.JOINT, mesh).lower(self.state.variables,
-                                                                               self.eval_batch)
+
+            def lower_eval() -> Any:
+                return steps.make_eval_step(model, steps.JOINT, mesh).lower(self.state.variables, self.eval_batch)
+
+            eval_lowered = lower_eval()
             self.eval_step = eval_lowered.compile()
             self.eval_compile_s = time.perf_counter() - started
-            self.eval_flops = _flops(eval_lowered)
+            self.eval_flops = _flops(eval_lowered, lower_eval)
         self.train_memory_bytes = _compiled_memory_bytes(self.train_step)
 
     def run_train(self) -> Any:
@@ -195,12 +203,23 @@ def _progress(message: str) -> None:
     print(f"[{time.perf_counter() - _STARTED:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
-def _flops(lowered: Any) -> float | None:
-    """XLA's FLOP count of a lowered computation, before optimisation (None when none is given).
+def _flops(lowered: Any, lower: Callable[[], Any]) -> float | None:
+    """XLA's FLOP count of a lowered computation, before optimisation (None when none is given); `lower`
+    lowers it again.
 
     Not the compiled one's: on a GPU the compiled program's convolutions are cuDNN custom calls, which
     XLA's cost analysis counts as 0 FLOPs (46 GFLOP instead of several TFLOP per UR-Net(64) + ResNet101
-    train step on an H200)."""
+    train step on an H200). For the same reason, with the oneDNN backend (FFI calls) the FLOPs are those
+    of the program lowered again with XLA's convolutions."""
+    from urnet_jax.models import layers
+
+    backend = layers.conv_backend()
+    if backend != "xla":
+        layers.use_conv_backend("xla")
+        try:
+            lowered = lower()
+        finally:
+            layers.use_conv_backend(backend)
     analysis = lowered.cost_analysis()
     if isinstance(analysis, list):  # older JAX: one dict per computation
         analysis = analysis[0] if analysis else {}
@@ -542,7 +561,8 @@ def _probe_in_subprocess(args: argparse.Namespace, framework: str, batch: int) -
     command = [sys.executable, os.path.abspath(__file__), "--enhancer", args.enhancer,
                "--enhancer-width", str(args.enhancer_width), "--classifier", args.classifier,
                "--num-classes", str(args.num_classes), "--size", str(args.size), "--batch", str(batch),
-               "--precision", args.precision, "--xla-cpu-options", args.xla_cpu_options, "--memory-probe", framework]
+               "--precision", args.precision, "--xla-cpu-options", args.xla_cpu_options,
+               "--conv-backend", args.conv_backend, "--memory-probe", framework]
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
     _progress(f"memory of the {framework} train step at batch {batch} (fresh process)")
@@ -730,6 +750,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from urnet_jax import compiler_options
 
     compiler_options.use_cpu_options(args.xla_cpu_options)
+    from urnet_jax.models import layers, onednn
+
+    try:
+        layers.use_conv_backend(args.conv_backend)
+    except onednn.OnednnUnavailable as error:
+        sys.exit(f"error: {error}")
     if args.memory_probe:
         return _memory_probe(args, threads)
     load_at_start = common.load_average()
@@ -810,6 +836,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": f"{device.platform}:{device.device_kind}",
         "cpu": common.cpu_description(),
         "threads": threads,
+        "xla_cpu_options": args.xla_cpu_options,
+        "conv_backend": args.conv_backend,
         "params": jax_bench.param_count,
         "jax_compile_s": round(jax_bench.train_compile_s, 2),
         "jax_compilation_cache_dir": jax.config.jax_compilation_cache_dir or None,

@@ -6,6 +6,7 @@ import jax
 import pytest
 
 from tiny_run import REPO_ROOT, shared_directory, tiny_config
+import urnet_jax.data as data_lib
 from urnet_jax import trainer
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -30,4 +31,22 @@ def trained_run(tmp_path_factory) -> pathlib.Path:
     with shared_directory(tmp_path_factory, "tiny_trained_run") as (workdir, to_build):
         if to_build:
             trainer.train_and_evaluate(tiny_config(**{"pretrain.epochs": 0}), workdir, show_progress=False)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> pathlib.Path:
+    """The tiny synthetic data set, prepared once for every test of the session."""
+    with shared_directory(tmp_path_factory, "tiny_data") as (out_dir, to_build):
+        if to_build:
+            data_lib.prepare(tiny_config(out_dir).data, out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def reference_run(prepared, tmp_path_factory) -> pathlib.Path:
+    """An uninterrupted run of the tiny config: the reference that resumed runs must reproduce."""
+    with shared_directory(tmp_path_factory, "reference_run") as (workdir, to_build):
+        if to_build:
+            trainer.train_and_evaluate(tiny_config(prepared), workdir, show_progress=False)
     return workdir

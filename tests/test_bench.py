@@ -25,6 +25,7 @@ import train_step  # noqa: E402
 
 from urnet_jax import compiler_options, models  # noqa: E402
 from urnet_jax.config import base_config  # noqa: E402
+from urnet_jax.models import layers, onednn  # noqa: E402
 from urnet_jax.models.composite import build_model  # noqa: E402
 
 
@@ -272,17 +273,26 @@ def test_bf16_gradient_differences_are_rounding_not_disagreement():
 
 def test_flop_count_includes_the_convolutions():
     """MFU divides by XLA's count of the lowered program, which counts a convolution as 2 * multiply-adds
-    on every backend (a GPU's compiled program hides its convolutions in cuDNN calls, counted as 0)."""
+    on every backend (a GPU's compiled program hides its convolutions in cuDNN calls, counted as 0; so do
+    the oneDNN backend's FFI calls, counted from the program lowered again with XLA's convolutions)."""
     batch, size, in_channels, out_channels, kernel = 2, 12, 3, 5, 3
-    images = jax.ShapeDtypeStruct((batch, size, size, in_channels), jnp.float32)
-    kernels = jax.ShapeDtypeStruct((kernel, kernel, in_channels, out_channels), jnp.float32)
+    images = jnp.zeros((batch, size, size, in_channels))
+    variables = layers.conv(out_channels, kernel).init(jax.random.key(0), images)
 
-    def conv(x, w):
-        return jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    def lower():  # the conv module picks its backend when it is built, as in a model's compact __call__
+        return jax.jit(layers.conv(out_channels, kernel).apply).lower(variables, images)
 
-    flops = train_step._flops(jax.jit(conv).lower(images, kernels))
     out_size = size - kernel + 1
-    assert flops == 2 * batch * out_size * out_size * out_channels * kernel * kernel * in_channels
+    expected = 2 * batch * out_size * out_size * out_channels * kernel * kernel * in_channels
+    assert train_step._flops(lower(), lower) == expected
+    if onednn.available() is None:
+        layers.use_conv_backend("onednn")
+        try:
+            lowered = lower()
+            assert "UrnetOnednnConvForward" in lowered.as_text()
+            assert train_step._flops(lowered, lower) == expected and layers.conv_backend() == "onednn"
+        finally:
+            layers.use_conv_backend("xla")
 
 
 @pytest.mark.parametrize("arguments, message", [

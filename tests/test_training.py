@@ -20,30 +20,12 @@ import pytest
 import urnet_jax.data as data_lib
 from urnet_jax import errors, sharding, steps, train_state, trainer, workdir as workdir_lib
 from urnet_jax.checkpointing import CheckpointStore
-from tiny_run import REPO_ROOT, TINY, lowered_programs, shared_directory, subprocess_env, tiny_config
+from tiny_run import REPO_ROOT, TINY, lowered_programs, subprocess_env, tiny_config
 
 
 def rows_without_time(workdir: pathlib.Path) -> list[dict]:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
-
-
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory) -> pathlib.Path:
-    """The tiny synthetic data set, prepared once for every test of the session."""
-    with shared_directory(tmp_path_factory, "tiny_data") as (out_dir, to_build):
-        if to_build:
-            data_lib.prepare(tiny_config(out_dir).data, out_dir)
-    return out_dir
-
-
-@pytest.fixture(scope="session")
-def reference_run(prepared, tmp_path_factory) -> pathlib.Path:
-    """An uninterrupted run of the tiny config: the reference that resumed runs must reproduce."""
-    with shared_directory(tmp_path_factory, "reference_run") as (workdir, to_build):
-        if to_build:
-            trainer.train_and_evaluate(tiny_config(prepared), workdir, show_progress=False)
-    return workdir
 
 
 def test_training_lowers_the_losses_and_writes_the_workdir(reference_run):

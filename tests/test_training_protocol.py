@@ -18,15 +18,7 @@ import urnet_jax.data as data_lib
 from urnet_jax import (cli, compiler_options, config as config_lib, errors, port, sharding, train_state, trainer,
                        workdir as workdir_lib)
 from urnet_jax.checkpointing import CheckpointStore
-from tiny_run import REPO_ROOT, shared_directory, tiny_config
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> pathlib.Path:
-    with shared_directory(tmp_path_factory, "tiny_data") as (out_dir, to_build):
-        if to_build:
-            data_lib.prepare(tiny_config(out_dir).data, out_dir)
-    return out_dir
+from tiny_run import REPO_ROOT, tiny_config
 
 
 def rows_of(workdir: pathlib.Path) -> list[dict]:

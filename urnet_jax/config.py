@@ -23,6 +23,7 @@ from urnet_jax.models.registry import GROUP_NORM_CLASSIFIERS, RESIDUAL_OUTPUT_EN
 PRECISIONS = ("float32", "bfloat16")
 # The names of urnet_jax.compiler_options.CPU_OPTION_SETS, its default first.
 XLA_CPU_OPTIONS = ("ynnpack_reductions", "no_ynnpack", "xla_defaults")
+CONV_BACKENDS = ("xla", "onednn")  # urnet_jax.models.layers.CONV_BACKENDS, its default first
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine")
 SELECTION_SPLITS = ("val", "test")  # train.select_on: the split whose metrics choose `best` / `pretrain_best`
@@ -40,6 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
     # XLA's option set for CPU programs (urnet_jax.compiler_options.CPU_OPTION_SETS): the same results up to
     # float rounding; "no_ynnpack" keeps the numerics of runs made before "ynnpack_reductions" existed.
     config.xla_cpu_options = XLA_CPU_OPTIONS[0]
+    # The models' convolutions (urnet_jax.models.layers.use_conv_backend): "xla", or "onednn" for oneDNN's CPU
+    # kernels in float32 (the `onednn` extra and a C++ compiler; one device): the same results up to float
+    # rounding, a faster train step on CPUs (docs/BENCHMARKS.md).
+    config.conv_backend = CONV_BACKENDS[0]
     config.batch_size = 32  # global batch, split over every device.
     config.eval_batch_size = 64
 
@@ -306,6 +311,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
            f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
     _check(config.xla_cpu_options in XLA_CPU_OPTIONS,
            f"xla_cpu_options must be one of {', '.join(XLA_CPU_OPTIONS)}, got {config.xla_cpu_options!r}")
+    _check(config.conv_backend in CONV_BACKENDS,
+           f"conv_backend must be one of {', '.join(CONV_BACKENDS)}, got {config.conv_backend!r}")
+    _check(config.conv_backend != "onednn" or device_count == 1,
+           f"conv_backend='onednn' runs on one device (XLA would gather the batch around every oneDNN call), "
+           f"got {device_count}")
     _check(model.enhancer in ("none", *ENHANCERS),
            f"model.enhancer must be one of none, {', '.join(ENHANCERS)}, got {model.enhancer!r}")
     _check(model.classifier in CLASSIFIERS,

@@ -14,6 +14,7 @@ import numpy as np
 import urnet_jax.data as data_lib
 from urnet_jax import compiler_options, sharding
 from urnet_jax.errors import DataError
+from urnet_jax.models import layers
 from urnet_jax.steps import JOINT, PRETRAIN, compute_dtype
 from urnet_jax.train_state import build, init_keys, make_optimizer
 from urnet_jax.workdir import prepared_dir_of
@@ -67,6 +68,7 @@ class RunContext:
 
 def make_context(config: ml_collections.ConfigDict, workdir: pathlib.Path, show_progress: bool) -> RunContext:
     compiler_options.use_cpu_options(config.xla_cpu_options)  # the programs below follow the run's numerics
+    layers.use_conv_backend(config.conv_backend)
     prepared_dir = prepared_dir_of(config, workdir)
     info = data_lib.load_info(prepared_dir)
     has_phase1 = config.model.enhancer != "none" and config.pretrain.epochs > 0

@@ -37,11 +37,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
+from absl import logging
 
 import urnet_jax.data as data_lib
 from urnet_jax import compiler_options, config as config_lib, sharding
 from urnet_jax.checkpointing import CheckpointStore
 from urnet_jax.errors import ConfigError, NoReadableCheckpoint
+from urnet_jax.models import layers
+from urnet_jax.models.onednn import OnednnUnavailable
 from urnet_jax.port import body_digest, replace_head
 from urnet_jax.train_state import JOINT, PHASE_PARTS, PRETRAIN, TrainState, Variables, abstract_variables, build
 
@@ -203,6 +206,11 @@ def load_run(workdir: str | pathlib.Path, checkpoint: str = "best") -> Run:
         raise ConfigError(f"checkpoint must be one of {', '.join(CHECKPOINT_NAMES)}, got {checkpoint!r}")
     config = _saved_config(workdir)
     compiler_options.use_cpu_options(config.xla_cpu_options)  # evaluated with the numerics it was trained with
+    try:
+        layers.use_conv_backend(config.conv_backend)
+    except OnednnUnavailable as error:  # XLA's convolutions give the same results up to float rounding
+        logging.warning("%s; loading the run with XLA's convolutions instead", error)
+        layers.use_conv_backend("xla")
     prepared_dir = prepared_dir_of(config, workdir)
     class_names = list(data_lib.load_info(prepared_dir).class_names)
     model = build(config, len(class_names))

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from urnet_jax.errors import ConfigError
+from urnet_jax.models import onednn
 
 Array = jax.Array
 Dtype = Any
@@ -38,6 +39,29 @@ def torch_linear_bias_init(fan_in: int) -> Any:
     return init
 
 
+CONV_BACKENDS = ("xla", "onednn")  # the config's conv_backend values, the default first
+_conv_backend = "xla"
+
+
+def use_conv_backend(name: str) -> None:
+    """Builds the convolutions of the models traced from now on in this process with backend `name`:
+    'xla' (XLA's convolutions, the default) or 'onednn' (`onednn.conv`: oneDNN's CPU kernels for float32,
+    the same values and gradients up to float rounding; it builds and loads oneDNN's library here, or raises
+    `onednn.OnednnUnavailable` saying why not). A `conv` module takes the backend of the moment it is built
+    (in a model's compact `__call__`: when the model is traced); programs already traced keep theirs."""
+    if name not in CONV_BACKENDS:
+        raise ConfigError(f"conv_backend must be one of {', '.join(CONV_BACKENDS)}, got {name!r}")
+    if name == "onednn":
+        onednn.load()
+    global _conv_backend
+    _conv_backend = name
+
+
+def conv_backend() -> str:
+    """The backend of the convolutions traced now ('xla' or 'onednn')."""
+    return _conv_backend
+
+
 def conv(
     features: int,
     kernel_size: int,
@@ -55,8 +79,14 @@ def conv(
 
     input_grad_by_phase: with stride > 1 (and groups == 1), compute the input's gradient with
     `strided_conv`'s backward pass (phase by phase) instead of XLA's; the same values and gradients.
+    With the 'onednn' backend (`use_conv_backend`) every one-group conv is oneDNN's instead.
     """
-    by_phase = input_grad_by_phase and stride > 1 and groups == 1
+    if _conv_backend == "onednn" and groups == 1:
+        conv_general_dilated = onednn.conv_general_dilated
+    elif input_grad_by_phase and stride > 1 and groups == 1:
+        conv_general_dilated = _strided_conv_general_dilated
+    else:
+        conv_general_dilated = None  # Flax's default, lax.conv_general_dilated
     return nn.Conv(
         features,
         (kernel_size, kernel_size),
@@ -67,7 +97,7 @@ def conv(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=kernel_init,
-        conv_general_dilated=_strided_conv_general_dilated if by_phase else None,
+        conv_general_dilated=conv_general_dilated,
         name=name,
     )
 

@@ -70,12 +70,13 @@ NAME_PART = re.compile(r"^[A-Za-z0-9_]+$")
 RUN_NAME = re.compile(r"^(?P<model>[A-Za-z0-9_]+)-(?P<data>[A-Za-z0-9_]+)-seed(?P<seed>\d+)$")
 STUDY_KEYS = ("base", "models", "data_variants", "seeds", "subset_per_class")  # required (the others are optional)
 # Keys in which two runs of one protocol may differ: locations (the subset's links and the prepared data may
-# live elsewhere after a move), bookkeeping that does not change what is computed, and XLA's CPU option set,
-# which changes float rounding only (as the kind of CPU does; runs before it were not recorded). Any other
+# live elsewhere after a move), bookkeeping that does not change what is computed, and XLA's CPU option set
+# and the convolutions' backend, which change float rounding only (as the kind of CPU does; runs before them
+# were not recorded). Any other
 # difference (train.epochs included) means another protocol: a finished run of it is not skipped, and the
 # report names it when comparing with a baseline study.
 IGNORED_KEYS = frozenset({"data.dir", "data.prepared_dir", "checkpoint.every_steps", "checkpoint.keep",
-                          "log_every_steps", "xla_cpu_options"})
+                          "log_every_steps", "xla_cpu_options", "conv_backend"})
 
 
 STANDIN_NAME = "standin_dataseed{data_seed}"
