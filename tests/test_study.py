@@ -365,7 +365,7 @@ def test_a_study_can_load_the_stand_ins_of_another_studys_folder(tmp_path, fake_
         study_run.run_study(alone, tmp_path / "tuning3", show_progress=False)
 
 
-def test_external_sets_are_evaluated_for_the_model_variants_they_name(tmp_path, fake_runs, monkeypatch):
+def test_external_sets_are_evaluated_for_the_model_variants_they_name(tmp_path, fake_runs, monkeypatch, pbc_dir):
     """configs/cross_lab.py's shape: every run evaluated on an external set, the BatchNorm ones also with
     adapted statistics; the test split's metrics.json is written last (it marks the run finished)."""
     calls, _ = fake_runs
@@ -486,7 +486,7 @@ def test_study_cpu_composes_the_ablation_from_the_net_configs(tmp_path):
     assert (cosine.seeds, cosine.subset_per_class, cosine.baseline) == (config.seeds, config.subset_per_class, "study_cpu")
 
 
-def test_study_wbcatt_is_the_validated_protocol_with_a_pretrained_stand_in(tmp_path):
+def test_study_wbcatt_is_the_validated_protocol_with_a_pretrained_stand_in(tmp_path, pbc_dir):
     """configs/study_wbcatt.py: the WBCAtt split, selection on validation, the stand-in on the other half of
     the training split in two seed groups, five seeds, the controls and the paired comparisons."""
     from urnet_jax.models import conv_frontend
@@ -531,7 +531,7 @@ def test_study_wbcatt_is_the_validated_protocol_with_a_pretrained_stand_in(tmp_p
     assert set(rule.claim_variants) == {"stainfree_proxy", "severe_proxy"}
 
 
-def test_severe_tuning_runs_net1_of_the_study_at_each_strength_and_reports_validation_only(tmp_path):
+def test_severe_tuning_runs_net1_of_the_study_at_each_strength_and_reports_validation_only(tmp_path, pbc_dir):
     """configs/severe_tuning.py: every candidate is the study's net1 run on severe_proxy but for data.severe_*,
     starting from the study's own stand-in; its report is the validation-only one."""
     tuning = cli.load_config_file(str(REPO_ROOT / "configs" / "severe_tuning.py"))
@@ -576,7 +576,7 @@ PHASE1_TUNINGS = [("phase1_tuning", "net4", "raw", 1), ("phase1_tuning_rsgunet",
 
 @pytest.mark.parametrize("config_name, model, data_variant, seed", PHASE1_TUNINGS)
 def test_phase1_tuning_runs_a_model_of_the_study_phase1_only_at_each_learning_rate(tmp_path, config_name, model,
-                                                                                    data_variant, seed):
+                                                                                    data_variant, seed, pbc_dir):
     """configs/phase1_tuning*.py: every candidate is the study's <model>-<variant>-seed<seed> (its data seed and
     stand-in) but for train.epochs (0) and phase 1's learning rate, chosen by the highest validation PSNR inside
     the config's target range."""
@@ -598,7 +598,7 @@ def test_phase1_tuning_runs_a_model_of_the_study_phase1_only_at_each_learning_ra
 
 @pytest.mark.parametrize("config_name, model, data_variant, seed", PHASE1_TUNINGS)
 def test_the_study_uses_the_phase1_learning_rate_its_committed_tuning_chose(tmp_path, config_name, model,
-                                                                            data_variant, seed):
+                                                                            data_variant, seed, pbc_dir):
     """configs/study_wbcatt.py's phase-1 learning rate of <model> is the candidate that
     results/<config_name>'s validation PSNRs choose (the rule of its report)."""
     from urnet_jax.study import tuning as tuning_lib
