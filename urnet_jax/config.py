@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.xla_cpu_options = XLA_CPU_OPTIONS[0]
     # The models' convolutions (urnet_jax.models.layers.use_conv_backend): "xla", or "onednn" for oneDNN's CPU
     # kernels in float32 (the `onednn` extra and a C++ compiler; one device): the same results up to float
-    # rounding, a train step 11-14% faster on the CPU measured (docs/BENCHMARKS.md).
+    # rounding, a train step taking 11-15% less time on the CPU measured (docs/BENCHMARKS.md).
     config.conv_backend = CONV_BACKENDS[0]
     config.batch_size = 32  # global batch, split over every device.
     config.eval_batch_size = 64

@@ -4,14 +4,17 @@
 //
 // Activations stay in XLA's NHWC layout (oneDNN's blocked activation formats would need reorders of every
 // image); kernels are reordered to the format each primitive chooses (small copies). Primitives are created
-// once per geometry and cached; executing a cached primitive is thread-safe in oneDNN, so concurrent calls
-// only share the cache's lock.
+// once per geometry and cached. XLA calls a handler from any of its threads, and oneDNN's own (library)
+// scratchpad is shared by all primitives and may not move between threads, so every primitive uses a
+// user scratchpad: a buffer per calling thread, grown as needed, used by one execution at a time.
 
 #include <array>
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -31,6 +34,33 @@ dnnl::engine& Engine() {
   return engine;
 }
 
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+// A 64-byte aligned buffer of at least `bytes` owned by the calling thread (slot 0: the pass, 1: its reorder).
+void* ThreadScratchpad(int slot, size_t bytes) {
+  struct Buffer {
+    void* data = nullptr;
+    size_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffers[2];
+  Buffer& buffer = buffers[slot];
+  if (buffer.size < bytes) {
+    std::free(buffer.data);
+    buffer.size = (bytes + 63) / 64 * 64;
+    buffer.data = std::aligned_alloc(64, buffer.size);
+    if (buffer.data == nullptr) {
+      buffer.size = 0;
+      throw std::bad_alloc();
+    }
+  }
+  return buffer.data;
+}
+
 dnnl::memory::desc Activations(int64_t n, int64_t h, int64_t w, int64_t c) {
   return dnnl::memory::desc({n, c, h, w}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::nhwc);
 }
@@ -45,7 +75,9 @@ dnnl::memory::desc Kernel(int64_t kh, int64_t kw, int64_t c_in, int64_t c_out) {
 struct Pass {
   dnnl::primitive primitive;
   dnnl::memory::desc kernel;
+  dnnl::memory::desc scratchpad;
   dnnl::reorder kernel_reorder;
+  dnnl::memory::desc reorder_scratchpad;
   bool reorders_kernel = false;
 };
 
@@ -57,34 +89,39 @@ Pass CreatePass(const Key& k) {
   const auto dst = Activations(k[1], k[8], k[9], k[7]);
   const dnnl::memory::dims strides = {k[10], k[11]}, pad_low = {k[12], k[14]}, pad_high = {k[13], k[15]};
   const auto algorithm = dnnl::algorithm::convolution_direct;
+  const auto attr = UserScratchpad();
   dnnl::convolution_forward::primitive_desc forward(Engine(), dnnl::prop_kind::forward_training, algorithm, src,
-                                                    any_kernel, dst, strides, pad_low, pad_high);
+                                                    any_kernel, dst, strides, pad_low, pad_high, attr);
   Pass pass;
   switch (k[0]) {
     case kForward:
       pass.primitive = dnnl::convolution_forward(forward);
       pass.kernel = forward.weights_desc();
+      pass.scratchpad = forward.scratchpad_desc();
       break;
     case kInputGrad: {
       dnnl::convolution_backward_data::primitive_desc input_grad(Engine(), algorithm, src, any_kernel, dst, strides,
-                                                                 pad_low, pad_high, forward);
+                                                                 pad_low, pad_high, forward, attr);
       pass.primitive = dnnl::convolution_backward_data(input_grad);
       pass.kernel = input_grad.weights_desc();
+      pass.scratchpad = input_grad.scratchpad_desc();
       break;
     }
     default: {
       dnnl::convolution_backward_weights::primitive_desc kernel_grad(Engine(), algorithm, src, any_kernel, dst,
-                                                                     strides, pad_low, pad_high, forward);
+                                                                     strides, pad_low, pad_high, forward, attr);
       pass.primitive = dnnl::convolution_backward_weights(kernel_grad);
       pass.kernel = kernel_grad.diff_weights_desc();
+      pass.scratchpad = kernel_grad.scratchpad_desc();
     }
   }
   pass.reorders_kernel = pass.kernel != hwio;
   if (pass.reorders_kernel) {
-    pass.kernel_reorder = k[0] == kKernelGrad ? dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), pass.kernel,
-                                                                                            Engine(), hwio))
-                                              : dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), hwio,
-                                                                                            Engine(), pass.kernel));
+    const auto reorder = k[0] == kKernelGrad
+                             ? dnnl::reorder::primitive_desc(Engine(), pass.kernel, Engine(), hwio, attr)
+                             : dnnl::reorder::primitive_desc(Engine(), hwio, Engine(), pass.kernel, attr);
+    pass.kernel_reorder = dnnl::reorder(reorder);
+    pass.reorder_scratchpad = reorder.scratchpad_desc();
   }
   return pass;
 }
@@ -120,27 +157,37 @@ ffi::Error Run(PassKind kind, float* image, const ffi::Span<const int64_t>& imag
     auto hwio_memory = dnnl::memory(Kernel(key[5], key[6], key[4], key[7]), Engine(), kernel);
     auto output_memory = dnnl::memory(Activations(key[1], key[8], key[9], key[7]), Engine(), output);
     auto kernel_memory = pass.reorders_kernel ? dnnl::memory(pass.kernel, Engine()) : hwio_memory;
+    auto scratchpad = dnnl::memory(pass.scratchpad, Engine(), ThreadScratchpad(0, pass.scratchpad.get_size()));
     dnnl::stream stream(Engine());
+    auto reorder_kernel = [&](dnnl::memory& from, dnnl::memory& to) {
+      if (!pass.reorders_kernel) return;
+      auto reorder_scratchpad = dnnl::memory(pass.reorder_scratchpad, Engine(),
+                                             ThreadScratchpad(1, pass.reorder_scratchpad.get_size()));
+      pass.kernel_reorder.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
+                                           {DNNL_ARG_SCRATCHPAD, reorder_scratchpad}});
+    };
     switch (kind) {
       case kForward:
-        if (pass.reorders_kernel) pass.kernel_reorder.execute(stream, hwio_memory, kernel_memory);
+        reorder_kernel(hwio_memory, kernel_memory);
         pass.primitive.execute(stream, {{DNNL_ARG_SRC, image_memory}, {DNNL_ARG_WEIGHTS, kernel_memory},
-                                        {DNNL_ARG_DST, output_memory}});
+                                        {DNNL_ARG_DST, output_memory}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
         break;
       case kInputGrad:
-        if (pass.reorders_kernel) pass.kernel_reorder.execute(stream, hwio_memory, kernel_memory);
+        reorder_kernel(hwio_memory, kernel_memory);
         pass.primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, image_memory}, {DNNL_ARG_WEIGHTS, kernel_memory},
-                                        {DNNL_ARG_DIFF_DST, output_memory}});
+                                        {DNNL_ARG_DIFF_DST, output_memory}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
         break;
       case kKernelGrad:
         pass.primitive.execute(stream, {{DNNL_ARG_SRC, image_memory}, {DNNL_ARG_DIFF_WEIGHTS, kernel_memory},
-                                        {DNNL_ARG_DIFF_DST, output_memory}});
-        if (pass.reorders_kernel) pass.kernel_reorder.execute(stream, kernel_memory, hwio_memory);
+                                        {DNNL_ARG_DIFF_DST, output_memory}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+        reorder_kernel(kernel_memory, hwio_memory);
         break;
     }
     stream.wait();
   } catch (const dnnl::error& error) {
     return ffi::Error::Internal(std::string("onednn conv: ") + error.what());
+  } catch (const std::bad_alloc&) {
+    return ffi::Error::Internal("onednn conv: out of memory for its scratchpad");
   }
   return ffi::Error::Success();
 }
