@@ -33,6 +33,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (bench/ is not a package)
+from urnet_jax.config import CONV_BACKENDS  # noqa: E402  (imports no JAX)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 POLL_S = 0.02
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="epochs (>= 2: the first one compiles; the median of the later ones is read)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--conv-backend", default="xla", choices=("xla", "onednn"),
+    parser.add_argument("--conv-backend", default=CONV_BACKENDS[0], choices=CONV_BACKENDS,
                         help="the models' convolutions (config.conv_backend)")
     parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "bench_train_run"),
                         help="the prepared data set (kept) and the run's workdir (replaced) go here")

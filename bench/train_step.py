@@ -48,7 +48,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (bench/ is not a package; common must come before JAX and torch)
 
-from urnet_jax.config import XLA_CPU_OPTIONS  # noqa: E402  (imports no JAX)
+from urnet_jax.config import CONV_BACKENDS, XLA_CPU_OPTIONS  # noqa: E402  (imports no JAX)
 from urnet_jax.models import registry  # noqa: E402  (imports no JAX)
 
 ENHANCERS = (registry.NO_ENHANCER, *registry.ENHANCER_NAMES)
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for both (default: all)")
     parser.add_argument("--xla-cpu-options", default=XLA_CPU_OPTIONS[0], choices=XLA_CPU_OPTIONS,
                         help="the XLA option set of the JAX programs on a CPU (urnet_jax.compiler_options)")
-    parser.add_argument("--conv-backend", default="xla", choices=("xla", "onednn"),
+    parser.add_argument("--conv-backend", default=CONV_BACKENDS[0], choices=CONV_BACKENDS,
                         help="the JAX models' convolutions (urnet_jax.models.layers.use_conv_backend)")
     parser.add_argument("--torch-variants", default=",".join(TORCH_VARIANTS),
                         help=f"comma-separated torch variants to time, among {', '.join(TORCH_VARIANTS)} "

@@ -23,7 +23,7 @@ from urnet_jax.models.registry import GROUP_NORM_CLASSIFIERS, RESIDUAL_OUTPUT_EN
 PRECISIONS = ("float32", "bfloat16")
 # The names of urnet_jax.compiler_options.CPU_OPTION_SETS, its default first.
 XLA_CPU_OPTIONS = ("ynnpack_reductions", "no_ynnpack", "xla_defaults")
-CONV_BACKENDS = ("xla", "onednn")  # urnet_jax.models.layers.CONV_BACKENDS, its default first
+CONV_BACKENDS = ("xla", "onednn")  # urnet_jax.models.layers.use_conv_backend's names, the default first
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine")
 SELECTION_SPLITS = ("val", "test")  # train.select_on: the split whose metrics choose `best` / `pretrain_best`

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from urnet_jax.config import CONV_BACKENDS
 from urnet_jax.errors import ConfigError
 from urnet_jax.models import onednn
 
@@ -39,8 +40,7 @@ def torch_linear_bias_init(fan_in: int) -> Any:
     return init
 
 
-CONV_BACKENDS = ("xla", "onednn")  # the config's conv_backend values, the default first
-_conv_backend = "xla"
+_conv_backend = CONV_BACKENDS[0]
 
 
 def use_conv_backend(name: str) -> None:

@@ -72,9 +72,8 @@ STUDY_KEYS = ("base", "models", "data_variants", "seeds", "subset_per_class")  #
 # Keys in which two runs of one protocol may differ: locations (the subset's links and the prepared data may
 # live elsewhere after a move), bookkeeping that does not change what is computed, and XLA's CPU option set
 # and the convolutions' backend, which change float rounding only (as the kind of CPU does; runs before them
-# were not recorded). Any other
-# difference (train.epochs included) means another protocol: a finished run of it is not skipped, and the
-# report names it when comparing with a baseline study.
+# were not recorded). Any other difference (train.epochs included) means another protocol: a finished run of
+# it is not skipped, and the report names it when comparing with a baseline study.
 IGNORED_KEYS = frozenset({"data.dir", "data.prepared_dir", "checkpoint.every_steps", "checkpoint.keep",
                           "log_every_steps", "xla_cpu_options", "conv_backend"})
 
