@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from urnet_jax import cli, sharding
+from urnet_jax import cli, host_memory, sharding
 
 _CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: runs/<config file name>)")
@@ -26,6 +26,8 @@ def main(argv: list[str]) -> None:
     with cli.one_line_errors():
         cli.reject_positional_args(argv)
         config = cli.config_value(_CONFIG)
+        if config.get("conv_backend") == "onednn":  # the CPU fast path; before XLA starts its threads
+            host_memory.keep_freed_blocks()
         sharding.initialize_distributed(_MULTIHOST.value)
         config_lib.validate(config)
         workdir = _WORKDIR.value or f"runs/{cli.config_path(_CONFIG).stem}"

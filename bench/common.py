@@ -167,13 +167,25 @@ def peak_tflops_for(device_name: str, override: float | None) -> float | None:
     return None
 
 
+def keep_freed_blocks(conv_backend: str, system_malloc: bool) -> None:
+    """`urnet_jax.host_memory.keep_freed_blocks` where `train.py` calls it (the 'onednn' conv backend), unless
+    `system_malloc`, which also sets $URNET_JAX_SYSTEM_MALLOC for the processes this one starts. Call before
+    JAX or torch starts its threads."""
+    from urnet_jax import host_memory
+
+    if system_malloc:
+        os.environ[host_memory.SYSTEM_MALLOC_ENV] = "1"
+    if conv_backend == "onednn":
+        host_memory.keep_freed_blocks()
+
+
 def environment() -> dict[str, Any]:
     """Machine and software facts recorded with every result (None for a package that is not installed)."""
     import importlib
 
     import jax
 
-    from urnet_jax import compiler_options
+    from urnet_jax import compiler_options, host_memory
 
     info: dict[str, Any] = {
         "python": sys.version.split()[0],
@@ -186,6 +198,7 @@ def environment() -> dict[str, Any]:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax_compiler_options": compiler_options.for_platform(jax.default_backend()),
         "xla_cpu_options": compiler_options.selected_cpu_options(),
+        "malloc_keeps_freed_blocks": host_memory.freed_blocks_kept(),
     }
     for name in ("flax", "optax", "torch", "torchvision"):
         try:

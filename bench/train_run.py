@@ -34,6 +34,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (bench/ is not a package)
 from urnet_jax.config import CONV_BACKENDS  # noqa: E402  (imports no JAX)
+from urnet_jax.host_memory import SYSTEM_MALLOC_ENV  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 POLL_S = 0.02
@@ -54,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--conv-backend", default=CONV_BACKENDS[0], choices=CONV_BACKENDS,
                         help="the models' convolutions (config.conv_backend)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="with --conv-backend onednn: run train.py and the step benchmark with malloc's own "
+                             "settings ($URNET_JAX_SYSTEM_MALLOC=1; default: urnet_jax.host_memory.keep_freed_blocks)")
     parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "bench_train_run"),
                         help="the prepared data set (kept) and the run's workdir (replaced) go here")
     parser.add_argument("--step-img-s", type=float, default=None,
@@ -154,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         threads = common.pin_threads(args.threads)  # inherited by train.py and the step benchmark
     except ValueError as error:
         sys.exit(f"error: {error}")
+    if args.system_malloc:
+        os.environ[SYSTEM_MALLOC_ENV] = "1"  # inherited by train.py and the step benchmark
     out = pathlib.Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     load_at_start = common.load_average()

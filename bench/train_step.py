@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the XLA option set of the JAX programs on a CPU (urnet_jax.compiler_options)")
     parser.add_argument("--conv-backend", default=CONV_BACKENDS[0], choices=CONV_BACKENDS,
                         help="the JAX models' convolutions (urnet_jax.models.layers.use_conv_backend)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="with --conv-backend onednn: keep malloc's own settings (default, as train.py: "
+                             "urnet_jax.host_memory.keep_freed_blocks, for both frameworks: they share the process)")
     parser.add_argument("--torch-variants", default=",".join(TORCH_VARIANTS),
                         help=f"comma-separated torch variants to time, among {', '.join(TORCH_VARIANTS)} "
                              "(eager is always included)")
@@ -746,6 +749,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         threads = common.pin_threads(args.threads)
     except ValueError as error:
         sys.exit(f"error: {error}")
+    common.keep_freed_blocks(args.conv_backend, args.system_malloc)
     common.prepare_gpu_allocators()
     from urnet_jax import compiler_options
 

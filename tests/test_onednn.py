@@ -62,6 +62,37 @@ def test_conv_values_and_gradients_equal_lax_conv(height, width, in_channels, ke
         np.testing.assert_allclose(np.asarray(grad), np.asarray(expected), rtol=1e-5, atol=1e-4)
 
 
+# (input height, width, C_in, kernel size, C_out, strides): the U-Nets' 2x2 / 2 upsampling, overlapping windows,
+# stride 1, stride > kernel (output pixels no input reaches) and unequal strides.
+TRANSPOSE_GEOMETRIES = [(5, 6, 8, 2, 4, (2, 2)), (4, 5, 3, 3, 2, (2, 2)), (5, 5, 2, 3, 3, (1, 1)),
+                        (3, 4, 2, 2, 3, (3, 3)), (4, 3, 3, 3, 2, (1, 2))]
+
+
+@needs_onednn
+@pytest.mark.parametrize("height, width, in_channels, kernel_size, out_channels, strides", TRANSPOSE_GEOMETRIES)
+def test_conv_transpose_values_and_gradients_equal_the_conv_s_input_gradient(height, width, in_channels,
+                                                                               kernel_size, out_channels, strides):
+    rng = np.random.default_rng(height * width * kernel_size + strides[1])
+    x = jnp.asarray(rng.normal(size=(2, height, width, in_channels)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, in_channels, out_channels)), jnp.float32)
+    out_shape = (2, (height - 1) * strides[0] + kernel_size, (width - 1) * strides[1] + kernel_size, out_channels)
+    no_padding = ((0, 0), (0, 0))
+
+    def reference(x, kernel):  # torch's ConvTranspose2d: the input gradient of the matching conv
+        swapped = jnp.transpose(kernel, (0, 1, 3, 2))
+        _, conv_vjp = jax.vjp(lambda image: lax_conv(image, swapped, strides, no_padding), jnp.zeros(out_shape))
+        return conv_vjp(x)[0]
+
+    expected_value, expected_vjp = jax.vjp(reference, x, kernel)
+    value, vjp = jax.vjp(lambda x, k: onednn.conv_transpose(x, k, strides), x, kernel)
+    assert value.shape == out_shape
+    np.testing.assert_allclose(np.asarray(value), np.asarray(expected_value), rtol=1e-5, atol=1e-5)
+    cotangent = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+    for grad, expected in zip(jax.jit(vjp)(cotangent), expected_vjp(cotangent)):
+        assert grad.shape == expected.shape
+        np.testing.assert_allclose(np.asarray(grad), np.asarray(expected), rtol=1e-5, atol=1e-4)
+
+
 @needs_onednn
 def test_conv_general_dilated_calls_onednn_in_float32_and_lax_otherwise():
     x, kernel = jnp.ones((1, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
@@ -97,10 +128,15 @@ def test_models_traced_with_the_backend_compute_xla_s_loss_and_gradients(onednn_
 
     params = (variables[0]["params"], variables[1]["params"])
     expected_loss, expected_grads = jax.jit(jax.value_and_grad(loss))(params)
+    xla_program = str(jax.make_jaxpr(jax.grad(loss))(params))
     layers.use_conv_backend("onednn")
     program = str(jax.make_jaxpr(jax.grad(loss))(params))
     assert all(target in program for target in TARGETS)
     assert "conv_general_dilated" not in program  # every conv of both models (one group each) is oneDNN's
+    assert "select_and_scatter_add" not in program  # ResNet's max pool: `max_pool_by_phase`
+    # The decoder's transposed convs (one per level) are oneDNN's: none of their 3 matmuls per level is left.
+    up_convs = sum(1 for name in variables[0]["params"] if name.endswith("_transpose"))
+    assert up_convs > 0 and xla_program.count("dot_general") - program.count("dot_general") == 3 * up_convs
     onednn_loss, grads = jax.jit(jax.value_and_grad(loss))(params)
     np.testing.assert_allclose(float(onednn_loss), float(expected_loss), rtol=1e-5)
     for grad, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
@@ -115,9 +151,11 @@ def test_tiny_run_with_the_backend_trains_like_the_xla_run(prepared, reference_r
     rows, expected = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
                       for run in (tmp_path, reference_run))
     assert [(row["phase"], row["epoch"]) for row in rows] == [(row["phase"], row["epoch"]) for row in expected]
-    for row, expected_row in zip(rows[:2], expected[:2]):  # phase 1 (the enhancer's convs): the same run
+    # Phase 1 (the enhancer's convs and transposed convs): the same run up to float rounding (two epochs of
+    # kernel gradients summed in oneDNN's order: 1.6e-5 apart in val_mse when measured).
+    for row, expected_row in zip(rows[:2], expected[:2]):
         for key in ("train_loss", "val_psnr", "val_mse"):
-            np.testing.assert_allclose(row[key], expected_row[key], rtol=1e-5)
+            np.testing.assert_allclose(row[key], expected_row[key], rtol=1e-4)
     # Phase 2 of this tiny run is chaotic at its learning rate (XLA's option set 'no_ynnpack' instead of the
     # default moves its first epoch's loss by 1.7%), so only its course is compared.
     assert all(np.isfinite(row["train_loss"]) for row in rows[2:]) and rows[3]["train_loss"] < rows[2]["train_loss"]

@@ -41,9 +41,11 @@ def base_config() -> ml_collections.ConfigDict:
     # XLA's option set for CPU programs (urnet_jax.compiler_options.CPU_OPTION_SETS): the same results up to
     # float rounding; "no_ynnpack" keeps the numerics of runs made before "ynnpack_reductions" existed.
     config.xla_cpu_options = XLA_CPU_OPTIONS[0]
-    # The models' convolutions (urnet_jax.models.layers.use_conv_backend): "xla", or "onednn" for oneDNN's CPU
-    # kernels in float32 (the `onednn` extra and a C++ compiler; one device): the same results up to float
-    # rounding, a train step taking 11-15% less time on the CPU measured (docs/BENCHMARKS.md).
+    # The models' convolutions (urnet_jax.models.layers.use_conv_backend): "xla", or "onednn", the CPU's fast
+    # path: oneDNN's kernels for the float32 convs and transposed convs, max-pool's gradient phase by phase,
+    # malloc keeping freed blocks in train.py (the `onednn` extra and a C++ compiler; one device): the same
+    # results up to float rounding, a train step taking about 22% less time on the CPU measured
+    # (docs/BENCHMARKS.md).
     config.conv_backend = CONV_BACKENDS[0]
     config.batch_size = 32  # global batch, split over every device.
     config.eval_batch_size = 64

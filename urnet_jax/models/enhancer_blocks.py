@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from urnet_jax.models import layers
+from urnet_jax.models import layers, onednn
 from urnet_jax.models.se import SqueezeExcitation
 
 Array = jax.Array
@@ -158,7 +158,9 @@ class UpConv2x2(nn.Module):
     With kernel_size == stride the output pixels (2i + a, 2j + b) only see input pixel (i, j):
         y[n, 2i + a, 2j + b, o] = sum_c x[n, i, j, c] * kernel[a, b, c, o] + bias[o].
     It is computed as a 1x1 conv (a matmul, `layers.channel_matmul`) to 4 * features channels followed by
-    depth-to-space, which is exact and much faster on CPU than XLA's transposed convolution.
+    depth-to-space, which is exact and much faster on CPU than XLA's transposed convolution; with the 'onednn'
+    backend (`layers.use_conv_backend`) in float32 it is `onednn.conv_transpose`, without the depth-to-space
+    copies.
 
     Params: 'kernel' (2, 2, C_in, features), 'bias' (features,). Porting from / mirroring PyTorch:
     kernel = torch_weight.permute(2, 3, 0, 1) (torch weight is (C_in, C_out, 2, 2)); bias as is.
@@ -175,6 +177,8 @@ class UpConv2x2(nn.Module):
         kernel = self.param("kernel", kernel_init, (2, 2, in_features, self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         dtype = self.dtype or x.dtype
+        if layers.conv_backend() == "onednn" and dtype == jnp.float32:
+            return onednn.conv_transpose(x.astype(dtype), kernel, (2, 2)) + bias
         batch, height, width, _ = x.shape
         # (C_in, 2 * 2 * C_out) with columns ordered (a, b, o): the 1x1 conv.
         matrix = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(in_features, 4 * self.features)

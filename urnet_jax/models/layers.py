@@ -47,8 +47,11 @@ def use_conv_backend(name: str) -> None:
     """Builds the convolutions of the models traced from now on in this process with backend `name`:
     'xla' (XLA's convolutions, the default) or 'onednn' (`onednn.conv`: oneDNN's CPU kernels for float32,
     the same values and gradients up to float rounding; it builds and loads oneDNN's library here, or raises
-    `onednn.OnednnUnavailable` saying why not). A `conv` module takes the backend of the moment it is built
-    (in a model's compact `__call__`: when the model is traced); programs already traced keep theirs."""
+    `onednn.OnednnUnavailable` saying why not). The 'onednn' backend also computes the 2x2 transposed convs
+    with oneDNN (`onednn.conv_transpose`) and max-pool's gradient with `max_pool_by_phase`: the CPU's fast
+    path, whose gradients differ from XLA's in float rounding only. A module takes the backend of the moment
+    it is built (in a model's compact `__call__`: when the model is traced); programs already traced keep
+    theirs."""
     if name not in CONV_BACKENDS:
         raise ConfigError(f"conv_backend must be one of {', '.join(CONV_BACKENDS)}, got {name!r}")
     if name == "onednn":
@@ -301,10 +304,75 @@ def norm_layer(norm: str, *, num_groups: int = 32, dtype: Dtype = None, name: st
 
 
 def max_pool(x: Array, kernel_size: int, stride: int, padding: int = 0) -> Array:
-    """`torch.nn.MaxPool2d(kernel_size, stride, padding)` (floor mode; padding never wins the max)."""
+    """`torch.nn.MaxPool2d(kernel_size, stride, padding)` (floor mode; padding never wins the max).
+    With the 'onednn' backend (`use_conv_backend`) its gradient is `max_pool_by_phase`'s."""
+    if _conv_backend == "onednn":
+        return max_pool_by_phase(x, kernel_size, stride, padding)
+    return _lax_max_pool(x, kernel_size, stride, padding)
+
+
+def _lax_max_pool(x: Array, kernel_size: int, stride: int, padding: int) -> Array:
     return nn.max_pool(
         x, (kernel_size, kernel_size), (stride, stride), ((padding, padding), (padding, padding))
     )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool_by_phase(x: Array, kernel_size: int, stride: int, padding: int) -> Array:
+    """`max_pool` of x (N, H, W, C) -> (N, OH, OW, C) with the same values and gradients (a window's gradient
+    goes to its first maximum in row-major order, as in XLA and torch), the input's gradient written out
+    phase by phase.
+
+    XLA's CPU compiler lowers max-pool's gradient (a select-and-scatter) to a reduce-window over four index
+    arrays as large as the padded input, then a scatter: more than ten times the time of this backward pass,
+    which finds each window's first maximum with `kernel_size`**2 strided comparisons and adds the routed
+    gradients into the stride**2 phases of the input's gradient (shifted copies, no scatter).
+    """
+    return _lax_max_pool(x, kernel_size, stride, padding)
+
+
+def _max_pool_by_phase_forward(x: Array, kernel_size: int, stride: int, padding: int
+                               ) -> tuple[Array, tuple[Array, Array]]:
+    y = _lax_max_pool(x, kernel_size, stride, padding)
+    return y, (x, y)
+
+
+def _max_pool_by_phase_backward(kernel_size: int, stride: int, padding: int, residuals: tuple[Array, Array],
+                                grad: Array) -> tuple[Array]:
+    x, y = residuals
+    batch, height, width, channels = x.shape
+    out_h, out_w = y.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+    zero = jnp.zeros((), grad.dtype)
+    # The gradient of each output routed to window offset (a, b) (input pixel (stride * i + a, stride * j + b)
+    # of the padded input), where that offset holds the window's first maximum.
+    routed, taken = {}, jnp.zeros(y.shape, bool)
+    for a in range(kernel_size):
+        for b in range(kernel_size):
+            window = jax.lax.slice(padded, (0, a, b, 0),
+                                   (batch, a + (out_h - 1) * stride + 1, b + (out_w - 1) * stride + 1, channels),
+                                   (1, stride, stride, 1))
+            first = (window == y) & ~taken
+            taken = taken | first
+            routed[a, b] = jnp.where(first, grad, zero)
+    # Padded row stride * i + a lies in row phase a % stride, at row i + a // stride of that phase.
+    rows, cols = -(-padded.shape[1] // stride), -(-padded.shape[2] // stride)
+    row_phases = []
+    for row_phase in range(stride):
+        phases = []
+        for col_phase in range(stride):
+            shifted = [jax.lax.pad(part, zero, ((0, 0, 0), (a // stride, rows - out_h - a // stride, 0),
+                                                (b // stride, cols - out_w - b // stride, 0), (0, 0, 0)))
+                       for (a, b), part in routed.items() if a % stride == row_phase and b % stride == col_phase]
+            phases.append(sum(shifted[1:], shifted[0]) if shifted
+                          else jnp.zeros((batch, rows, cols, channels), grad.dtype))
+        row_phases.append(jnp.stack(phases, axis=3))  # (N, rows, cols, stride, C)
+    # (N, rows, row phase, cols, col phase, C) -> the padded input's (N, rows * stride, cols * stride, C).
+    padded_grad = jnp.stack(row_phases, axis=2).reshape(batch, rows * stride, cols * stride, channels)
+    return (padded_grad[:, padding:padding + height, padding:padding + width, :],)
+
+
+max_pool_by_phase.defvjp(_max_pool_by_phase_forward, _max_pool_by_phase_backward)
 
 
 def avg_pool(x: Array, kernel_size: int, stride: int) -> Array:

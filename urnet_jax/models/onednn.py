@@ -160,6 +160,42 @@ def _backward(strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[in
 conv.defvjp(_forward, _backward)
 
 
+_NO_PADDING = ((0, 0), (0, 0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_transpose(x: Array, kernel: Array, strides: tuple[int, int]) -> Array:
+    """float32 transposed conv2d of x (N, H, W, C_in) with kernel (KH, KW, C_in, C_out) and strides (sh, sw),
+    without padding -> (N, (H - 1) * sh + KH, (W - 1) * sw + KW, C_out), by oneDNN:
+        y[n, sh * i + a, sw * j + b, o] += x[n, i, j, c] * kernel[a, b, c, o]   (`torch.nn.ConvTranspose2d`).
+
+    A transposed conv is the input gradient of the conv with the same geometry and the kernel's channel axes
+    swapped, so its three passes are `conv`'s three primitives: forward = that conv's input gradient, input
+    gradient = its forward pass, kernel gradient = its kernel gradient (with the roles of x and the gradient
+    swapped). No depth-to-space copies or matmuls as in XLA's lowering."""
+    return _transpose_forward(x, kernel, strides)[0]
+
+
+def _transpose_forward(x: Array, kernel: Array, strides: tuple[int, int]) -> tuple[Array, tuple[Array, Array]]:
+    load()
+    (n, height, width, _), (kernel_h, kernel_w, _, out_channels) = x.shape, kernel.shape
+    swapped = jnp.transpose(kernel, (0, 1, 3, 2))  # (KH, KW, C_out, C_in): the kernel of the matching conv
+    y_shape = (n, (height - 1) * strides[0] + kernel_h, (width - 1) * strides[1] + kernel_w, out_channels)
+    return _call("input_grad", y_shape, x, swapped, strides, _NO_PADDING), (x, swapped)
+
+
+def _transpose_backward(strides: tuple[int, int], residuals: tuple[Array, Array], grad: Array
+                        ) -> tuple[Array, Array]:
+    x, swapped = residuals
+    grad = grad.astype(jnp.float32)
+    x_grad = _call("forward", x.shape, grad, swapped, strides, _NO_PADDING)
+    swapped_grad = _call("kernel_grad", swapped.shape, grad, x, strides, _NO_PADDING)
+    return x_grad, jnp.transpose(swapped_grad, (0, 1, 3, 2))
+
+
+conv_transpose.defvjp(_transpose_forward, _transpose_backward)
+
+
 def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Any, padding: Any, **options: Any) -> Array:
     """`lax.conv_general_dilated` as Flax's `nn.Conv` calls it, for the 2-D NHWC / HWIO convolutions with
     explicit padding, one group and no dilation that `layers.conv` passes it: by `conv` in float32, by lax in
