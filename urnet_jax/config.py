@@ -44,8 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
     # The models' convolutions (urnet_jax.models.layers.use_conv_backend): "xla", or "onednn", the CPU's fast
     # path: oneDNN's kernels for the float32 convs and transposed convs, max-pool's gradient phase by phase,
     # malloc keeping freed blocks in train.py (the `onednn` extra and a C++ compiler; one device): the same
-    # results up to float rounding, a train step taking about 22% less time on the CPU measured
-    # (docs/BENCHMARKS.md).
+    # results up to float rounding, a train step taking about 22% less time on the CPU measured, for more
+    # host memory (docs/TRAINING.md, docs/BENCHMARKS.md).
     config.conv_backend = CONV_BACKENDS[0]
     config.batch_size = 32  # global batch, split over every device.
     config.eval_batch_size = 64

@@ -6,12 +6,13 @@ when it ends, from one of its worker threads. glibc's malloc serves so large a r
 than the main one with a fresh `mmap` and unmaps it on free, so every step faults every page of the buffer
 in again: about 236,000 page faults and 0.4 s of kernel time per step on a 2-core CPU (docs/BENCHMARKS.md).
 `keep_freed_blocks` sets malloc to one arena, no `mmap` and no trimming: freed blocks stay in the process's
-heap and the next step reuses them. The price: the resident memory stays at its peak between steps, and every
-thread allocates from one arena. With the 'onednn' conv backend the train step took 8% less time; with XLA's own
+heap and the next step reuses them. The price: the resident memory stays at its peak between steps (two
+temporary buffers, measured: the largest batch within 8 GB fell from 100 to 55), and every thread allocates
+from one arena. With the 'onednn' conv backend the train step took 8% less time; with XLA's own
 convolutions as long (JAX alone in the process) or 9-21% longer (beside torch in the benchmark's process,
 with more user CPU time; the cause is not pinned down). So `train.py` calls it with `conv_backend='onednn'`
-only, before XLA starts its threads, and so do the benchmarks. `URNET_JAX_SYSTEM_MALLOC=1` in the environment keeps malloc's own
-settings.
+only, before XLA starts its threads, and so do the benchmarks. `URNET_JAX_SYSTEM_MALLOC=1` in the environment
+keeps malloc's own settings.
 """
 
 from __future__ import annotations
