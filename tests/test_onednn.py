@@ -214,3 +214,22 @@ def test_loading_a_run_falls_back_to_xla_when_onednn_is_unavailable(trained_run,
     loaded = workdir_lib.load_run(workdir)
     assert layers.conv_backend() == "xla" and loaded.variables
     assert "loading the run with XLA's convolutions instead" in caplog.text
+
+
+@needs_onednn
+def test_export_of_a_model_traced_with_the_backend_uses_xla_s_convolutions(onednn_backend, tmp_path):
+    import ml_collections
+
+    from urnet_jax import compiler_options
+    from urnet_jax.export import export_model
+    from urnet_jax.models.composite import build_model
+
+    model = build_model(ml_collections.ConfigDict(
+        {"enhancer": "urnet", "classifier": "resnet18", "enhancer_width": 4, "classifier_width": 4}), 3)
+    variables = compiler_options.run_unoptimised(model.init, jax.random.key(0), jnp.zeros((1, 96, 96, 3)),
+                                                 train=False)
+    # A SavedModel cannot hold the oneDNN FFI calls (jax2tf refuses to serialise them): the export traces
+    # the model with XLA's convolutions, and the backend of this process is the same afterwards.
+    summary = export_model(model, variables, ["a", "b", "c"], 96, tmp_path / "exported")
+    assert max(summary.parity.values()) < 1e-4
+    assert layers.conv_backend() == "onednn"

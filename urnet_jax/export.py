@@ -173,6 +173,7 @@ def export_model(model: Any, variables: Mapping[str, Any], class_names: Sequence
     import jax
 
     from urnet_jax.calibration import write_calibration, write_heldout
+    from urnet_jax.models import layers
 
     started = time.perf_counter()
     out = pathlib.Path(out)
@@ -183,9 +184,12 @@ def export_model(model: Any, variables: Mapping[str, Any], class_names: Sequence
     serve = _serving_function(model, temperature)
     staging = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
-        _write_saved_model(tf, serve, variables, image_size, staging / SAVED_MODEL_DIR)
-        tflite_bytes = _write_tflite(tf, staging / SAVED_MODEL_DIR, staging / TFLITE_FILE)
-        parity = _check_parity(serve, variables, image_size, staging)
+        # XLA's convolutions whatever the run trained with: the files must run without this process's oneDNN
+        # library (a SavedModel cannot hold its FFI calls); the weights are the same.
+        with layers.conv_backend_scope("xla"):
+            _write_saved_model(tf, serve, variables, image_size, staging / SAVED_MODEL_DIR)
+            tflite_bytes = _write_tflite(tf, staging / SAVED_MODEL_DIR, staging / TFLITE_FILE)
+            parity = _check_parity(serve, variables, image_size, staging)
         description = {
             "class_names": list(class_names),
             "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC",

@@ -10,7 +10,9 @@ Conventions (all modules of `urnet_jax.models`):
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -58,6 +60,17 @@ def use_conv_backend(name: str) -> None:
         onednn.load()
     global _conv_backend
     _conv_backend = name
+
+
+@contextlib.contextmanager
+def conv_backend_scope(name: str) -> Iterator[None]:
+    """`use_conv_backend(name)` for the models traced inside the block; the previous backend after it."""
+    previous = _conv_backend
+    use_conv_backend(name)
+    try:
+        yield
+    finally:
+        use_conv_backend(previous)
 
 
 def conv_backend() -> str:
