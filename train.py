@@ -26,8 +26,7 @@ def main(argv: list[str]) -> None:
     with cli.one_line_errors():
         cli.reject_positional_args(argv)
         config = cli.config_value(_CONFIG)
-        if config.get("conv_backend") == "onednn":  # the CPU fast path; before XLA starts its threads
-            host_memory.keep_freed_blocks()
+        host_memory.keep_freed_blocks_for(config.get("conv_backend"))  # before XLA starts its threads
         sharding.initialize_distributed(_MULTIHOST.value)
         config_lib.validate(config)
         workdir = _WORKDIR.value or f"runs/{cli.config_path(_CONFIG).stem}"

@@ -168,15 +168,14 @@ def peak_tflops_for(device_name: str, override: float | None) -> float | None:
 
 
 def keep_freed_blocks(conv_backend: str, system_malloc: bool) -> None:
-    """`urnet_jax.host_memory.keep_freed_blocks` where `train.py` calls it (the 'onednn' conv backend), unless
+    """`urnet_jax.host_memory.keep_freed_blocks_for(conv_backend)`, as `train.py` calls it, unless
     `system_malloc`, which also sets $URNET_JAX_SYSTEM_MALLOC for the processes this one starts. Call before
     JAX or torch starts its threads."""
     from urnet_jax import host_memory
 
     if system_malloc:
         os.environ[host_memory.SYSTEM_MALLOC_ENV] = "1"
-    if conv_backend == "onednn":
-        host_memory.keep_freed_blocks()
+    host_memory.keep_freed_blocks_for(conv_backend)
 
 
 def environment() -> dict[str, Any]:

@@ -216,13 +216,9 @@ def _flops(lowered: Any, lower: Callable[[], Any]) -> float | None:
     of the program lowered again with XLA's convolutions."""
     from urnet_jax.models import layers
 
-    backend = layers.conv_backend()
-    if backend != "xla":
-        layers.use_conv_backend("xla")
-        try:
+    if layers.conv_backend() != "xla":
+        with layers.conv_backend_scope("xla"):
             lowered = lower()
-        finally:
-            layers.use_conv_backend(backend)
     analysis = lowered.cost_analysis()
     if isinstance(analysis, list):  # older JAX: one dict per computation
         analysis = analysis[0] if analysis else {}

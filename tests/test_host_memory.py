@@ -59,6 +59,10 @@ def test_kept_blocks_stop_the_page_faults_of_each_execution():
     assert kept["faults_per_call"] < system["faults_per_call"] / 20
 
 
-def test_system_malloc_env_leaves_malloc_alone(monkeypatch):
+def test_system_malloc_env_and_xla_s_convolutions_leave_malloc_alone(monkeypatch):
+    monkeypatch.setattr(host_memory, "keep_freed_blocks", lambda: True)  # never this process's own malloc
+    assert host_memory.keep_freed_blocks_for("onednn") is True
+    assert host_memory.keep_freed_blocks_for("xla") is False
+    monkeypatch.undo()
     monkeypatch.setenv(host_memory.SYSTEM_MALLOC_ENV, "1")
     assert host_memory.keep_freed_blocks() is False

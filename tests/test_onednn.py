@@ -25,10 +25,9 @@ TARGETS = ("UrnetOnednnConvForward", "UrnetOnednnConvInputGrad", "UrnetOnednnCon
 
 @pytest.fixture
 def onednn_backend():
-    """The oneDNN backend for the models traced in a test, XLA's again afterwards."""
-    layers.use_conv_backend("onednn")
-    yield
-    layers.use_conv_backend("xla")
+    """The oneDNN backend for the models traced in a test, the previous one again afterwards."""
+    with layers.conv_backend_scope("onednn"):
+        yield
 
 
 def lax_conv(x, kernel, strides, padding):

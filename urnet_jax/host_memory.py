@@ -11,7 +11,7 @@ temporary buffers, measured: the largest batch within 8 GB fell from 100 to 55),
 from one arena. With the 'onednn' conv backend the train step took 8% less time; with XLA's own
 convolutions as long (JAX alone in the process) or 9-21% longer (beside torch in the benchmark's process,
 with more user CPU time; the cause is not pinned down). So `train.py` calls it with `conv_backend='onednn'`
-only, before XLA starts its threads, and so do the benchmarks. `URNET_JAX_SYSTEM_MALLOC=1` in the environment
+only (`keep_freed_blocks_for`), before XLA starts its threads, and so do the benchmarks. `URNET_JAX_SYSTEM_MALLOC=1` in the environment
 keeps malloc's own settings.
 """
 
@@ -47,6 +47,11 @@ def keep_freed_blocks() -> bool:
         return False
     _kept = all(mallopt(option, value) == 1 for option, value in _SETTINGS)
     return _kept
+
+
+def keep_freed_blocks_for(conv_backend: str) -> bool:
+    """`keep_freed_blocks` where it pays, with the 'onednn' conv backend (see the module); True when done."""
+    return conv_backend == "onednn" and keep_freed_blocks()
 
 
 def freed_blocks_kept() -> bool:
