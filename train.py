@@ -26,7 +26,8 @@ def main(argv: list[str]) -> None:
     with cli.one_line_errors():
         cli.reject_positional_args(argv)
         config = cli.config_value(_CONFIG)
-        host_memory.keep_freed_blocks_for(config.get("conv_backend"))  # before XLA starts its threads
+        if __name__ == "__main__":  # run as a script: the restart runs its command again
+            host_memory.restart_with_huge_pages_for(config.get("conv_backend"))
         sharding.initialize_distributed(_MULTIHOST.value)
         config_lib.validate(config)
         workdir = _WORKDIR.value or f"runs/{cli.config_path(_CONFIG).stem}"

@@ -167,15 +167,16 @@ def peak_tflops_for(device_name: str, override: float | None) -> float | None:
     return None
 
 
-def keep_freed_blocks(conv_backend: str, system_malloc: bool) -> None:
-    """`urnet_jax.host_memory.keep_freed_blocks_for(conv_backend)`, as `train.py` calls it, unless
-    `system_malloc`, which also sets $URNET_JAX_SYSTEM_MALLOC for the processes this one starts. Call before
-    JAX or torch starts its threads."""
+def use_huge_pages(conv_backend: str, system_malloc: bool, restart: bool) -> None:
+    """`urnet_jax.host_memory.restart_with_huge_pages_for(conv_backend)` as `train.py` calls it, when `restart`
+    (a benchmark run from its command line: the restart runs the command again) and not `system_malloc`,
+    which sets $URNET_JAX_SYSTEM_MALLOC for this process and those it starts. Call first in `main`."""
     from urnet_jax import host_memory
 
     if system_malloc:
         os.environ[host_memory.SYSTEM_MALLOC_ENV] = "1"
-    host_memory.keep_freed_blocks_for(conv_backend)
+    if restart:
+        host_memory.restart_with_huge_pages_for(conv_backend)
 
 
 def environment() -> dict[str, Any]:
@@ -197,7 +198,7 @@ def environment() -> dict[str, Any]:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax_compiler_options": compiler_options.for_platform(jax.default_backend()),
         "xla_cpu_options": compiler_options.selected_cpu_options(),
-        "malloc_keeps_freed_blocks": host_memory.freed_blocks_kept(),
+        "malloc_huge_pages": host_memory.huge_pages_in_use(),
     }
     for name in ("flax", "optax", "torch", "torchvision"):
         try:

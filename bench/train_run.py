@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import pathlib
+import resource
 import shutil
 import statistics
 import subprocess
@@ -34,7 +35,6 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (bench/ is not a package)
 from urnet_jax.config import CONV_BACKENDS  # noqa: E402  (imports no JAX)
-from urnet_jax.host_memory import SYSTEM_MALLOC_ENV  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 POLL_S = 0.02
@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the models' convolutions (config.conv_backend)")
     parser.add_argument("--system-malloc", action="store_true",
                         help="with --conv-backend onednn: run train.py and the step benchmark with malloc's own "
-                             "settings ($URNET_JAX_SYSTEM_MALLOC=1; default: urnet_jax.host_memory.keep_freed_blocks)")
+                             "settings ($URNET_JAX_SYSTEM_MALLOC=1; default: transparent huge pages for malloc's "
+                             "large blocks, urnet_jax.host_memory)")
     parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "bench_train_run"),
                         help="the prepared data set (kept) and the run's workdir (replaced) go here")
     parser.add_argument("--step-img-s", type=float, default=None,
@@ -86,9 +87,11 @@ def config_overrides(args: argparse.Namespace, prepared_dir: pathlib.Path) -> di
     }
 
 
-def run_training(args: argparse.Namespace, out: pathlib.Path) -> tuple[list[dict[str, Any]], list[float], float]:
+def run_training(args: argparse.Namespace,
+                 out: pathlib.Path) -> tuple[list[dict[str, Any]], list[float], float, int]:
     """Runs train.py; returns (its metrics rows, the seconds since start at which each row appeared, the
-    whole run's seconds). Exits with train.py's last stderr line if it fails."""
+    whole run's seconds, its peak resident memory in bytes). Exits with train.py's last stderr line if it
+    fails. Call it before this process starts any other child: the peak is the largest of its children's."""
     workdir = out / "run"
     shutil.rmtree(workdir, ignore_errors=True)
     command = [sys.executable, str(REPO_ROOT / "train.py"), "--config", str(REPO_ROOT / "configs" / "urnet.py"),
@@ -110,12 +113,13 @@ def run_training(args: argparse.Namespace, out: pathlib.Path) -> tuple[list[dict
                 break
             time.sleep(POLL_S)
         total = time.perf_counter() - started
+    peak_rss_bytes = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
     if process.returncode != 0:
         lines = (out / "train.log").read_text().strip().splitlines()
         sys.exit(f"error: train.py failed ({lines[-1] if lines else f'exit status {process.returncode}'}); "
                  f"see {out / 'train.log'}")
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    return rows, arrivals, total
+    return rows, arrivals, total, peak_rss_bytes
 
 
 def step_images_per_second(args: argparse.Namespace) -> dict[str, Any]:
@@ -158,12 +162,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         threads = common.pin_threads(args.threads)  # inherited by train.py and the step benchmark
     except ValueError as error:
         sys.exit(f"error: {error}")
-    if args.system_malloc:
-        os.environ[SYSTEM_MALLOC_ENV] = "1"  # inherited by train.py and the step benchmark
+    common.use_huge_pages(args.conv_backend, args.system_malloc, restart=argv is None)  # train.py inherits it
     out = pathlib.Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     load_at_start = common.load_average()
-    rows, arrivals, total_s = run_training(args, out)
+    rows, arrivals, total_s, run_peak_rss_bytes = run_training(args, out)
     if len(rows) != args.epochs or len(arrivals) != args.epochs:
         sys.exit(f"error: train.py wrote {len(rows)} metrics rows, expected {args.epochs}")
     steps_per_epoch = rows[1]["step"] - rows[0]["step"]  # the rows' `step`: the global step at the epoch's end
@@ -179,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps_per_epoch": steps_per_epoch,
         "images_per_epoch": steps_per_epoch * args.batch,
         "run_total_s": round(total_s, 2),
+        "run_peak_rss_bytes": run_peak_rss_bytes,
         "step_benchmark": None if step is None else {k: step[k] for k in ("jax_train", "jax_compile_s", "params")},
         "threads": threads,
         "cpu": common.cpu_description(),
@@ -191,7 +195,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"train.py: first epoch {breakdown['first_epoch_wall_s']} s; later epochs {breakdown['epoch_wall_s']} s "
           f"wall, of which train+eval {breakdown['epoch_metrics_s']} s, checkpoints+logging "
           f"{breakdown['epoch_outside_metrics_s']} s")
-    print(f"run {breakdown['run_img_s']} img/s, step alone {step_img_s} img/s: run_vs_step {result['run_vs_step']}")
+    print(f"run {breakdown['run_img_s']} img/s, step alone {step_img_s} img/s: run_vs_step {result['run_vs_step']}; "
+          f"train.py's peak resident memory {run_peak_rss_bytes / 2**30:.2f} GiB")
     print(f"load average start {load_at_start} end {result['load_avg_end']}")
     common.print_result(result)
     return result

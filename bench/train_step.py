@@ -82,8 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--conv-backend", default=CONV_BACKENDS[0], choices=CONV_BACKENDS,
                         help="the JAX models' convolutions (urnet_jax.models.layers.use_conv_backend)")
     parser.add_argument("--system-malloc", action="store_true",
-                        help="with --conv-backend onednn: keep malloc's own settings (default, as train.py: "
-                             "urnet_jax.host_memory.keep_freed_blocks, for both frameworks: they share the process)")
+                        help="with --conv-backend onednn and --skip-torch: keep malloc's own settings (default "
+                             "there, as train.py: restart with transparent huge pages for malloc's large blocks, "
+                             "urnet_jax.host_memory; with torch in the process malloc keeps its own settings)")
     parser.add_argument("--torch-variants", default=",".join(TORCH_VARIANTS),
                         help=f"comma-separated torch variants to time, among {', '.join(TORCH_VARIANTS)} "
                              "(eager is always included)")
@@ -745,7 +746,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         threads = common.pin_threads(args.threads)
     except ValueError as error:
         sys.exit(f"error: {error}")
-    common.keep_freed_blocks(args.conv_backend, args.system_malloc)
+    # With torch in the process, huge pages made the JAX step twice as slow: train.py's setting applies
+    # when JAX runs alone (--skip-torch, as bench/train_run.py runs it).
+    common.use_huge_pages(args.conv_backend, args.system_malloc or not args.skip_torch,
+                          restart=argv is None)
     common.prepare_gpu_allocators()
     from urnet_jax import compiler_options
 

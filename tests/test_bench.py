@@ -434,6 +434,7 @@ def test_whole_run_benchmark_times_train_py_epochs_against_the_step(tmp_path):
     assert result["run_img_s"] == pytest.approx(32 / result["epoch_wall_s_median"], rel=1e-2)
     assert result["run_vs_step"] == pytest.approx(result["run_img_s"] / result["step_img_s"], rel=1e-2)
     assert result["first_epoch_wall_s"] > result["epoch_wall_s"][0]  # the first epoch compiles
+    assert result["run_peak_rss_bytes"] > 200 * 2**20  # train.py's, with JAX and a model in it
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(row["phase"], row["epoch"]) for row in rows] == [(2, 1), (2, 2)]
 

@@ -43,9 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.xla_cpu_options = XLA_CPU_OPTIONS[0]
     # The models' convolutions (urnet_jax.models.layers.use_conv_backend): "xla", or "onednn", the CPU's fast
     # path: oneDNN's kernels for the float32 convs and transposed convs, max-pool's gradient phase by phase,
-    # malloc keeping freed blocks in train.py (the `onednn` extra and a C++ compiler; one device): the same
-    # results up to float rounding, a train step taking about 22% less time on the CPU measured, for more
-    # host memory (docs/TRAINING.md, docs/BENCHMARKS.md).
+    # train.py restarting with transparent huge pages for malloc's large blocks (the `onednn` extra and a C++
+    # compiler; one device): the same results up to float rounding, a train step taking about 22% less time on
+    # the CPU measured (docs/TRAINING.md, docs/BENCHMARKS.md).
     config.conv_backend = CONV_BACKENDS[0]
     config.batch_size = 32  # global batch, split over every device.
     config.eval_batch_size = 64
