@@ -746,8 +746,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         threads = common.pin_threads(args.threads)
     except ValueError as error:
         sys.exit(f"error: {error}")
-    # With torch in the process, huge pages made the JAX step twice as slow: train.py's setting applies
-    # when JAX runs alone (--skip-torch, as bench/train_run.py runs it).
+    # Beside torch in the process the JAX step was erratic under every malloc setting and slowest with huge
+    # pages: train.py's setting applies when JAX runs alone (--skip-torch, as bench/train_run.py runs it).
     common.use_huge_pages(args.conv_backend, args.system_malloc or not args.skip_torch,
                           restart=argv is None)
     common.prepare_gpu_allocators()
