@@ -333,9 +333,10 @@ class TorchBench:
 # The comparison
 
 
-def _alternate(benches: dict[str, Any], run: str, args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
-    """(wall, CPU) seconds per step of `args.rounds` timed blocks per framework, taken in alternation."""
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in benches}
+def _alternate(benches: dict[str, Any], run: str, args: argparse.Namespace
+               ) -> dict[str, list[tuple[float, float, float]]]:
+    """(wall, CPU, kernel CPU) seconds per step of `args.rounds` timed blocks per framework, taken in alternation."""
+    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in benches}
     for _ in range(args.rounds):
         for name, bench in benches.items():
             times[name].append(common.time_block(getattr(bench, run), args.steps, bench.synchronize))
@@ -815,7 +816,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_times = _alternate(benches, "run_train", args)
     _progress("median train step: " + ", ".join(
         f"{name} {common.summarize(blocks, args.batch)['step_ms_median']} ms" for name, blocks in train_times.items()))
-    eval_times: dict[str, list[tuple[float, float]]] = {}
+    eval_times: dict[str, list[tuple[float, float, float]]] = {}
     first_eval: dict[str, tuple[Any, float, int]] = {}
     if not args.skip_inference:
         first_eval = _first_steps(benches, "run_eval", failures)
@@ -904,7 +905,8 @@ def _print_summary(result: dict[str, Any], args: argparse.Namespace) -> None:
             if summary:
                 compiled = f"; compile {row[3]} s" if row[3] is not None and kind == "train" else ""
                 print(f"{kind:5s} {row[0]:27s}: {summary['img_s']:9.2f} img/s (median {summary['step_ms_median']} "
-                      f"ms/step, blocks {summary['step_ms_blocks']}; CPU {summary['cpu_ms_median']} ms/step{compiled})")
+                      f"ms/step, blocks {summary['step_ms_blocks']}; CPU {summary['cpu_ms_median']} ms/step, "
+                      f"kernel {summary['kernel_cpu_ms_median']}{compiled})")
     if "speedup_vs_torch_eager" in result:
         print(f"speedup (train): vs torch eager {result['speedup_vs_torch_eager']} (per round "
               f"{result['speedup_vs_torch_eager_per_round']}), vs torch.compile {result['speedup_vs_torch_compile']}, "

@@ -148,6 +148,8 @@ def test_benchmark_cli_prints_result_and_the_two_first_steps_agree(tiny_result):
         eager["train"]["step_ms_median"] / result["jax_train"]["step_ms_median"], rel=1e-2)
     assert result["device"].startswith("cpu")
     assert result["jax_compile_s"] > 0 and result["train_gflop_per_step"] > 0
+    for summary in (result["jax_train"], eager["train"], result["jax_eval"]):
+        assert 0 <= summary["kernel_cpu_ms_median"] <= summary["cpu_ms_median"]
     for summary in (result["jax_train"], eager["train"]):  # MFU: XLA's FLOPs / median step time / the given peak
         expected = result["train_gflop_per_step"] / (summary["step_ms_median"] / 1e3) / 10.0  # 0.01 TFLOP/s
         mfu = result["jax_mfu"] if summary is result["jax_train"] else eager["mfu"]
@@ -420,6 +422,27 @@ def test_cpu_description_reads_model_and_vector_extensions(tmp_path):
                        "processor\t: 1\nmodel name\t: Example CPU @ 2.0GHz\nflags\t\t: fpu sse4_2 avx avx2 fma avx512f\n")
     assert common.cpu_description(str(cpuinfo)) == {"model": "Example CPU @ 2.0GHz",
                                                      "vector_extensions": ["sse4_2", "avx", "avx2", "fma"]}
+
+
+def test_timed_block_splits_out_the_kernel_time_of_page_faults():
+    """A step that maps and touches fresh memory spends CPU time in the kernel (its page faults); a step that
+    only computes on memory already mapped spends next to none there."""
+    def fresh_pages() -> np.ndarray:
+        return np.ones(64 << 20, np.uint8)  # 64 MiB: mapped afresh and zeroed by the kernel each call
+
+    mapped = np.ones(1 << 20, np.float64)
+
+    def compute() -> float:
+        return sum(float(mapped @ mapped) for _ in range(50))
+
+    faulting = common.time_block(fresh_pages, 20, lambda result: None)
+    computing = common.time_block(compute, 20, lambda result: None)
+    for wall, cpu, kernel in (faulting, computing):
+        assert wall > 0 and 0 <= kernel <= cpu + 1e-9
+    assert faulting[2] > 0.2 * faulting[1]
+    assert computing[2] < 0.2 * computing[1]
+    summary = common.summarize([faulting, computing], batch=4)
+    assert summary["kernel_cpu_ms_median"] == pytest.approx((faulting[2] + computing[2]) / 2 * 1e3, abs=0.01)
 
 
 def test_whole_run_benchmark_times_train_py_epochs_against_the_step(tmp_path):
