@@ -99,14 +99,18 @@ def time_block(run_step: Callable[[], Any], steps: int, synchronize: Callable[[A
     """(wall seconds, process CPU seconds, of which in the kernel) per step of `steps` back-to-back calls,
     waiting for the last result with `synchronize`. CPU seconds count every thread of the process (spin-waits
     included); the kernel's share is mostly page faults: zeroing the pages of freshly mapped buffers."""
-    wall, times = time.perf_counter(), os.times()
+    wall, cpu, kernel = time.perf_counter(), time.process_time(), _kernel_cpu_seconds()
     result = None
     for _ in range(steps):
         result = run_step()
     synchronize(result)
-    end = os.times()
-    cpu = end.user + end.system - times.user - times.system
-    return (time.perf_counter() - wall) / steps, cpu / steps, (end.system - times.system) / steps
+    cpu, kernel = time.process_time() - cpu, _kernel_cpu_seconds() - kernel
+    return (time.perf_counter() - wall) / steps, cpu / steps, min(kernel, cpu) / steps
+
+
+def _kernel_cpu_seconds() -> float:
+    """CPU seconds this process has spent in the kernel (all threads; microsecond resolution)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
 def summarize(blocks: list[tuple[float, float, float]], batch: int) -> dict[str, Any]:
