@@ -1,8 +1,8 @@
 """Train- and inference-step throughput of urnet_jax against PyTorch mirrors of the same network.
 
   python bench/train_step.py --enhancer urnet --enhancer-width 32 --classifier resnet18 --size 128 \
-      --batch 16 [--precision float32|bfloat16] [--steps 3] [--rounds 3] [--warmup 2] [--threads N] \
-      [--torch-variants eager,eager_channels_last,compile,compile_channels_last,compile_max_autotune] \
+      --batch 16 [--precision float32|bfloat16] [--steps 3] [--rounds 3] [--warmup 2] [--lead-in 0] \
+      [--threads N] [--torch-variants eager,eager_channels_last,compile,compile_channels_last,compile_max_autotune] \
       [--memory] [--max-batch [--memory-budget-gb G]] [--conv-backend xla|onednn]
 
 JAX side: the library's own jitted steps (`steps.make_train_step`: forward, softmax cross-entropy,
@@ -14,8 +14,9 @@ scaled to [0, 1] inside the step), in up to five variants: eager and `torch.comp
 and "max-autotune"), each in the contiguous (NCHW) or channels_last memory format (TORCH_VARIANTS).
 All share one process and one thread count (CPU affinity + torch.set_num_threads); timed blocks of
 `--steps` steps alternate JAX, torch variant 1, torch variant 2, ... (`--rounds` times), after
-compilation and `--warmup` untimed steps each. Every side starts from the same weights (JAX enhancer ->
-torch, torchvision classifier -> JAX), so the first steps' losses, gradients (the SGD momentum after one
+compilation and `--warmup` untimed steps each (and `--lead-in` untimed steps of the same framework right
+before each block). Every side starts from the same weights (JAX enhancer -> torch, torchvision classifier ->
+JAX), so the first steps' losses, gradients (the SGD momentum after one
 step) and BatchNorm statistics of JAX and torch eager are compared and reported too; with
 `--against-fp32` (bf16 runs) each framework's first step is taken again in float32, to show how much of
 their gradient difference is bf16 rounding. A torch variant that fails (torch.compile without a C
@@ -76,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
     parser.add_argument("--rounds", type=int, default=3, help="timed blocks per framework (alternating)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per framework before timing (>= 1)")
+    parser.add_argument("--lead-in", type=int, default=0,
+                        help="untimed steps before each timed block, every framework alike: the block then times "
+                             "steps that follow steps, as in a training loop, not steps after the other "
+                             "frameworks' blocks (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for both (default: all)")
     parser.add_argument("--xla-cpu-options", default=XLA_CPU_OPTIONS[0], choices=XLA_CPU_OPTIONS,
                         help="the XLA option set of the JAX programs on a CPU (urnet_jax.compiler_options)")
@@ -111,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("enhancer_width", "num_classes", "size", "batch", "steps", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lead_in < 0:
+        parser.error(f"--lead-in must be >= 0, got {args.lead_in}")
     if args.warmup < 1:
         parser.error(f"--warmup must be >= 1 (the first step is checked against torch), got {args.warmup}")
     if args.against_fp32 and (args.precision != "bfloat16" or args.skip_torch):
@@ -335,10 +342,13 @@ class TorchBench:
 
 def _alternate(benches: dict[str, Any], run: str, args: argparse.Namespace
                ) -> dict[str, list[tuple[float, float, float]]]:
-    """(wall, CPU, kernel CPU) seconds per step of `args.rounds` timed blocks per framework, taken in alternation."""
+    """(wall, CPU, kernel CPU) seconds per step of `args.rounds` timed blocks per framework, taken in alternation,
+    each after `args.lead_in` untimed steps of its framework."""
     times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in benches}
     for _ in range(args.rounds):
         for name, bench in benches.items():
+            for _ in range(args.lead_in):
+                bench.synchronize(getattr(bench, run)())
             times[name].append(common.time_block(getattr(bench, run), args.steps, bench.synchronize))
     return times
 

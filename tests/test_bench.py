@@ -1,5 +1,6 @@
 """The benchmark's torch mirror is the same network as the JAX model, and the benchmark CLI runs end to end."""
 
+import argparse
 import json
 import os
 import pathlib
@@ -304,6 +305,7 @@ def test_flop_count_includes_the_convolutions():
     (["--against-fp32"], "--against-fp32 needs --precision bfloat16 and the torch side"),
     (["--torch-variants", "eager,compiled"], "unknown --torch-variants compiled"),
     (["--memory-budget-gb", "0"], "--memory-budget-gb must be > 0"),
+    (["--lead-in", "-1"], "--lead-in must be >= 0"),
     (["--enhancer", "rsgunet", "--size", "32"], "no torch mirror for enhancer RSGUNet (--skip-torch times"),
 ])
 def test_benchmark_cli_rejects_bad_arguments_in_one_line(arguments, message):
@@ -353,6 +355,28 @@ def test_a_failing_compiled_variant_is_reported_and_left_out():
     # An eager side's failure is a bug of the benchmark, never hidden.
     with pytest.raises(ValueError):
         train_step._first_steps({"eager": _FakeBench(None, ValueError("bad"))}, "run_train", {})
+
+
+def test_each_timed_block_follows_its_own_frameworks_lead_in_steps():
+    calls: list[str] = []
+
+    class Recording:
+        def __init__(self, name: str):
+            self.name = name
+
+        def run_train(self) -> str:
+            calls.append(self.name)
+            return self.name
+
+        def synchronize(self, result: str) -> None:
+            calls.append(f"{result} done")
+
+    benches = {"jax": Recording("jax"), "eager": Recording("eager")}
+    args = argparse.Namespace(rounds=2, steps=2, lead_in=1)
+    times = train_step._alternate(benches, "run_train", args)
+    assert {name: len(blocks) for name, blocks in times.items()} == {"jax": 2, "eager": 2}
+    one_round = ["jax", "jax done", "jax", "jax", "jax done", "eager", "eager done", "eager", "eager", "eager done"]
+    assert calls == one_round * 2
 
 
 def test_speedups_ignore_failed_variants_and_pick_the_fastest():
