@@ -16,11 +16,11 @@ All share one process and one thread count (CPU affinity + torch.set_num_threads
 `--steps` steps alternate JAX, torch variant 1, torch variant 2, ... (`--rounds` times), after
 compilation and `--warmup` untimed steps each (and `--lead-in` untimed steps of the same framework right
 before each block). Every side starts from the same weights (JAX enhancer -> torch, torchvision classifier ->
-JAX), so the first steps' losses, gradients (the SGD momentum after one
-step) and BatchNorm statistics of JAX and torch eager are compared and reported too; with
-`--against-fp32` (bf16 runs) each framework's first step is taken again in float32, to show how much of
-their gradient difference is bf16 rounding. A torch variant that fails (torch.compile without a C
-compiler, an unsupported op) is reported with its error and left out of the timing.
+JAX), so the first steps' losses, gradients (the SGD momentum after one step) and BatchNorm statistics of JAX
+and torch eager are compared and reported too; with `--against-fp32` (bf16 runs) each framework's first step is
+taken again in float32, to show how much of their gradient difference is bf16 rounding. A torch variant that
+fails (torch.compile without a C compiler, an unsupported op) is reported with its error and left out of the
+timing.
 
 `--memory` measures the peak memory of the train step of JAX and of torch eager, each in a fresh
 subprocess (`--memory-probe`); `--max-batch` searches the largest batch whose step fits a memory budget
@@ -347,9 +347,10 @@ def _alternate(benches: dict[str, Any], run: str, args: argparse.Namespace
     times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in benches}
     for _ in range(args.rounds):
         for name, bench in benches.items():
+            run_step = getattr(bench, run)
             for _ in range(args.lead_in):
-                bench.synchronize(getattr(bench, run)())
-            times[name].append(common.time_block(getattr(bench, run), args.steps, bench.synchronize))
+                bench.synchronize(run_step())
+            times[name].append(common.time_block(run_step, args.steps, bench.synchronize))
     return times
 
 
