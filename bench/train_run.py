@@ -2,17 +2,20 @@
 
   python bench/train_run.py --enhancer urnet --enhancer-width 32 --classifier resnet18 --size 128 \
       --batch 16 [--train-size 320] [--epochs 5] [--threads N] [--conv-backend xla|onednn] [--out DIR] \
-      [--step-img-s X]
+      [--step-img-s X] [--no-test-every-epoch]
 
 Runs `train.py` (phase 2 only: `pretrain.epochs=0`) in a subprocess on a fixed synthetic data set
 (`data.allow_synthetic=True`, prepared once under `--out` and reused), with the model, batch, image size
 and SGD optimiser of `bench/train_step.py`, and watches the run's `metrics.jsonl`: an epoch's wall time
 is the time between two of its rows appearing, so it holds everything the run does per epoch (the train
-steps with their input pipeline and host reads, the evaluation of the test split, the best-weights and
-periodic checkpoints, TensorBoard and metrics logging). The first epoch compiles and is reported apart;
-the run's images/s is the training images of an epoch over the median wall time of the later epochs.
+steps with their input pipeline and host reads, the evaluation of the validation and test splits, the
+best-weights and periodic checkpoints, TensorBoard and metrics logging). The rows' own timings split it:
+`eval_seconds` (the evaluation), `seconds` - `eval_seconds` (the training steps), and the rest (checkpoints,
+logging). The first epoch compiles and is reported apart; the run's images/s is the training images of an
+epoch over the median wall time of the later epochs, `steps_img_s` the same over the training steps alone.
 Then `bench/train_step.py --skip-torch --skip-inference` times the JAX train step alone on a fixed
-batch (or `--step-img-s` gives its images/s), and `run_vs_step` = run images/s / step images/s.
+batch (or `--step-img-s` gives its images/s), and `run_vs_step` = run images/s / step images/s
+(`steps_vs_step`: the run's training steps alone against the step benchmark).
 
 Prints a summary and, as the last line, `RESULT {json}`.
 """
@@ -64,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--step-img-s", type=float, default=None,
                         help="the step benchmark's images/s for this model (default: measured now)")
     parser.add_argument("--step-rounds", type=int, default=3, help="timed blocks of the step benchmark")
+    parser.add_argument("--test-every-epoch", action=argparse.BooleanOptionalAction, default=True,
+                        help="evaluate the test split after every epoch (config.train.test_every_epoch; "
+                             "--no-test-every-epoch: only after kept and last epochs)")
     args = parser.parse_args(argv)
     for name in ("enhancer_width", "size", "batch", "train_size", "per_class", "step_rounds"):
         if getattr(args, name) < 1:
@@ -84,6 +90,7 @@ def config_overrides(args: argparse.Namespace, prepared_dir: pathlib.Path) -> di
         "data.train_size": args.train_size, "data.prepared_dir": str(prepared_dir),
         "pretrain.epochs": 0, "train.epochs": args.epochs, "batch_size": args.batch, "eval_batch_size": args.batch,
         "precision": args.precision, "conv_backend": args.conv_backend,
+        "train.test_every_epoch": args.test_every_epoch,
     }
 
 
@@ -140,19 +147,25 @@ def step_images_per_second(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def epoch_breakdown(rows: list[dict[str, Any]], arrivals: list[float], images_per_epoch: int) -> dict[str, Any]:
-    """Per-epoch wall seconds (between rows appearing), the part inside the row's own `seconds` (train steps
-    + evaluation) and the rest (checkpoints, logging), and the run's images/s over the epochs after the first."""
+    """Per-epoch wall seconds (between rows appearing) split into the row's own `seconds` (training steps
+    `seconds - eval_seconds`, evaluation `eval_seconds`) and the rest (checkpoints, logging); the run's
+    images/s, and its training steps' alone, over the epochs after the first."""
     walls = [arrivals[0]] + [later - earlier for earlier, later in itertools.pairwise(arrivals)]
     steady = walls[1:]
     inside = [row["seconds"] for row in rows[1:]]
+    evaluation = [row["eval_seconds"] for row in rows[1:]]
+    steps = [total - part for total, part in zip(inside, evaluation)]
     median_wall = statistics.median(steady)
     return {
         "first_epoch_wall_s": round(walls[0], 2),  # start-up, data loading, compilation included
         "epoch_wall_s": [round(w, 2) for w in steady],
         "epoch_metrics_s": [round(s, 2) for s in inside],
+        "epoch_steps_s": [round(s, 2) for s in steps],
+        "epoch_eval_s": [round(s, 2) for s in evaluation],
         "epoch_outside_metrics_s": [round(w - s, 2) for w, s in zip(steady, inside)],
         "epoch_wall_s_median": round(median_wall, 3),
         "run_img_s": round(images_per_epoch / median_wall, 3),
+        "steps_img_s": round(images_per_epoch / statistics.median(steps), 3),
     }
 
 
@@ -179,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **breakdown,
         "step_img_s": step_img_s,
         "run_vs_step": round(breakdown["run_img_s"] / step_img_s, 3),
+        "steps_vs_step": round(breakdown["steps_img_s"] / step_img_s, 3),
         "steps_per_epoch": steps_per_epoch,
         "images_per_epoch": steps_per_epoch * args.batch,
         "run_total_s": round(total_s, 2),
@@ -193,9 +207,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{args.enhancer}(width {args.enhancer_width}) + {args.classifier}, {args.size} px, batch {args.batch}, "
           f"{steps_per_epoch} steps/epoch, {threads} threads, {result['cpu']['model']}")
     print(f"train.py: first epoch {breakdown['first_epoch_wall_s']} s; later epochs {breakdown['epoch_wall_s']} s "
-          f"wall, of which train+eval {breakdown['epoch_metrics_s']} s, checkpoints+logging "
-          f"{breakdown['epoch_outside_metrics_s']} s")
-    print(f"run {breakdown['run_img_s']} img/s, step alone {step_img_s} img/s: run_vs_step {result['run_vs_step']}; "
+          f"wall, of which training steps {breakdown['epoch_steps_s']} s, evaluation {breakdown['epoch_eval_s']} s, "
+          f"checkpoints+logging {breakdown['epoch_outside_metrics_s']} s")
+    print(f"run {breakdown['run_img_s']} img/s (its training steps alone {breakdown['steps_img_s']}), step benchmark "
+          f"{step_img_s} img/s: run_vs_step {result['run_vs_step']}, steps_vs_step {result['steps_vs_step']}; "
           f"train.py's peak resident memory {run_peak_rss_bytes / 2**30:.2f} GiB")
     print(f"load average start {load_at_start} end {result['load_avg_end']}")
     common.print_result(result)

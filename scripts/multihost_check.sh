@@ -66,12 +66,13 @@ echo "2/3 two processes"
 two_processes "$OUT/two"
 "$PYTHON" - "$OUT/one/metrics.jsonl" "$OUT/two/metrics.jsonl" <<'EOF' || fail "two-process metrics differ from one process"
 import json, math, sys
+from urnet_jax.workdir import TIMING_KEYS
 one, two = ([json.loads(line) for line in open(path)] for path in sys.argv[1:])
 assert len(one) == len(two) == 3, (len(one), len(two))
 for a, b in zip(one, two):
     assert (a["phase"], a["epoch"], a["step"]) == (b["phase"], b["epoch"], b["step"]), (a, b)
     assert a.keys() == b.keys(), (a.keys(), b.keys())
-    for key in a.keys() - {"seconds"}:  # losses, accuracies, PSNR, ... of every split
+    for key in a.keys() - TIMING_KEYS:  # losses, accuracies, PSNR, ... of every split
         if isinstance(a[key], float) or isinstance(b[key], float):
             assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (key, a, b)
         else:
@@ -107,7 +108,8 @@ two_processes "$OUT/kill"
 grep -q "resuming from checkpoint step" "$OUT/kill.process0.log" || fail "the restarted run did not resume"
 "$PYTHON" - "$OUT/two/metrics.jsonl" "$OUT/kill/metrics.jsonl" <<'EOF' || fail "the resumed run's metrics differ"
 import json, sys
-whole, resumed = ([{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in open(path)]
+from urnet_jax.workdir import TIMING_KEYS
+whole, resumed = ([{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in open(path)]
                   for path in sys.argv[1:])
 assert whole == resumed, (whole, resumed)
 print("   the resumed run's metrics equal the uninterrupted run's")

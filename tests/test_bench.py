@@ -480,6 +480,10 @@ def test_whole_run_benchmark_times_train_py_epochs_against_the_step(tmp_path):
     assert result["epoch_wall_s"][0] >= result["epoch_metrics_s"][0] > 0
     assert result["run_img_s"] == pytest.approx(32 / result["epoch_wall_s_median"], rel=1e-2)
     assert result["run_vs_step"] == pytest.approx(result["run_img_s"] / result["step_img_s"], rel=1e-2)
+    assert 0 < result["epoch_eval_s"][0] < result["epoch_metrics_s"][0]
+    assert result["epoch_steps_s"][0] == pytest.approx(result["epoch_metrics_s"][0] - result["epoch_eval_s"][0],
+                                                       abs=0.02)
+    assert result["steps_vs_step"] == pytest.approx(result["steps_img_s"] / result["step_img_s"], rel=1e-2)
     assert result["first_epoch_wall_s"] > result["epoch_wall_s"][0]  # the first epoch compiles
     assert result["run_peak_rss_bytes"] > 200 * 2**20  # train.py's, with JAX and a model in it
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -487,8 +491,11 @@ def test_whole_run_benchmark_times_train_py_epochs_against_the_step(tmp_path):
 
 
 def test_epoch_breakdown_splits_wall_time():
-    rows = [{"seconds": 30.0}, {"seconds": 4.0}, {"seconds": 5.0}]
+    rows = [{"seconds": 30.0, "eval_seconds": 2.0}, {"seconds": 4.0, "eval_seconds": 1.0},
+            {"seconds": 5.0, "eval_seconds": 1.0}]
     got = train_run.epoch_breakdown(rows, arrivals=[40.0, 45.0, 51.0], images_per_epoch=60)
     assert got["first_epoch_wall_s"] == 40.0 and got["epoch_wall_s"] == [5.0, 6.0]
+    assert got["epoch_steps_s"] == [3.0, 4.0] and got["epoch_eval_s"] == [1.0, 1.0]
     assert got["epoch_outside_metrics_s"] == [1.0, 1.0]
     assert got["run_img_s"] == pytest.approx(60 / 5.5, abs=1e-3)
+    assert got["steps_img_s"] == pytest.approx(60 / 3.5, abs=1e-3)

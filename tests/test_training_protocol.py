@@ -56,6 +56,40 @@ def test_best_is_chosen_on_the_selection_split_only(select_on, prepared, tmp_pat
     assert not any(key.startswith("test") for key in meta) or select_on == "test"
 
 
+def test_without_test_every_epoch_the_test_split_is_read_after_kept_and_last_epochs_only(prepared, tmp_path,
+                                                                                         monkeypatch):
+    original = trainer.evaluate_split
+    val_accuracy = iter((0.5, 0.8, 0.6, 0.7))  # kept: epochs 1 and 2; epoch 3 neither kept nor last
+    test_epochs = []
+
+    def evaluate_split(eval_step, variables, prepared_dir, split, batch_size, mesh):
+        metrics = original(eval_step, variables, prepared_dir, split, batch_size, mesh)
+        if split == "test":
+            test_epochs.append(len(rows_of(tmp_path)) + 1)
+            return metrics
+        return {**metrics, "accuracy": next(val_accuracy)}
+
+    monkeypatch.setattr(trainer, "evaluate_split", evaluate_split)
+    config = tiny_config(prepared, **{"pretrain.epochs": 0, "train.epochs": 4, "train.test_every_epoch": False})
+    trainer.train_and_evaluate(config, tmp_path, show_progress=False)
+    rows = rows_of(tmp_path)
+    assert [row["best"] for row in rows] == [True, True, False, False]
+    assert test_epochs == [1, 2, 4]
+    assert [row["epoch"] for row in rows if "test_accuracy" in row] == [1, 2, 4]
+    assert all(0 < row["eval_seconds"] < row["seconds"] for row in rows)
+    # The same run evaluating the test split every epoch: the same weights, so the same test numbers.
+    val_accuracy = iter((0.5, 0.8, 0.6, 0.7))
+    every_epoch = tmp_path / "every_epoch"
+    trainer.train_and_evaluate(tiny_config(prepared, **{"pretrain.epochs": 0, "train.epochs": 4}), every_epoch,
+                               show_progress=False)
+    timeless = [{key: value for key, value in row.items() if key not in workdir_lib.TIMING_KEYS}
+                for row in rows_of(every_epoch)]
+    assert all("test_accuracy" in row for row in timeless)
+    assert [row for row in timeless if row["epoch"] != 3] == [
+        {key: value for key, value in row.items() if key not in workdir_lib.TIMING_KEYS}
+        for row in rows if row["epoch"] != 3]
+
+
 def test_a_prepared_folder_without_validation_split_is_refused_unless_selecting_on_test(prepared, tmp_path,
                                                                                         monkeypatch):
     info = data_lib.load_info(prepared)
@@ -247,6 +281,11 @@ def test_old_saved_configs_read_as_what_their_runs_did():
 def test_validate_names_the_bad_training_key(key, value, message):
     with pytest.raises(errors.ConfigError, match=message.replace("(", r"\(")):
         tiny_config(**{key: value})
+
+
+def test_selecting_on_test_needs_the_test_split_every_epoch():
+    with pytest.raises(errors.ConfigError, match="train.test_every_epoch=False needs train.select_on='val'"):
+        tiny_config(**{"train.select_on": "test", "train.test_every_epoch": False})
 
 
 def test_pretrain_standin_config_is_the_classifier_alone_on_partition_a(tmp_path):

@@ -108,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict()
     config.train.epochs = 200  # phase 2: joint enhancer + classifier training
     config.train.select_on = "val"  # the split that chooses `best` / `pretrain_best`; "test": the paper's protocol
+    # False: the test split is evaluated only after kept (best) epochs and each phase's last epoch, not after
+    # every epoch (saves the test split's forward passes; needs select_on='val')
+    config.train.test_every_epoch = True
     config.train.freeze_enhancer = False  # phase 2 trains the classifier alone on the phase-1 enhancer's outputs
 
     config.optimizer = _optimizer_section()  # phase 2's optimiser
@@ -369,6 +372,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
     _check(config.train.select_on == "test" or config.data.val_fraction > 0 or config.data.split_dir,
            "train.select_on='val' needs a validation split: data.val_fraction > 0 or data.split_dir "
            "(or train.select_on='test', the paper's protocol)")
+    _check(config.train.test_every_epoch or config.train.select_on == "val",
+           "train.test_every_epoch=False needs train.select_on='val' (selecting on test reads it every epoch)")
     _check(isinstance(config.checkpoint.every_steps, int) and config.checkpoint.every_steps >= 0,
            f"checkpoint.every_steps must be an integer >= 0, got {config.checkpoint.every_steps!r}")
     _check(isinstance(config.checkpoint.keep, int) and config.checkpoint.keep >= 1,

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from urnet_jax.run_context import RunContext
 from urnet_jax.steps import JOINT, PRETRAIN
-from urnet_jax.workdir import Position
+from urnet_jax.workdir import TIMING_KEYS, Position
 
 # The metrics of an epoch's log line, per phase (those the row has).
 LOGGED_METRICS = {
@@ -75,7 +75,7 @@ def record_epoch(context: RunContext, writer: Any, row: dict[str, Any]) -> None:
     with open(context.workdir / "metrics.jsonl", "a") as file:
         file.write(json.dumps(row) + "\n")
     for key, value in row.items():
-        if key not in ("phase", "epoch", "step", "seconds") and isinstance(value, float):
+        if key not in ("phase", "epoch", "step", *TIMING_KEYS) and isinstance(value, float):
             writer.add_scalar(f"phase{row['phase']}/{key}", value, row["step"])
     writer.flush()
     shown = " ".join(f"{key} {row[key]:.4f}" for key in LOGGED_METRICS[row["phase"]] if row.get(key) is not None)

@@ -9,7 +9,9 @@ Phase 2 (`config.train.epochs`, `optimizer`): enhancer (from the phase-1 best, e
 classifier (from `config.model.pretrained` with a new head: torchvision weights or another run's `best`,
 else freshly initialised) trained jointly; both splits are evaluated after each epoch and the weights of
 the highest accuracy on the selection split are kept in `checkpoints/best`. Test metrics are logged but
-choose nothing under select_on='val'. The workdir's layout: `urnet_jax.workdir`.
+choose nothing under select_on='val'; `train.test_every_epoch=False` evaluates the test split only after
+the epochs whose weights are kept and the last epoch of each phase (the other rows have no test metrics).
+The workdir's layout: `urnet_jax.workdir`.
 
 The run is a deterministic function of (config, position): batch k of epoch e comes from
 `data.train_batches(seed, epoch, start_step=k)` and step g's random key is `fold_in(step key, g)`. A
@@ -199,24 +201,39 @@ def evaluate(context: RunContext, eval_step: Callable, variables: Variables, spl
     return metrics
 
 
+def _selection_metric(context: RunContext, row: dict[str, Any]) -> tuple[str, float]:
+    """(its key in `position.best`, the row's value) of the metric that chooses: phase 1 the selection split's
+    reconstruction loss, phase 2 its accuracy."""
+    split = context.selection_split
+    if row["phase"] == PRETRAIN:
+        return "pretrain_loss", row[f"{split}_loss"]
+    return "accuracy", row[f"{split}_accuracy"]
+
+
+def improves(context: RunContext, position: Position, row: dict[str, Any]) -> bool:
+    """Whether the epoch's row beats every earlier epoch of its phase on the selection split (phase 1: lower
+    reconstruction loss; phase 2: higher accuracy). Reads only that split's metrics."""
+    key, value = _selection_metric(context, row)
+    best = position.best[key]
+    return best is None or (value < best if row["phase"] == PRETRAIN else value > best)
+
+
 def keep_if_best(context: RunContext, state: TrainState, position: Position, checkpoints: Checkpoints,
                  row: dict[str, Any]) -> bool:
     """Saves the epoch's variables (params and batch_stats of the same step) as `pretrain_best` (phase 1:
     lowest MSE) or `best` (phase 2: highest accuracy) when the selection split's metric beats every
-    earlier epoch's; only that split is read. Returns whether it did."""
+    earlier epoch's (`improves`). Returns whether it did."""
+    if not improves(context, position, row):
+        return False
     split = context.selection_split
+    key, value = _selection_metric(context, row)
     if row["phase"] == PRETRAIN:
-        key, store, value = "pretrain_loss", checkpoints.pretrain_best, row[f"{split}_loss"]
-        better = position.best[key] is None or value < position.best[key]
-        record = {f"{split}_loss": value, f"{split}_psnr": row[f"{split}_psnr"]}
+        store, record = checkpoints.pretrain_best, {f"{split}_loss": value, f"{split}_psnr": row[f"{split}_psnr"]}
     else:
-        key, store, value = "accuracy", checkpoints.best, row[f"{split}_accuracy"]
-        better = position.best[key] is None or value > position.best[key]
-        record = {f"{split}_accuracy": value, f"{split}_loss": row[f"{split}_loss"]}
-    if better:
-        position.best[key] = value
-        store.save(row["step"], state.variables, {"epoch": row["epoch"], "selected_on": split, **record})
-    return better
+        store, record = checkpoints.best, {f"{split}_accuracy": value, f"{split}_loss": row[f"{split}_loss"]}
+    position.best[key] = value
+    store.save(row["step"], state.variables, {"epoch": row["epoch"], "selected_on": split, **record})
+    return True
 
 
 def phase1_verdict(context: RunContext, phase1_rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -236,9 +253,10 @@ def phase1_verdict(context: RunContext, phase1_rows: list[dict[str, Any]]) -> di
 
 def finish_epoch(context: RunContext, state: TrainState, position: Position, eval_step: Callable,
                  checkpoints: Checkpoints) -> dict[str, Any]:
-    """Evaluates the epoch's weights on every split of `context.eval_splits`, keeps them if best on the
-    selection split, moves `position` to the next epoch and saves a periodic checkpoint there. Returns the
-    epoch's metrics row (its keys: `urnet_jax.workdir`)."""
+    """Evaluates the epoch's weights on every split of `context.eval_splits` (with
+    train.test_every_epoch=False the test split only when the epoch is kept or the last of its phase), keeps
+    them if best on the selection split, moves `position` to the next epoch and saves a periodic checkpoint
+    there. Returns the epoch's metrics row (its keys: `urnet_jax.workdir`)."""
     phase, epoch, partial = position.phase, position.epoch, position.partial
     eval_start = time.perf_counter()
     row: dict[str, Any] = {
@@ -246,15 +264,19 @@ def finish_epoch(context: RunContext, state: TrainState, position: Position, eva
         "train_loss": partial["loss_sum"] / partial["steps"],
         "train_accuracy": partial["correct_sum"] / partial["steps"] if phase == JOINT else None,
     }
-    for split in context.eval_splits:
+    last_epoch = epoch + 1 == context.phase_epochs[phase]
+    for split in context.eval_splits:  # the selection split comes first where the test split may be skipped
+        if (split == "test" and not context.config.train.test_every_epoch and not last_epoch
+                and not improves(context, position, row)):
+            continue
         metrics = evaluate(context, eval_step, state.variables, split, position, checkpoints)
         row.update({f"{split}_{key}": value for key, value in metrics.items()})
+    row["eval_seconds"] = time.perf_counter() - eval_start
     if phase == PRETRAIN:
         row["saturated_fraction"] = row[f"{context.selection_split}_saturated_fraction"]
     row["selected_on"] = context.selection_split
     row["best"] = keep_if_best(context, state, position, checkpoints, row)
-    phase1_ends = phase == PRETRAIN and epoch + 1 == context.phase_epochs[PRETRAIN]
-    if phase1_ends:
+    if phase == PRETRAIN and last_epoch:
         row.update(phase1_verdict(context, [*position.history, row]))
     row["seconds"] = partial["seconds"] + time.perf_counter() - eval_start
     position.history.append(row)

@@ -3,12 +3,14 @@
     config.json            the resolved configuration (paths made absolute)
     metrics.jsonl          one JSON object per finished epoch: phase, epoch (1-based, within the phase),
                            step (global), train_loss, train_accuracy (null in phase 1), for each evaluated
-                           split S in (val, test): S_loss, and in phase 2 S_accuracy, S_balanced_accuracy,
-                           in phase 1 S_mse, S_psnr (dB, the mean of per-image PSNR), S_input_psnr (the
+                           split S in (val, test; with train.test_every_epoch=False test only after kept
+                           and last epochs): S_loss, and in phase 2 S_accuracy, S_balanced_accuracy, in
+                           phase 1 S_mse, S_psnr (dB, the mean of per-image PSNR), S_input_psnr (the
                            same for the unchanged input: the no-enhancement reference), S_saturated_fraction;
                            saturated_fraction (phase 1, of the selection split); selected_on (the split
                            whose metrics chose: train.select_on), best (whether this epoch's weights were
-                           kept as the best), seconds; the last phase-1 row also has phase1_psnr (the
+                           kept as the best), eval_seconds (the evaluation's wall time), seconds (the
+                           epoch's training steps and evaluation); the last phase-1 row also has phase1_psnr (the
                            kept enhancer's PSNR on selected_on) and phase1_below_min_psnr. Rewritten from
                            the checkpoint on resume, so it never repeats an epoch
     tensorboard/           tensorboardX event files (per-epoch metrics, the step loss and learning rate
@@ -49,10 +51,12 @@ from urnet_jax.port import body_digest, replace_head
 from urnet_jax.train_state import JOINT, PHASE_PARTS, PRETRAIN, TrainState, Variables, abstract_variables, build
 
 CHECKPOINT_NAMES = ("best", "latest")
+# The metrics rows' wall times: the only keys in which two runs of the same computation differ.
+TIMING_KEYS = frozenset({"seconds", "eval_seconds"})
 PRETRAINED_RECORD = "pretrained.json"
 # Keys that may change between a run and its resumption (they do not alter the computation so far).
 RESUMABLE_KEYS = frozenset({"train.epochs", "checkpoint.every_steps", "checkpoint.keep", "log_every_steps",
-                            "data.prepared_dir", "pretrain.min_psnr"})
+                            "data.prepared_dir", "pretrain.min_psnr", "train.test_every_epoch"})
 
 
 def _checkpoints_dir(workdir: str | pathlib.Path) -> pathlib.Path:

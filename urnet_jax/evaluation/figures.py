@@ -49,8 +49,9 @@ def plot_confusion_matrix(matrix: np.ndarray | Sequence[Sequence[int]], class_na
 def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | pathlib.Path) -> None:
     """Train/test loss and accuracy per epoch from metrics.jsonl rows, both phases.
 
-    Rows: {'phase': 1|2, 'epoch', 'train_loss', 'test_loss', 'train_accuracy', 'test_accuracy', 'best'};
-    phase 1 (enhancer pre-training) has reconstruction MSE losses and no accuracy. A panel without data
+    Rows: {'phase': 1|2, 'epoch', 'train_loss', 'test_loss', 'train_accuracy', 'test_accuracy', 'best',
+    'selected_on'}; phase 1 (enhancer pre-training) has reconstruction MSE losses and no accuracy; rows
+    without test metrics (train.test_every_epoch=False) leave gaps the test curve bridges. A panel without data
     says so instead of staying blank.
     """
     panels = (
@@ -71,7 +72,7 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], path: str | pathlib.Path) -> 
         if best and best[-1].get(f"test_{metric}") is not None:
             row = best[-1]
             axis.plot(row["epoch"], scale * row[f"test_{metric}"], "*", color="crimson", markersize=12,
-                      label="kept (best test)")
+                      label=f"kept (best on {row.get('selected_on', 'test')})")
         if axis.lines:
             axis.legend(fontsize=8)
         else:
