@@ -20,12 +20,12 @@ import pytest
 import urnet_jax.data as data_lib
 from urnet_jax import errors, sharding, steps, train_state, trainer, workdir as workdir_lib
 from urnet_jax.checkpointing import CheckpointStore
-from tiny_run import REPO_ROOT, TINY, lowered_programs, subprocess_env, tiny_config
+from tiny_run import REPO_ROOT, TINY, lowered_programs, subprocess_env, tiny_config, without_time
 
 
 def rows_without_time(workdir: pathlib.Path) -> list[dict]:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [{key: value for key, value in row.items() if key not in workdir_lib.TIMING_KEYS} for row in rows]
+    return without_time(rows)
 
 
 def test_training_lowers_the_losses_and_writes_the_workdir(reference_run):
@@ -293,8 +293,7 @@ def test_non_finite_loss_stops_cleanly_with_checkpoints_intact(prepared, referen
     assert store.steps() == [9, 12]  # nothing saved after the last good step
     meta = store.restore_meta(12)
     store.close()
-    saved_rows = [{key: value for key, value in row.items() if key not in workdir_lib.TIMING_KEYS}
-                  for row in meta["position"]["history"]]
+    saved_rows = without_time(meta["position"]["history"])
     assert saved_rows == rows_without_time(reference_run)[:1]
     assert (meta["position"]["epoch"], meta["position"]["step_in_epoch"]) == (1, 4)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import jax
 from urnet_jax import compiler_options, config as config_lib
+from urnet_jax.workdir import TIMING_KEYS
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Unoptimised XLA:CPU code for tests of tiny models: compiles ~40% faster, and they run in milliseconds anyway.
@@ -41,6 +42,11 @@ def tiny_config(prepared_dir: pathlib.Path | None = None, **changes):
         section, _, name = key.rpartition(".")
         (config[section] if section else config)[name] = value
     return config_lib.validate(config)
+
+
+def without_time(rows: list[dict]) -> list[dict]:
+    """Metrics rows without their wall times (`TIMING_KEYS`): what two runs of the same computation share."""
+    return [{key: value for key, value in row.items() if key not in TIMING_KEYS} for row in rows]
 
 
 def subprocess_env() -> dict[str, str]:
