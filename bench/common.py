@@ -116,7 +116,8 @@ def _kernel_cpu_seconds() -> float:
 def summarize(blocks: list[tuple[float, float, float]], batch: int) -> dict[str, Any]:
     """Median / min wall step time (ms) over timed blocks (`time_block`'s), the images/s of the median, the
     median process CPU time per step (ms; less sensitive than wall time to other processes on the machine) and
-    the median of its kernel part (ms)."""
+    the medians of its kernel part and of the rest, the user part (ms; per block, so the two need not add up to
+    the CPU median)."""
     wall = [w for w, _, _ in blocks]
     median = statistics.median(wall)
     return {
@@ -125,6 +126,7 @@ def summarize(blocks: list[tuple[float, float, float]], batch: int) -> dict[str,
         "step_ms_blocks": [round(w * 1e3, 2) for w in wall],
         "cpu_ms_median": round(statistics.median(c for _, c, _ in blocks) * 1e3, 2),
         "kernel_cpu_ms_median": round(statistics.median(k for _, _, k in blocks) * 1e3, 2),
+        "user_cpu_ms_median": round(statistics.median(c - k for _, c, k in blocks) * 1e3, 2),
         "img_s": round(batch / median, 3),
     }
 

@@ -240,6 +240,9 @@ def test_speedups_against_the_best_torch_variant_are_consistent(run, request):
         if result[key] is not None:
             assert result["speedup_vs_best_torch"] <= result[key]
     assert result["cpu_time_speedup_vs_best_torch"] <= result["cpu_time_speedup_vs_torch_eager"]
+    least_user = min(entry["train"]["user_cpu_ms_median"] for entry in result["torch"].values())
+    assert result["user_cpu_time_speedup_vs_best_torch"] == pytest.approx(
+        least_user / result["jax_train"]["user_cpu_ms_median"], rel=1e-2)
     if "eval_speedup_vs_torch_eager" in result:
         assert result["eval_speedup_vs_best_torch"] <= result["eval_speedup_vs_torch_eager"]
 
@@ -380,18 +383,19 @@ def test_each_timed_block_follows_its_own_frameworks_lead_in_steps():
 
 
 def test_speedups_ignore_failed_variants_and_pick_the_fastest():
-    def summary(step_ms: float, cpu_ms: float) -> dict:
-        return {"step_ms_median": step_ms, "cpu_ms_median": cpu_ms}
+    def summary(step_ms: float, cpu_ms: float, user_cpu_ms: float) -> dict:
+        return {"step_ms_median": step_ms, "cpu_ms_median": cpu_ms, "user_cpu_ms_median": user_cpu_ms}
 
-    result = {"jax_train": summary(100, 100), "torch": {
-        "eager": {"error": None, "train": summary(120, 110)},
-        "eager_channels_last": {"error": None, "train": summary(80, 90)},
-        "compile": {"error": None, "train": summary(90, 70)},
+    result = {"jax_train": summary(100, 100, 80), "torch": {
+        "eager": {"error": None, "train": summary(120, 110, 60)},
+        "eager_channels_last": {"error": None, "train": summary(80, 90, 88)},
+        "compile": {"error": None, "train": summary(90, 70, 64)},
         "compile_max_autotune": {"error": "RuntimeError: failed", "memory_format": "contiguous"}}}
     got = train_step.speedups(result)
     assert got["best_torch_variant"] == "eager_channels_last"
     assert (got["speedup_vs_torch_eager"], got["speedup_vs_torch_compile"], got["speedup_vs_best_torch"]) == (1.2, 0.9, 0.8)
     assert (got["cpu_time_speedup_vs_torch_eager"], got["cpu_time_speedup_vs_best_torch"]) == (1.1, 0.7)
+    assert got["user_cpu_time_speedup_vs_best_torch"] == 0.75  # eager: the least CPU time outside the kernel
     del result["torch"]["compile"]
     assert train_step.speedups(result)["speedup_vs_torch_compile"] is None
 
@@ -467,6 +471,8 @@ def test_timed_block_splits_out_the_kernel_time_of_page_faults():
     assert computing[2] < 0.2 * computing[1]
     summary = common.summarize([faulting, computing], batch=4)
     assert summary["kernel_cpu_ms_median"] == pytest.approx((faulting[2] + computing[2]) / 2 * 1e3, abs=0.01)
+    user = [(faulting[1] - faulting[2]) * 1e3, (computing[1] - computing[2]) * 1e3]
+    assert summary["user_cpu_ms_median"] == pytest.approx(sum(user) / 2, abs=0.01)
 
 
 def test_whole_run_benchmark_times_train_py_epochs_against_the_step(tmp_path):
