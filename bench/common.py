@@ -179,16 +179,18 @@ def peak_tflops_for(device_name: str, override: float | None) -> float | None:
     return None
 
 
-def use_huge_pages(conv_backend: str, system_malloc: bool, restart: bool) -> None:
-    """`urnet_jax.host_memory.restart_with_huge_pages_for(conv_backend)` as `train.py` calls it, when `restart`
-    (a benchmark run from its command line: the restart runs the command again) and not `system_malloc`,
-    which sets $URNET_JAX_SYSTEM_MALLOC for this process and those it starts. Call first in `main`."""
+def use_huge_pages(huge_pages: bool, restart: bool) -> None:
+    """`urnet_jax.host_memory.restart_with_huge_pages()` as `train.py` calls it, when `restart` (a benchmark
+    run from its command line: the restart runs the command again); `huge_pages` sets $URNET_JAX_HUGE_PAGES
+    for this process and those it starts, and removes it otherwise. Call first in `main`."""
     from urnet_jax import host_memory
 
-    if system_malloc:
-        os.environ[host_memory.SYSTEM_MALLOC_ENV] = "1"
+    if huge_pages:
+        os.environ[host_memory.HUGE_PAGES_ENV] = "1"
+    else:
+        os.environ.pop(host_memory.HUGE_PAGES_ENV, None)
     if restart:
-        host_memory.restart_with_huge_pages_for(conv_backend)
+        host_memory.restart_with_huge_pages()
 
 
 def environment() -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
   python bench/train_run.py --enhancer urnet --enhancer-width 32 --classifier resnet18 --size 128 \
       --batch 16 [--train-size 320] [--epochs 5] [--threads N] [--conv-backend xla|onednn] [--out DIR] \
-      [--step-img-s X] [--no-test-every-epoch]
+      [--step-img-s X] [--no-test-every-epoch] [--huge-pages]
 
 Runs `train.py` (phase 2 only: `pretrain.epochs=0`) in a subprocess on a fixed synthetic data set
 (`data.allow_synthetic=True`, prepared once under `--out` and reused), with the model, batch, image size
@@ -58,10 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--conv-backend", default=CONV_BACKENDS[0], choices=CONV_BACKENDS,
                         help="the models' convolutions (config.conv_backend)")
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="with --conv-backend onednn: run train.py and the step benchmark with malloc's own "
-                             "settings ($URNET_JAX_SYSTEM_MALLOC=1; default: transparent huge pages for malloc's "
-                             "large blocks, urnet_jax.host_memory)")
+    parser.add_argument("--huge-pages", action="store_true",
+                        help="run train.py and the step benchmark with transparent huge pages for malloc's large "
+                             "blocks ($URNET_JAX_HUGE_PAGES=1, urnet_jax.host_memory; default: malloc's own "
+                             "settings)")
     parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "bench_train_run"),
                         help="the prepared data set (kept) and the run's workdir (replaced) go here")
     parser.add_argument("--step-img-s", type=float, default=None,
@@ -135,7 +135,7 @@ def step_images_per_second(args: argparse.Namespace) -> dict[str, Any]:
                "--enhancer-width", str(args.enhancer_width), "--classifier", args.classifier,
                "--size", str(args.size), "--batch", str(args.batch), "--precision", args.precision,
                "--steps", "1", "--rounds", str(args.step_rounds), "--warmup", "1", "--skip-torch",
-               "--skip-inference", "--conv-backend", args.conv_backend]
+               "--skip-inference", "--conv-backend", args.conv_backend] + (["--huge-pages"] if args.huge_pages else [])
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
     completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         threads = common.pin_threads(args.threads)  # inherited by train.py and the step benchmark
     except ValueError as error:
         sys.exit(f"error: {error}")
-    common.use_huge_pages(args.conv_backend, args.system_malloc, restart=argv is None)  # train.py inherits it
+    common.use_huge_pages(args.huge_pages, restart=argv is None)  # train.py inherits it
     out = pathlib.Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     load_at_start = common.load_average()

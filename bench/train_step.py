@@ -86,10 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the XLA option set of the JAX programs on a CPU (urnet_jax.compiler_options)")
     parser.add_argument("--conv-backend", default=CONV_BACKENDS[0], choices=CONV_BACKENDS,
                         help="the JAX models' convolutions (urnet_jax.models.layers.use_conv_backend)")
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="with --conv-backend onednn and --skip-torch: keep malloc's own settings (default "
-                             "there, as train.py: restart with transparent huge pages for malloc's large blocks, "
-                             "urnet_jax.host_memory; with torch in the process malloc keeps its own settings)")
+    parser.add_argument("--huge-pages", action="store_true",
+                        help="with --skip-torch: restart with transparent huge pages for malloc's large blocks, "
+                             "as train.py does with $URNET_JAX_HUGE_PAGES=1 (urnet_jax.host_memory; default: "
+                             "malloc's own settings)")
     parser.add_argument("--torch-variants", default=",".join(TORCH_VARIANTS),
                         help=f"comma-separated torch variants to time, among {', '.join(TORCH_VARIANTS)} "
                              "(eager is always included)")
@@ -120,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--lead-in must be >= 0, got {args.lead_in}")
     if args.warmup < 1:
         parser.error(f"--warmup must be >= 1 (the first step is checked against torch), got {args.warmup}")
+    if args.huge_pages and not args.skip_torch:
+        parser.error("--huge-pages needs --skip-torch (beside torch the JAX step was slowest with huge pages)")
     if args.against_fp32 and (args.precision != "bfloat16" or args.skip_torch):
         parser.error("--against-fp32 needs --precision bfloat16 and the torch side")
     variants = [name.strip() for name in args.torch_variants.split(",") if name.strip()]
@@ -764,10 +766,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         threads = common.pin_threads(args.threads)
     except ValueError as error:
         sys.exit(f"error: {error}")
-    # Beside torch in the process the JAX step was erratic under every malloc setting and slowest with huge
-    # pages: train.py's setting applies when JAX runs alone (--skip-torch, as bench/train_run.py runs it).
-    common.use_huge_pages(args.conv_backend, args.system_malloc or not args.skip_torch,
-                          restart=argv is None)
+    common.use_huge_pages(args.huge_pages, restart=argv is None)
     common.prepare_gpu_allocators()
     from urnet_jax import compiler_options
 

@@ -313,6 +313,7 @@ def test_flop_count_includes_the_convolutions():
     (["--torch-variants", "eager,compiled"], "unknown --torch-variants compiled"),
     (["--memory-budget-gb", "0"], "--memory-budget-gb must be > 0"),
     (["--lead-in", "-1"], "--lead-in must be >= 0"),
+    (["--huge-pages"], "--huge-pages needs --skip-torch"),
     (["--enhancer", "rsgunet", "--size", "32"], "no torch mirror for enhancer RSGUNet (--skip-torch times"),
 ])
 def test_benchmark_cli_rejects_bad_arguments_in_one_line(arguments, message):

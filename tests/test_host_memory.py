@@ -1,5 +1,5 @@
 """`host_memory`: with glibc's huge-page tunable, repeated XLA executions stop faulting in 4 KiB pages; the
-restart that sets it happens only where it applies."""
+restart that sets it happens only where it is asked for and applies."""
 
 from __future__ import annotations
 
@@ -43,19 +43,21 @@ _PROGRAM = textwrap.dedent("""
 _RESTART = textwrap.dedent("""
     import json, os, sys
     from urnet_jax import host_memory
-    host_memory.restart_with_huge_pages_for(sys.argv[1])
+    host_memory.restart_with_huge_pages()
     print(json.dumps({"argv": sys.argv[1:], "tunables": os.environ.get("GLIBC_TUNABLES", ""),
                       "huge_pages": host_memory.huge_pages_in_use()}))
 """)
 
 
-def _run(args: list[str], tunables: str | None = None) -> tuple[dict, str]:
-    """(the last stdout line as JSON, stderr) of `python args` without the opt-out, $GLIBC_TUNABLES set to
-    `tunables` (None: unset)."""
+def _run(args: list[str], tunables: str | None = None, requested: bool = False) -> tuple[dict, str]:
+    """(the last stdout line as JSON, stderr) of `python args` with $GLIBC_TUNABLES set to `tunables` (None:
+    unset) and $URNET_JAX_HUGE_PAGES=1 where `requested` (else unset)."""
     env = {key: value for key, value in os.environ.items()
-           if key not in (host_memory.SYSTEM_MALLOC_ENV, "GLIBC_TUNABLES")}
+           if key not in (host_memory.HUGE_PAGES_ENV, "GLIBC_TUNABLES")}
     if tunables is not None:
         env["GLIBC_TUNABLES"] = tunables
+    if requested:
+        env[host_memory.HUGE_PAGES_ENV] = "1"
     completed = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, check=True,
                                timeout=300)
     return json.loads(completed.stdout.strip().splitlines()[-1]), completed.stderr
@@ -65,7 +67,7 @@ def _skip_without_huge_pages() -> None:
     env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
     reason = subprocess.run([sys.executable, "-c", "from urnet_jax import host_memory; "
                              "print(host_memory.why_no_restart())"], capture_output=True, text=True,
-                            env={**env, host_memory.SYSTEM_MALLOC_ENV: "0"}, check=True).stdout.strip()
+                            env={**env, host_memory.HUGE_PAGES_ENV: "1"}, check=True).stdout.strip()
     if reason != "None":
         pytest.skip(f"no huge pages on request here: {reason}")
 
@@ -83,34 +85,48 @@ def test_huge_pages_stop_the_page_faults_of_each_execution():
     assert huge["faults_per_call"] < system["faults_per_call"] / 10
 
 
-def test_the_onednn_backend_restarts_the_process_with_the_tunable_once():
+def test_the_request_restarts_the_process_with_the_tunable_once():
     _skip_without_huge_pages()
-    restarted, stderr = _run(["-c", _RESTART, "onednn"], tunables="glibc.malloc.arena_max=4")
-    assert restarted == {"argv": ["onednn"], "huge_pages": True,
+    restarted, stderr = _run(["-c", _RESTART, "an argument"], tunables="glibc.malloc.arena_max=4", requested=True)
+    assert restarted == {"argv": ["an argument"], "huge_pages": True,
                          "tunables": f"glibc.malloc.arena_max=4:{host_memory.HUGE_PAGES_TUNABLE}"}
     assert stderr.count("restarting with GLIBC_TUNABLES") == 1
-    same, stderr = _run(["-c", _RESTART, "xla"])
-    assert same == {"argv": ["xla"], "tunables": "", "huge_pages": False} and stderr == ""
+    same, stderr = _run(["-c", _RESTART, "an argument"])
+    assert same == {"argv": ["an argument"], "tunables": "", "huge_pages": False} and stderr == ""
 
 
-def test_no_restart_with_the_opt_out_the_tunable_set_or_xla_s_convolutions(monkeypatch):
+def test_no_restart_without_the_request_or_with_the_tunable_set(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(os, "execve", lambda *args: calls.append(args))  # never this process itself
     monkeypatch.setattr(host_memory, "_glibc_version", lambda: (2, 36))
     monkeypatch.setattr(host_memory, "thp_mode", lambda: "madvise")
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    monkeypatch.setenv(host_memory.SYSTEM_MALLOC_ENV, "1")
-    host_memory.restart_with_huge_pages_for("onednn")
-    assert host_memory.why_no_restart() == f"${host_memory.SYSTEM_MALLOC_ENV} is set" and calls == []
-    monkeypatch.setenv(host_memory.SYSTEM_MALLOC_ENV, "0")
-    host_memory.restart_with_huge_pages_for("xla")
+    monkeypatch.delenv(host_memory.HUGE_PAGES_ENV, raising=False)
+    host_memory.restart_with_huge_pages()
+    assert host_memory.why_no_restart() == f"${host_memory.HUGE_PAGES_ENV} is not set" and calls == []
+    monkeypatch.setenv(host_memory.HUGE_PAGES_ENV, "0")
+    host_memory.restart_with_huge_pages()
     assert calls == []
-    host_memory.restart_with_huge_pages_for("onednn")
+    monkeypatch.setenv(host_memory.HUGE_PAGES_ENV, "1")
+    host_memory.restart_with_huge_pages()
     assert len(calls) == 1 and calls[0][2]["GLIBC_TUNABLES"] == host_memory.HUGE_PAGES_TUNABLE
-    monkeypatch.setenv("GLIBC_TUNABLES", host_memory.HUGE_PAGES_TUNABLE)
-    host_memory.restart_with_huge_pages_for("onednn")
-    assert len(calls) == 1
+    monkeypatch.setenv("GLIBC_TUNABLES", host_memory.HUGE_PAGES_TUNABLE)  # the restarted process
+    host_memory.restart_with_huge_pages()
+    assert len(calls) == 1 and capsys.readouterr().err.count("no huge pages") == 0
+
+
+def test_a_request_that_cannot_be_met_says_why_on_one_line(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda *args: calls.append(args))
+    monkeypatch.setattr(host_memory, "_glibc_version", lambda: (2, 31))
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setenv(host_memory.HUGE_PAGES_ENV, "1")
+    host_memory.restart_with_huge_pages()
+    assert calls == []
+    assert capsys.readouterr().err == (f"${host_memory.HUGE_PAGES_ENV}: no huge pages "
+                                       "(glibc 2.31 has no glibc.malloc.hugetlb (2.35+))\n")
 
 
 @pytest.mark.parametrize("version, mode, reason", [
@@ -120,7 +136,7 @@ def test_no_restart_with_the_opt_out_the_tunable_set_or_xla_s_convolutions(monke
     (None, "madvise", "not Linux with glibc"),
 ])
 def test_why_no_restart_names_the_reason(monkeypatch, version, mode, reason):
-    monkeypatch.delenv(host_memory.SYSTEM_MALLOC_ENV, raising=False)
+    monkeypatch.setenv(host_memory.HUGE_PAGES_ENV, "1")
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(host_memory, "_glibc_version", lambda: version)
