@@ -3,7 +3,7 @@
 XLA's CPU runtime allocates each execution's temporary buffer (all of a train step's intermediate arrays:
 about 0.97 GB for UR-Net(32) + ResNet18 at 128 px, batch 16) when the execution starts and frees it when it
 ends. glibc's malloc maps so large a block afresh (`mmap`) and unmaps it on free, so every step faults the
-whole buffer in again: 236,000 faults of 4 KiB pages and 0.3-0.6 s of kernel time per step on a 2-core CPU
+whole buffer in again: 236,000 faults of 4 KiB pages and 0.3-0.65 s of kernel time per step on a 2-core CPU
 (docs/BENCHMARKS.md). With glibc's tunable `glibc.malloc.hugetlb=1` (glibc 2.35+) malloc asks the kernel for
 transparent huge pages on the blocks it maps, which the kernel grants in its THP mode 'madvise': the buffer
 then takes 2 MiB pages (a test program with two 64 MiB activations: 3,764 faults per call against 67,151).
