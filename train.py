@@ -27,12 +27,15 @@ def main(argv: list[str]) -> None:
         cli.reject_positional_args(argv)
         config = cli.config_value(_CONFIG)
         if __name__ == "__main__":  # run as a script: the restart runs its command again
-            host_memory.restart_with_huge_pages()
+            host_memory.restart_with_host_memory_settings(block_cache_by_default=config.conv_backend == "onednn")
         sharding.initialize_distributed(_MULTIHOST.value)
         config_lib.validate(config)
         workdir = _WORKDIR.value or f"runs/{cli.config_path(_CONFIG).stem}"
         history = trainer.train_and_evaluate(config, workdir, show_progress=_PROGRESS.value)
         if sharding.is_main_process():
+            block_cache = host_memory.block_cache_stats()
+            if block_cache is not None:
+                print(host_memory.describe_block_cache(block_cache))
             kept = [row for row in history if row["phase"] == steps.JOINT and row["best"]]
             if kept:
                 best, split = kept[-1], kept[-1]["selected_on"]

@@ -179,18 +179,26 @@ def peak_tflops_for(device_name: str, override: float | None) -> float | None:
     return None
 
 
-def use_huge_pages(huge_pages: bool, restart: bool) -> None:
-    """`urnet_jax.host_memory.restart_with_huge_pages()` as `train.py` calls it, when `restart` (a benchmark
-    run from its command line: the restart runs the command again); `huge_pages` sets $URNET_JAX_HUGE_PAGES
-    for this process and those it starts, and removes it otherwise. Call first in `main`."""
+def use_host_memory_settings(huge_pages: bool, block_cache: bool, restart: bool) -> None:
+    """`urnet_jax.host_memory.restart_with_host_memory_settings()` as `train.py` calls it, when `restart` (a
+    benchmark run from its command line: the restart runs the command again); sets $URNET_JAX_BLOCK_CACHE to
+    1 or 0 and $URNET_JAX_HUGE_PAGES to 1 or nothing, for this process and those it starts (`train.py`
+    included), as `block_cache` and `huge_pages` say. Call first in `main`."""
     from urnet_jax import host_memory
 
+    os.environ[host_memory.BLOCK_CACHE_ENV] = "1" if block_cache else "0"
     if huge_pages:
         os.environ[host_memory.HUGE_PAGES_ENV] = "1"
     else:
         os.environ.pop(host_memory.HUGE_PAGES_ENV, None)
     if restart:
-        host_memory.restart_with_huge_pages()
+        host_memory.restart_with_host_memory_settings()
+
+
+def resolve_block_cache(block_cache: bool | None, conv_backend: str) -> bool:
+    """A benchmark's --block-cache / --no-block-cache, or without either `train.py`'s default: the block
+    cache with oneDNN's convolutions."""
+    return conv_backend == "onednn" if block_cache is None else block_cache
 
 
 def environment() -> dict[str, Any]:
@@ -213,6 +221,7 @@ def environment() -> dict[str, Any]:
         "jax_compiler_options": compiler_options.for_platform(jax.default_backend()),
         "xla_cpu_options": compiler_options.selected_cpu_options(),
         "malloc_huge_pages": host_memory.huge_pages_in_use(),
+        "block_cache": host_memory.block_cache_stats() is not None,
     }
     for name in ("flax", "optax", "torch", "torchvision"):
         try:

@@ -62,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run train.py and the step benchmark with transparent huge pages for malloc's large "
                              "blocks ($URNET_JAX_HUGE_PAGES=1, urnet_jax.host_memory; default: malloc's own "
                              "settings)")
+    parser.add_argument("--block-cache", action=argparse.BooleanOptionalAction, default=None,
+                        help="run train.py and the step benchmark with (or without) the block cache for large "
+                             "blocks ($URNET_JAX_BLOCK_CACHE, urnet_jax.host_memory; default: as train.py, with "
+                             "--conv-backend onednn)")
     parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "bench_train_run"),
                         help="the prepared data set (kept) and the run's workdir (replaced) go here")
     parser.add_argument("--step-img-s", type=float, default=None,
@@ -78,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--epochs must be >= 2 (the first epoch compiles), got {args.epochs}")
     if args.train_size < args.batch:
         parser.error(f"--train-size ({args.train_size}) must hold at least one batch ({args.batch})")
+    args.block_cache = common.resolve_block_cache(args.block_cache, args.conv_backend)
     return args
 
 
@@ -135,7 +140,8 @@ def step_images_per_second(args: argparse.Namespace) -> dict[str, Any]:
                "--enhancer-width", str(args.enhancer_width), "--classifier", args.classifier,
                "--size", str(args.size), "--batch", str(args.batch), "--precision", args.precision,
                "--steps", "1", "--rounds", str(args.step_rounds), "--warmup", "1", "--skip-torch",
-               "--skip-inference", "--conv-backend", args.conv_backend] + (["--huge-pages"] if args.huge_pages else [])
+               "--skip-inference", "--conv-backend", args.conv_backend, "--block-cache" if args.block_cache else "--no-block-cache"] + (
+               ["--huge-pages"] if args.huge_pages else [])
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
     completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         threads = common.pin_threads(args.threads)  # inherited by train.py and the step benchmark
     except ValueError as error:
         sys.exit(f"error: {error}")
-    common.use_huge_pages(args.huge_pages, restart=argv is None)  # train.py inherits it
+    common.use_host_memory_settings(args.huge_pages, args.block_cache, restart=argv is None)  # inherited
     out = pathlib.Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     load_at_start = common.load_average()
@@ -197,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "images_per_epoch": steps_per_epoch * args.batch,
         "run_total_s": round(total_s, 2),
         "run_peak_rss_bytes": run_peak_rss_bytes,
+        "run_block_cache": next((line for line in (out / "train.log").read_text().splitlines()
+                                 if line.startswith("block cache:")), None),  # train.py's own account
         "step_benchmark": None if step is None else {k: step[k] for k in ("jax_train", "jax_compile_s", "params")},
         "threads": threads,
         "cpu": common.cpu_description(),

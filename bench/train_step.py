@@ -90,6 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --skip-torch: restart with transparent huge pages for malloc's large blocks, "
                              "as train.py does with $URNET_JAX_HUGE_PAGES=1 (urnet_jax.host_memory; default: "
                              "malloc's own settings)")
+    parser.add_argument("--block-cache", action=argparse.BooleanOptionalAction, default=None,
+                        help="restart with (or without) the block cache for large blocks (urnet_jax.host_memory); "
+                             "beside torch it serves both frameworks' blocks (default: as train.py, with "
+                             "--conv-backend onednn)")
     parser.add_argument("--torch-variants", default=",".join(TORCH_VARIANTS),
                         help=f"comma-separated torch variants to time, among {', '.join(TORCH_VARIANTS)} "
                              "(eager is always included)")
@@ -120,6 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--lead-in must be >= 0, got {args.lead_in}")
     if args.warmup < 1:
         parser.error(f"--warmup must be >= 1 (the first step is checked against torch), got {args.warmup}")
+    args.block_cache = common.resolve_block_cache(args.block_cache, args.conv_backend)
     if args.huge_pages and not args.skip_torch:
         parser.error("--huge-pages needs --skip-torch (beside torch the JAX step was slowest with huge pages)")
     if args.against_fp32 and (args.precision != "bfloat16" or args.skip_torch):
@@ -766,9 +771,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         threads = common.pin_threads(args.threads)
     except ValueError as error:
         sys.exit(f"error: {error}")
-    common.use_huge_pages(args.huge_pages, restart=argv is None)
+    common.use_host_memory_settings(args.huge_pages, args.block_cache, restart=argv is None)
     common.prepare_gpu_allocators()
-    from urnet_jax import compiler_options
+    from urnet_jax import compiler_options, host_memory
 
     compiler_options.use_cpu_options(args.xla_cpu_options)
     from urnet_jax.models import layers, onednn
@@ -880,6 +885,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_avg_start": load_at_start,
         "load_avg_end": common.load_average(),
         "process_peak_rss_bytes": common.process_peak_rss_bytes(),
+        "block_cache": host_memory.block_cache_stats(),
         "versions": common.environment(),
         "args": vars(args),
     }

@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import torch_reference  # noqa: E402
 import train_run  # noqa: E402
 import train_step  # noqa: E402
 
-from urnet_jax import compiler_options, models  # noqa: E402
+from urnet_jax import compiler_options, host_memory, models  # noqa: E402
 from urnet_jax.config import base_config  # noqa: E402
 from urnet_jax.models import layers, onednn  # noqa: E402
 from urnet_jax.models.composite import build_model  # noqa: E402
@@ -264,6 +265,7 @@ def test_result_records_the_cpu_and_the_memory_of_each_framework(tiny_result):
         assert probe["batch"] == 2 and probe["device_peak_bytes"] is None  # CPU: no device memory
         # A fresh process per framework: its peak holds the libraries and weights, above what the step adds.
         assert 0 < probe["step_rss_growth_bytes"] < probe["peak_rss_bytes"]
+    assert tiny_result["block_cache"] is None and tiny_result["versions"]["block_cache"] is False  # not asked for
 
 
 def test_bf16_gradient_differences_are_rounding_not_disagreement():
@@ -481,11 +483,16 @@ def test_timed_block_splits_out_the_kernel_time_of_page_faults():
 
 
 def test_whole_run_benchmark_times_train_py_epochs_against_the_step(tmp_path):
-    """train.py on the tiny model: every epoch's wall time holds its metrics row's seconds (training +
-    evaluation) plus checkpoints and logging; the ratio is the run's images/s over the step's."""
+    """train.py on the tiny model, with the block cache: every epoch's wall time holds its metrics row's
+    seconds (training + evaluation) plus checkpoints and logging; the ratio is the run's images/s over the
+    step's; train.py's account of the block cache shows blocks reused."""
+    if host_memory.linux_glibc_version() is None:
+        pytest.skip("the block cache needs Linux with glibc")
     result = _run_script("train_run.py", "--enhancer-width", "4", "--size", "96", "--batch", "8", "--train-size", "32",
                          "--per-class", "8", "--epochs", "2", "--threads", "1", "--step-rounds", "1",
-                         "--out", str(tmp_path))
+                         "--block-cache", "--out", str(tmp_path))
+    reused = re.fullmatch(r"block cache: (\d+) blocks reused, (\d+) mapped, .*", result["run_block_cache"])
+    assert reused and int(reused[1]) > int(reused[2]) > 0
     assert result["steps_per_epoch"] == 4 and result["images_per_epoch"] == 32
     assert len(result["epoch_wall_s"]) == len(result["epoch_metrics_s"]) == 1
     assert result["epoch_wall_s"][0] >= result["epoch_metrics_s"][0] > 0

@@ -187,7 +187,7 @@ def test_a_build_that_cannot_run_says_why_in_one_line(tmp_path, monkeypatch):
                                                             r"onednn_conv.cc:1:1: error: no such header$"):
             onednn.build()
         monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-        with pytest.raises(onednn.OnednnUnavailable, match="needs a C\\+\\+ compiler"):
+        with pytest.raises(onednn.OnednnUnavailable, match="needs a compiler"):
             onednn.build()
         assert not list((tmp_path / "cache").glob("*.so"))
         (tmp_path / "file").write_text("")

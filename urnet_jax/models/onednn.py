@@ -20,11 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import importlib.metadata
-import os
-import shlex
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from urnet_jax.errors import ConfigError
+from urnet_jax import native_build
 
 Array = jax.Array
 
@@ -41,7 +37,7 @@ _TARGETS = {"forward": "UrnetOnednnConvForward", "input_grad": "UrnetOnednnConvI
             "kernel_grad": "UrnetOnednnConvKernelGrad"}
 
 
-class OnednnUnavailable(ConfigError):
+class OnednnUnavailable(native_build.BuildError):
     """The oneDNN backend cannot be built or loaded here (the message says why, in one line)."""
 
 
@@ -58,45 +54,16 @@ def _installed_file(distribution: str, suffix: str) -> Path:
     raise OnednnUnavailable(f"{distribution} is installed without {suffix}")
 
 
-def _cache_dir() -> Path:
-    if os.environ.get("URNET_JAX_CACHE"):
-        return Path(os.environ["URNET_JAX_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "urnet_jax"
-
-
 def build() -> Path:
     """Compiles `onednn_conv.cc` into the cache (once per source, jaxlib and oneDNN) -> the shared library."""
     header = _installed_file("onednn-devel-cpu-gomp", "oneapi/dnnl/dnnl.hpp")
     library = _installed_file("onednn-cpu-gomp", "libdnnl.so.3")
     include_dirs = [str(header.parents[2]), jax.ffi.include_dir()]
-    compiler = shlex.split(os.environ.get("CXX", "c++"))
-    fingerprint = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), importlib.metadata.version("jaxlib"), *include_dirs, str(library), *compiler]
-                  ).encode()
-    ).hexdigest()[:16]
-    target = _cache_dir() / f"onednn_conv-{fingerprint}.so"
-    if target.exists():
-        return target
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OnednnUnavailable(f"cannot create the build cache {target.parent} ({error.strerror}; set "
-                                "URNET_JAX_CACHE)") from None
-    partial = target.with_suffix(f".{os.getpid()}.tmp")
-    command = [*compiler, "-std=c++17", "-O2", "-shared", "-fPIC",
-               *(f"-I{d}" for d in include_dirs), str(SOURCE), str(library),
-               f"-Wl,-rpath,{library.parent}", "-o", str(partial)]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise OnednnUnavailable(f"the onednn conv backend needs a C++ compiler ({compiler[0]} not found; set CXX)"
-                                ) from None
-    if result.returncode != 0:
-        partial.unlink(missing_ok=True)
-        first_error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr[-300:])
-        raise OnednnUnavailable(f"compiling {SOURCE.name} failed: {first_error.strip()}")
-    partial.replace(target)  # atomic: concurrent builders each write their own file
-    return target
+    return native_build.shared_library(
+        SOURCE, compiler_env="CXX", default_compiler="c++",
+        flags=["-std=c++17", *(f"-I{d}" for d in include_dirs), str(library), f"-Wl,-rpath,{library.parent}"],
+        fingerprint=[importlib.metadata.version("jaxlib")], purpose="the onednn conv backend",
+        error_type=OnednnUnavailable)
 
 
 @functools.cache
