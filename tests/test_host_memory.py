@@ -201,12 +201,10 @@ _ALLOCATOR = textwrap.dedent("""
 
 def _block_cache_library() -> str:
     """The block cache, built (skips the test where it cannot be: no C compiler, not Linux with glibc)."""
-    if host_memory.linux_glibc_version() is None:
-        pytest.skip("the block cache needs Linux with glibc")
-    try:
-        return str(host_memory.build_block_cache())
-    except host_memory.native_build.BuildError as error:
-        pytest.skip(f"the block cache cannot be built here: {error}")
+    reason = host_memory.block_cache_unavailable()
+    if reason is not None:
+        pytest.skip(f"no block cache here: {reason}")
+    return str(host_memory.build_block_cache())
 
 
 def test_the_block_cache_reuses_bounds_and_releases_its_blocks():

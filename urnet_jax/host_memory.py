@@ -111,6 +111,18 @@ def build_block_cache() -> Path:
                                        flags=["-ldl", "-lpthread"], purpose="the block cache")
 
 
+def block_cache_unavailable() -> str | None:
+    """Why the block cache cannot be had here (not Linux with glibc, or its build fails), in one line; None
+    when it can (it is then built)."""
+    if linux_glibc_version() is None:
+        return "not Linux with glibc"
+    try:
+        build_block_cache()
+    except native_build.BuildError as error:
+        return str(error)
+    return None
+
+
 def block_cache_stats() -> dict[str, int] | None:
     """The block cache's counters in this process (reuses and new mappings of blocks, idle blocks unmapped,
     bytes in use and idle now, the peak of both together, its two limits in bytes); None where it is not
