@@ -93,6 +93,8 @@ def main(argv: list[str]) -> None:
             compare(argv[1:])
         else:
             cli.reject_positional_args(argv)
+            if __name__ == "__main__":  # run as a script: the restart runs its command again
+                cli.restart_with_host_memory_of_run(_RUN.workdir.value)
             if _DATA_DIR.value is not None:
                 evaluate_external(_RUN.workdir.value)
             else:

@@ -99,6 +99,8 @@ def main(argv: list[str]) -> None:
             raise ConfigError("give exactly one of --workdir RUN or --exported DIR")
         if _EXPORTED.value is not None and _ADAPT_BN.value:
             raise ConfigError("--adapt-bn needs --workdir (an export's statistics are fixed)")
+        if __name__ == "__main__":  # run as a script: the restart runs its command again
+            cli.restart_with_host_memory_of_run(_RUN.workdir.value)
         from urnet_jax import (  # deferred: keeps --help instant
             differential_count,
             inference,

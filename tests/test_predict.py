@@ -82,6 +82,33 @@ def run_predict(*args):
                           text=True, env=subprocess_env(), timeout=300)
 
 
+def test_the_block_cache_changes_no_prediction(trained_run, tmp_path):
+    """predict.py restarts once with the block cache where $URNET_JAX_BLOCK_CACHE=1 asks for it (the tiny run
+    computes with XLA's convolutions: no cache by default), and writes the same predictions."""
+    import urnet_jax.data as data_lib
+    from urnet_jax import host_memory
+    from urnet_jax.workdir import load_run, saved_conv_backend
+
+    reason = host_memory.block_cache_unavailable()
+    if reason is not None:
+        pytest.skip(f"no block cache here: {reason}")
+    assert saved_conv_backend(trained_run) == "xla" and saved_conv_backend(tmp_path) is None
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    for i, row in enumerate(data_lib.read_manifest(load_run(trained_run).prepared_dir, "test")[:6]):
+        shutil.copy(row["path"], folder / f"cell{i}.png")
+    outputs = {}
+    for value in ("0", "1"):
+        outputs[value] = tmp_path / f"preds_{value}.csv"
+        result = subprocess.run(
+            [sys.executable, "predict.py", "--workdir", str(trained_run), "--images", str(folder), "--out",
+             str(outputs[value]), "--noprogress", "--correction", "none"], cwd=REPO_ROOT, capture_output=True,
+            text=True, env={**subprocess_env(), host_memory.BLOCK_CACHE_ENV: value}, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.count("restarting with LD_PRELOAD=") == int(value)
+    assert outputs["1"].read_text() == outputs["0"].read_text()
+
+
 def uncalibrated_copy(trained_run, tmp_path):
     """A copy of the tiny run without what evaluate.py adds (eval/, calibration.json, held-out predictions)."""
     copy = tmp_path / "uncalibrated_run"

@@ -190,3 +190,13 @@ def one_line_errors() -> Iterator[None]:
     except TrainingStopped as stop:
         print(str(stop), file=sys.stderr)
         sys.exit(128 + stop.signal_number)
+
+
+def restart_with_host_memory_of_run(workdir: str | None) -> None:
+    """`host_memory.restart_with_host_memory_settings` for a script that computes with the run in `workdir`
+    (None: no run): the block cache by default where the run computes with oneDNN's convolutions, as
+    `train.py` trained it. Call it only when the script runs as a program (it runs the command again)."""
+    from urnet_jax import host_memory, workdir as workdir_lib  # deferred: keeps --help instant
+
+    backend = workdir_lib.saved_conv_backend(workdir) if workdir else None
+    host_memory.restart_with_host_memory_settings(block_cache_by_default=backend == "onednn")

@@ -22,7 +22,8 @@ whole buffer in again: 236,000 faults of 4 KiB pages and 0.3-0.65 s of kernel ti
   7.5 images/s).
 
 Both act when a process starts, so `restart_with_host_memory_settings` runs the process's own command again
-with them (`os.execve`, the same process id); `train.py` calls it first.
+with them (`os.execve`, the same process id); `train.py` calls it first, `evaluate.py` and `predict.py` through
+`cli.restart_with_host_memory_of_run`.
 """
 
 from __future__ import annotations

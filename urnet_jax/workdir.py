@@ -197,6 +197,15 @@ def _saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
         raise ConfigError(f"{config_file}: {' '.join(str(error).split())}") from None
 
 
+def saved_conv_backend(workdir: str | pathlib.Path) -> str | None:
+    """The convolution backend a run computes with ('xla' or 'onednn', its `config.conv_backend`); None where
+    `workdir` holds no readable run config (loading the run then says why)."""
+    try:
+        return _saved_config(pathlib.Path(workdir)).conv_backend
+    except ConfigError:
+        return None
+
+
 def load_run(workdir: str | pathlib.Path, checkpoint: str = "best") -> Run:
     """Loads the phase-2 weights of the run in `workdir`: 'best' (the highest accuracy on the split of
     train.select_on) or 'latest'
