@@ -27,7 +27,7 @@ def main(argv: list[str]) -> None:
         cli.reject_positional_args(argv)
         config = cli.config_value(_CONFIG)
         if __name__ == "__main__":  # run as a script: the restart runs its command again
-            host_memory.restart_with_host_memory_settings(block_cache_by_default=config.conv_backend == "onednn")
+            host_memory.restart_with_host_memory_settings(config.conv_backend)
         sharding.initialize_distributed(_MULTIHOST.value)
         config_lib.validate(config)
         workdir = _WORKDIR.value or f"runs/{cli.config_path(_CONFIG).stem}"

@@ -6,6 +6,7 @@ GPU allocator settings must be in place before either initialises.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -195,10 +196,21 @@ def use_host_memory_settings(huge_pages: bool, block_cache: bool, restart: bool)
         host_memory.restart_with_host_memory_settings()
 
 
+def add_host_memory_flags(parser: argparse.ArgumentParser, huge_pages_help: str) -> None:
+    """--huge-pages (help: `huge_pages_help`) and --[no-]block-cache, read back by `resolve_block_cache`."""
+    parser.add_argument("--huge-pages", action="store_true", help=huge_pages_help)
+    parser.add_argument("--block-cache", action=argparse.BooleanOptionalAction, default=None,
+                        help="run with (or without) the block cache for large blocks ($URNET_JAX_BLOCK_CACHE, "
+                             "urnet_jax.host_memory), and so do the processes the benchmark starts; beside torch "
+                             "it serves both frameworks' blocks (default: as train.py, with --conv-backend onednn)")
+
+
 def resolve_block_cache(block_cache: bool | None, conv_backend: str) -> bool:
-    """A benchmark's --block-cache / --no-block-cache, or without either `train.py`'s default: the block
-    cache with oneDNN's convolutions."""
-    return conv_backend == "onednn" if block_cache is None else block_cache
+    """A benchmark's --block-cache / --no-block-cache, or without either `train.py`'s default for
+    `conv_backend`."""
+    from urnet_jax import host_memory
+
+    return conv_backend in host_memory.BLOCK_CACHE_BACKENDS if block_cache is None else block_cache
 
 
 def environment() -> dict[str, Any]:

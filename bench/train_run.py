@@ -58,14 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--conv-backend", default=CONV_BACKENDS[0], choices=CONV_BACKENDS,
                         help="the models' convolutions (config.conv_backend)")
-    parser.add_argument("--huge-pages", action="store_true",
-                        help="run train.py and the step benchmark with transparent huge pages for malloc's large "
-                             "blocks ($URNET_JAX_HUGE_PAGES=1, urnet_jax.host_memory; default: malloc's own "
-                             "settings)")
-    parser.add_argument("--block-cache", action=argparse.BooleanOptionalAction, default=None,
-                        help="run train.py and the step benchmark with (or without) the block cache for large "
-                             "blocks ($URNET_JAX_BLOCK_CACHE, urnet_jax.host_memory; default: as train.py, with "
-                             "--conv-backend onednn)")
+    common.add_host_memory_flags(parser, "run train.py and the step benchmark with transparent huge pages for "
+                                 "malloc's large blocks ($URNET_JAX_HUGE_PAGES=1, urnet_jax.host_memory; default: "
+                                 "malloc's own settings)")
     parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "bench_train_run"),
                         help="the prepared data set (kept) and the run's workdir (replaced) go here")
     parser.add_argument("--step-img-s", type=float, default=None,

@@ -86,14 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the XLA option set of the JAX programs on a CPU (urnet_jax.compiler_options)")
     parser.add_argument("--conv-backend", default=CONV_BACKENDS[0], choices=CONV_BACKENDS,
                         help="the JAX models' convolutions (urnet_jax.models.layers.use_conv_backend)")
-    parser.add_argument("--huge-pages", action="store_true",
-                        help="with --skip-torch: restart with transparent huge pages for malloc's large blocks, "
-                             "as train.py does with $URNET_JAX_HUGE_PAGES=1 (urnet_jax.host_memory; default: "
-                             "malloc's own settings)")
-    parser.add_argument("--block-cache", action=argparse.BooleanOptionalAction, default=None,
-                        help="restart with (or without) the block cache for large blocks (urnet_jax.host_memory); "
-                             "beside torch it serves both frameworks' blocks (default: as train.py, with "
-                             "--conv-backend onednn)")
+    common.add_host_memory_flags(parser, "with --skip-torch: restart with transparent huge pages for malloc's large "
+                                 "blocks, as train.py does with $URNET_JAX_HUGE_PAGES=1 (urnet_jax.host_memory; "
+                                 "default: malloc's own settings)")
     parser.add_argument("--torch-variants", default=",".join(TORCH_VARIANTS),
                         help=f"comma-separated torch variants to time, among {', '.join(TORCH_VARIANTS)} "
                              "(eager is always included)")

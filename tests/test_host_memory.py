@@ -46,7 +46,7 @@ _PROGRAM = textwrap.dedent("""
 _RESTART = textwrap.dedent("""
     import json, os, sys
     from urnet_jax import host_memory
-    host_memory.restart_with_host_memory_settings(block_cache_by_default="--by-default" in sys.argv)
+    host_memory.restart_with_host_memory_settings("onednn" if "--onednn" in sys.argv else None)
     print(json.dumps({"argv": sys.argv[1:], "tunables": os.environ.get("GLIBC_TUNABLES", ""),
                       "huge_pages": host_memory.huge_pages_in_use(), "preload": os.environ.get("LD_PRELOAD", ""),
                       "block_cache": host_memory.block_cache_stats() is not None}))
@@ -251,23 +251,23 @@ def test_the_block_cache_restart_keeps_the_preloads_and_happens_once():
 
 def test_the_block_cache_by_default_unless_refused():
     library = _block_cache_library()
-    restarted, stderr = _run(["-c", _RESTART, "--by-default"])
+    restarted, stderr = _run(["-c", _RESTART, "--onednn"])
     assert restarted["preload"] == library and restarted["block_cache"] is True
     assert stderr.count("restarting with LD_PRELOAD=") == 1
-    refused, stderr = _run(["-c", _RESTART, "--by-default"], **{host_memory.BLOCK_CACHE_ENV: "0"})
+    refused, stderr = _run(["-c", _RESTART, "--onednn"], **{host_memory.BLOCK_CACHE_ENV: "0"})
     assert (refused["preload"], refused["block_cache"], stderr) == ("", False, "")
 
 
-@pytest.mark.parametrize("value, by_default, wanted", [
-    (None, False, False), (None, True, True), ("", True, True), ("0", True, False), ("1", False, True),
-    ("yes", False, True),
+@pytest.mark.parametrize("value, conv_backend, wanted", [
+    (None, None, False), (None, "xla", False), (None, "onednn", True), ("", "onednn", True), ("0", "onednn", False),
+    ("1", "xla", True), ("yes", None, True),
 ])
-def test_block_cache_wanted_follows_the_variable_then_the_default(monkeypatch, value, by_default, wanted):
+def test_block_cache_wanted_follows_the_variable_then_the_backend(monkeypatch, value, conv_backend, wanted):
     if value is None:
         monkeypatch.delenv(host_memory.BLOCK_CACHE_ENV, raising=False)
     else:
         monkeypatch.setenv(host_memory.BLOCK_CACHE_ENV, value)
-    assert host_memory.block_cache_wanted(by_default) is wanted
+    assert host_memory.block_cache_wanted(conv_backend) is wanted
 
 
 def test_a_block_cache_that_cannot_be_built_says_why_on_one_line(tmp_path):

@@ -194,9 +194,7 @@ def one_line_errors() -> Iterator[None]:
 
 def restart_with_host_memory_of_run(workdir: str | None) -> None:
     """`host_memory.restart_with_host_memory_settings` for a script that computes with the run in `workdir`
-    (None: no run): the block cache by default where the run computes with oneDNN's convolutions, as
-    `train.py` trained it. Call it only when the script runs as a program (it runs the command again)."""
+    (None: no run): the block cache by default for the run's conv backend, as `train.py` had it. Call it only when the script runs as a program (it runs the command again)."""
     from urnet_jax import host_memory, workdir as workdir_lib  # deferred: keeps --help instant
 
-    backend = workdir_lib.saved_conv_backend(workdir) if workdir else None
-    host_memory.restart_with_host_memory_settings(block_cache_by_default=backend == "onednn")
+    host_memory.restart_with_host_memory_settings(workdir_lib.saved_conv_backend(workdir) if workdir else None)

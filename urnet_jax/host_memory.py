@@ -39,6 +39,7 @@ HUGE_PAGES_ENV = "URNET_JAX_HUGE_PAGES"
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 BLOCK_CACHE_ENV = "URNET_JAX_BLOCK_CACHE"
 BLOCK_CACHE_SOURCE = Path(__file__).with_name("block_cache.c")
+BLOCK_CACHE_BACKENDS = ("onednn",)  # conv backends whose processes get the block cache unasked (docs/BENCHMARKS.md)
 _TUNABLES_ENV = "GLIBC_TUNABLES"
 _PRELOAD_ENV = "LD_PRELOAD"
 _THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -144,20 +145,20 @@ def describe_block_cache(stats: dict[str, int]) -> str:
             f"{stats['min_block_bytes'] >> 20} MiB, at most {stats['idle_limit_bytes'] >> 20} MiB idle)")
 
 
-def block_cache_wanted(by_default: bool) -> bool:
-    """Whether this process should have the block cache: $URNET_JAX_BLOCK_CACHE=1 asks for it, =0 refuses it,
-    and without the variable `by_default` decides (`train.py`: True with `conv_backend='onednn'`)."""
+def block_cache_wanted(conv_backend: str | None = None) -> bool:
+    """Whether a process computing with `conv_backend` (None: no model) should have the block cache:
+    $URNET_JAX_BLOCK_CACHE=1 asks for it, =0 refuses it, and without the variable it comes with the backends
+    of `BLOCK_CACHE_BACKENDS`."""
     value = os.environ.get(BLOCK_CACHE_ENV, "")
-    return by_default if value == "" else value != "0"
+    return conv_backend in BLOCK_CACHE_BACKENDS if value == "" else value != "0"
 
 
-def why_no_block_cache(by_default: bool = False) -> str | None:
-    """Why `restart_with_host_memory_settings(by_default)` would not load the block cache (not wanted, not
+def why_no_block_cache(conv_backend: str | None = None) -> str | None:
+    """Why `restart_with_host_memory_settings(conv_backend)` would not load the block cache (not wanted, not
     Linux with glibc, loaded already, or named in $LD_PRELOAD without loading); None when it would (the build
     may still fail: it then says so)."""
-    if not block_cache_wanted(by_default):
-        return f"${BLOCK_CACHE_ENV} is {os.environ[BLOCK_CACHE_ENV]!r}" if BLOCK_CACHE_ENV in os.environ else (
-            f"${BLOCK_CACHE_ENV} is not set")
+    if not block_cache_wanted(conv_backend):
+        return f"${BLOCK_CACHE_ENV} is {os.environ.get(BLOCK_CACHE_ENV, '')!r} and conv_backend {conv_backend!r}"
     if linux_glibc_version() is None:
         return "not Linux with glibc"
     if block_cache_stats() is not None:
@@ -167,15 +168,15 @@ def why_no_block_cache(by_default: bool = False) -> str | None:
     return None
 
 
-def restart_with_host_memory_settings(block_cache_by_default: bool = False) -> None:
+def restart_with_host_memory_settings(conv_backend: str | None = None) -> None:
     """Runs this process's command again (`os.execve`: the same process id) with the block cache in
-    $LD_PRELOAD where `block_cache_wanted(block_cache_by_default)`, and glibc.malloc.hugetlb=1 in
+    $LD_PRELOAD where `block_cache_wanted(conv_backend)`, and glibc.malloc.hugetlb=1 in
     $GLIBC_TUNABLES where $URNET_JAX_HUGE_PAGES=1 asks for it, unless `why_no_block_cache` /
     `why_no_huge_pages` say why not; returns otherwise, with a line on stderr for each wanted setting that
     cannot be had. Call it first in a script's `main`, before work that the restart would repeat."""
     env = dict(os.environ)
     added = []
-    reason = why_no_block_cache(block_cache_by_default)
+    reason = why_no_block_cache(conv_backend)
     if reason is None:
         try:
             library = build_block_cache()
@@ -184,7 +185,7 @@ def restart_with_host_memory_settings(block_cache_by_default: bool = False) -> N
         else:
             env[_PRELOAD_ENV] = " ".join(filter(None, [str(library), os.environ.get(_PRELOAD_ENV, "")]))
             added.append(f"{_PRELOAD_ENV}={env[_PRELOAD_ENV]} (the block cache)")
-    if reason is not None and block_cache_wanted(block_cache_by_default) and block_cache_stats() is None:
+    if reason is not None and block_cache_wanted(conv_backend) and block_cache_stats() is None:
         print(f"no block cache ({reason}; ${BLOCK_CACHE_ENV}=0 turns it off)", file=sys.stderr, flush=True)
     reason = why_no_huge_pages()
     if reason is None:
