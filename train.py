@@ -36,6 +36,8 @@ def main(argv: list[str]) -> None:
             block_cache = host_memory.block_cache_stats()
             if block_cache is not None:
                 print(host_memory.describe_block_cache(block_cache))
+            elif missing := host_memory.why_block_cache_missing(config.conv_backend):
+                print(f"no block cache ({missing}; it would keep the step's large blocks mapped)")
             kept = [row for row in history if row["phase"] == steps.JOINT and row["best"]]
             if kept:
                 best, split = kept[-1], kept[-1]["selected_on"]

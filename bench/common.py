@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched against
 # `jax.Device.device_kind` / `torch.cuda.get_device_name()` by substring (first match wins).
@@ -95,18 +95,51 @@ def load_average() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def time_block(run_step: Callable[[], Any], steps: int, synchronize: Callable[[Any], Any]
-               ) -> tuple[float, float, float]:
-    """(wall seconds, process CPU seconds, of which in the kernel) per step of `steps` back-to-back calls,
-    waiting for the last result with `synchronize`. CPU seconds count every thread of the process (spin-waits
-    included); the kernel's share is mostly page faults: zeroing the pages of freshly mapped buffers."""
+class Block(NamedTuple):
+    """One timed block, per step: wall seconds, process CPU seconds, of which in the kernel, and the CPU seconds
+    of each thread that ran (descending; threads under 1% of the block's CPU time, and threads that ended
+    before the block did, left out)."""
+    wall: float
+    cpu: float
+    kernel: float
+    thread_cpu: tuple[float, ...] = ()
+
+
+def time_block(run_step: Callable[[], Any], steps: int, synchronize: Callable[[Any], Any]) -> Block:
+    """`Block` of `steps` back-to-back calls, waiting for the last result with `synchronize`. CPU seconds count
+    every thread of the process (spin-waits included); the kernel's share is mostly page faults: zeroing the
+    pages of freshly mapped buffers."""
+    threads = thread_cpu_seconds()
     wall, cpu, kernel = time.perf_counter(), time.process_time(), _kernel_cpu_seconds()
     result = None
     for _ in range(steps):
         result = run_step()
     synchronize(result)
     cpu, kernel = time.process_time() - cpu, _kernel_cpu_seconds() - kernel
-    return (time.perf_counter() - wall) / steps, cpu / steps, min(kernel, cpu) / steps
+    wall = time.perf_counter() - wall
+    per_thread = sorted((seconds - threads.get(tid, 0.0) for tid, seconds in thread_cpu_seconds().items()),
+                        reverse=True)
+    return Block(wall / steps, cpu / steps, min(kernel, cpu) / steps,
+                 tuple(seconds / steps for seconds in per_thread if seconds > 0.01 * cpu))
+
+
+def thread_cpu_seconds(task_dir: str = "/proc/self/task") -> dict[int, float]:
+    """CPU seconds (user + kernel) used so far by each thread of this process, by thread id, at the kernel's
+    clock-tick resolution (10 ms on most systems); {} where there is no such directory (not Linux)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        thread_ids = os.listdir(task_dir)
+    except OSError:
+        return {}
+    seconds = {}
+    for thread_id in thread_ids:
+        try:
+            with open(os.path.join(task_dir, thread_id, "stat")) as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()  # after the name, which may hold spaces
+        except (OSError, IndexError):
+            continue  # the thread ended meanwhile
+        seconds[int(thread_id)] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return seconds
 
 
 def _kernel_cpu_seconds() -> float:
@@ -114,20 +147,23 @@ def _kernel_cpu_seconds() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
-def summarize(blocks: list[tuple[float, float, float]], batch: int) -> dict[str, Any]:
+def summarize(blocks: list[Block], batch: int) -> dict[str, Any]:
     """Median / min wall step time (ms) over timed blocks (`time_block`'s), the images/s of the median, the
     median process CPU time per step (ms; less sensitive than wall time to other processes on the machine) and
     the medians of its kernel part and of the rest, the user part (ms; per block, so the two need not add up to
-    the CPU median)."""
-    wall = [w for w, _, _ in blocks]
+    the CPU median), and the median block's CPU time per thread (ms per step, descending: how many threads
+    share the work, e.g. a thread pool beside OpenMP teams)."""
+    wall = [block.wall for block in blocks]
     median = statistics.median(wall)
+    median_block = min(blocks, key=lambda block: abs(block.wall - median))
     return {
         "step_ms_median": round(median * 1e3, 2),
         "step_ms_min": round(min(wall) * 1e3, 2),
         "step_ms_blocks": [round(w * 1e3, 2) for w in wall],
-        "cpu_ms_median": round(statistics.median(c for _, c, _ in blocks) * 1e3, 2),
-        "kernel_cpu_ms_median": round(statistics.median(k for _, _, k in blocks) * 1e3, 2),
-        "user_cpu_ms_median": round(statistics.median(c - k for _, c, k in blocks) * 1e3, 2),
+        "cpu_ms_median": round(statistics.median(block.cpu for block in blocks) * 1e3, 2),
+        "kernel_cpu_ms_median": round(statistics.median(block.kernel for block in blocks) * 1e3, 2),
+        "user_cpu_ms_median": round(statistics.median(block.cpu - block.kernel for block in blocks) * 1e3, 2),
+        "thread_cpu_ms": [round(seconds * 1e3, 1) for seconds in median_block.thread_cpu],
         "img_s": round(batch / median, 3),
     }
 
@@ -202,7 +238,7 @@ def add_host_memory_flags(parser: argparse.ArgumentParser, huge_pages_help: str)
     parser.add_argument("--block-cache", action=argparse.BooleanOptionalAction, default=None,
                         help="run with (or without) the block cache for large blocks ($URNET_JAX_BLOCK_CACHE, "
                              "urnet_jax.host_memory), and so do the processes the benchmark starts; beside torch "
-                             "it serves both frameworks' blocks (default: as train.py, with --conv-backend onednn)")
+                             "it serves both frameworks' blocks (default: as train.py, on wherever JAX computes on the CPU)")
 
 
 def resolve_block_cache(block_cache: bool | None, conv_backend: str) -> bool:
@@ -210,7 +246,7 @@ def resolve_block_cache(block_cache: bool | None, conv_backend: str) -> bool:
     `conv_backend`."""
     from urnet_jax import host_memory
 
-    return conv_backend in host_memory.BLOCK_CACHE_BACKENDS if block_cache is None else block_cache
+    return host_memory.block_cache_wanted(conv_backend) if block_cache is None else block_cache
 
 
 def environment() -> dict[str, Any]:

@@ -343,10 +343,10 @@ class TorchBench:
 
 
 def _alternate(benches: dict[str, Any], run: str, args: argparse.Namespace
-               ) -> dict[str, list[tuple[float, float, float]]]:
-    """(wall, CPU, kernel CPU) seconds per step of `args.rounds` timed blocks per framework, taken in alternation,
-    each after `args.lead_in` untimed steps of its framework."""
-    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in benches}
+               ) -> dict[str, list[common.Block]]:
+    """`args.rounds` timed blocks (`common.Block`: seconds per step) per framework, taken in alternation, each
+    after `args.lead_in` untimed steps of its framework."""
+    times: dict[str, list[common.Block]] = {name: [] for name in benches}
     for _ in range(args.rounds):
         for name, bench in benches.items():
             run_step = getattr(bench, run)
@@ -832,7 +832,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_times = _alternate(benches, "run_train", args)
     _progress("median train step: " + ", ".join(
         f"{name} {common.summarize(blocks, args.batch)['step_ms_median']} ms" for name, blocks in train_times.items()))
-    eval_times: dict[str, list[tuple[float, float, float]]] = {}
+    eval_times: dict[str, list[common.Block]] = {}
     first_eval: dict[str, tuple[Any, float, int]] = {}
     if not args.skip_inference:
         first_eval = _first_steps(benches, "run_eval", failures)
@@ -895,7 +895,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name in args.torch_variants}
         result["torch_device_peak_bytes"] = torch_benches["eager"].device_peak_bytes()
         result["speedup_vs_torch_eager_per_round"] = [
-            round(t[0] / j[0], 3) for j, t in zip(train_times["jax"], train_times["eager"])]
+            round(t.wall / j.wall, 3) for j, t in zip(train_times["jax"], train_times["eager"])]
         result.update(speedups(result))
 
     _print_summary(result, args)
@@ -923,7 +923,7 @@ def _print_summary(result: dict[str, Any], args: argparse.Namespace) -> None:
                 compiled = f"; compile {row[3]} s" if row[3] is not None and kind == "train" else ""
                 print(f"{kind:5s} {row[0]:27s}: {summary['img_s']:9.2f} img/s (median {summary['step_ms_median']} "
                       f"ms/step, blocks {summary['step_ms_blocks']}; CPU {summary['cpu_ms_median']} ms/step, "
-                      f"kernel {summary['kernel_cpu_ms_median']}{compiled})")
+                      f"kernel {summary['kernel_cpu_ms_median']}; per thread {summary['thread_cpu_ms']}{compiled})")
     if "speedup_vs_torch_eager" in result:
         print(f"speedup (train): vs torch eager {result['speedup_vs_torch_eager']} (per round "
               f"{result['speedup_vs_torch_eager_per_round']}), vs torch.compile {result['speedup_vs_torch_compile']}, "

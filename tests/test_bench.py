@@ -8,6 +8,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import chex
 import jax
@@ -126,7 +128,8 @@ def tiny_result(tmp_path_factory) -> dict:
     (trace_dir / "earlier").mkdir()
     (trace_dir / "earlier" / "host.xplane.pb").write_bytes(b"not a trace")
     return _run_benchmark("--batch", "2", "--steps", "1", "--rounds", "2", "--warmup", "2", "--peak-tflops", "0.01",
-                          "--torch-variants", "eager,eager_channels_last", "--memory", "--trace-dir", str(trace_dir))
+                          "--torch-variants", "eager,eager_channels_last", "--memory", "--trace-dir", str(trace_dir),
+                          "--no-block-cache")
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +268,7 @@ def test_result_records_the_cpu_and_the_memory_of_each_framework(tiny_result):
         assert probe["batch"] == 2 and probe["device_peak_bytes"] is None  # CPU: no device memory
         # A fresh process per framework: its peak holds the libraries and weights, above what the step adds.
         assert 0 < probe["step_rss_growth_bytes"] < probe["peak_rss_bytes"]
-    assert tiny_result["block_cache"] is None and tiny_result["versions"]["block_cache"] is False  # not asked for
+    assert tiny_result["block_cache"] is None and tiny_result["versions"]["block_cache"] is False  # refused
 
 
 def test_bf16_gradient_differences_are_rounding_not_disagreement():
@@ -472,7 +475,7 @@ def test_timed_block_splits_out_the_kernel_time_of_page_faults():
 
     faulting = common.time_block(fresh_pages, 20, lambda result: None)
     computing = common.time_block(compute, 20, lambda result: None)
-    for wall, cpu, kernel in (faulting, computing):
+    for wall, cpu, kernel, _ in (faulting, computing):
         assert wall > 0 and 0 <= kernel <= cpu + 1e-9
     assert faulting[2] > 0.2 * faulting[1]
     assert computing[2] < 0.2 * computing[1]
@@ -480,6 +483,54 @@ def test_timed_block_splits_out_the_kernel_time_of_page_faults():
     assert summary["kernel_cpu_ms_median"] == pytest.approx((faulting[2] + computing[2]) / 2 * 1e3, abs=0.01)
     user = [(faulting[1] - faulting[2]) * 1e3, (computing[1] - computing[2]) * 1e3]
     assert summary["user_cpu_ms_median"] == pytest.approx(sum(user) / 2, abs=0.01)
+
+
+def test_timed_block_splits_the_cpu_time_by_thread():
+    """A step whose work runs on a second thread beside the calling one (a thread that outlives the block, as a
+    thread pool's do) shows two busy threads, each with about its share of the process's CPU time; a step on
+    the calling thread alone shows one."""
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    spun, release = threading.Event(), threading.Event()
+
+    def helper() -> None:
+        spin(0.3)
+        spun.set()
+        release.wait()
+
+    pool_thread = threading.Thread(target=helper)
+
+    def two_threads() -> None:
+        pool_thread.start()
+        spin(0.3)
+        spun.wait()
+
+    try:
+        both = common.time_block(two_threads, 1, lambda result: None)
+    finally:
+        release.set()
+        pool_thread.join()
+    alone = common.time_block(lambda: spin(0.3), 1, lambda result: None)
+    assert len(both.thread_cpu) >= 2 and min(both.thread_cpu[:2]) > 0.2
+    assert sum(both.thread_cpu) == pytest.approx(both.cpu, abs=0.05)
+    assert alone.thread_cpu[0] > 0.25 and sum(alone.thread_cpu[1:]) < 0.05
+    summary = common.summarize([alone, both, both], batch=1)
+    assert summary["thread_cpu_ms"] == [round(seconds * 1e3, 1) for seconds in both.thread_cpu]
+
+
+def test_thread_cpu_seconds_reads_each_threads_user_and_kernel_ticks(tmp_path):
+    """utime + stime of /proc's task stat lines, after a thread name that may hold spaces and parentheses."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    for thread_id, name, utime, stime in ((101, "python", 250, 10), (102, "tf XLA (1)", 30, 0)):
+        (tmp_path / str(thread_id)).mkdir()
+        (tmp_path / str(thread_id) / "stat").write_text(
+            f"{thread_id} ({name}) S 1 1 1 0 -1 4194560 100 0 0 0 {utime} {stime} 0 0 20 0 4 0 5 0 0\n")
+    (tmp_path / "103").mkdir()  # a thread that ended before its stat line was read
+    assert common.thread_cpu_seconds(str(tmp_path)) == {101: 260 / ticks, 102: 30 / ticks}
+    assert common.thread_cpu_seconds(str(tmp_path / "missing")) == {}
 
 
 def test_whole_run_benchmark_times_train_py_epochs_against_the_step(tmp_path):

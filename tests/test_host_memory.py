@@ -4,6 +4,8 @@ reuses, bounds and releases its blocks as it says."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -46,7 +48,8 @@ _PROGRAM = textwrap.dedent("""
 _RESTART = textwrap.dedent("""
     import json, os, sys
     from urnet_jax import host_memory
-    host_memory.restart_with_host_memory_settings("onednn" if "--onednn" in sys.argv else None)
+    host_memory.restart_with_host_memory_settings("onednn" if "--onednn" in sys.argv else "xla" if "--xla" in sys.argv
+                                                  else None)
     print(json.dumps({"argv": sys.argv[1:], "tunables": os.environ.get("GLIBC_TUNABLES", ""),
                       "huge_pages": host_memory.huge_pages_in_use(), "preload": os.environ.get("LD_PRELOAD", ""),
                       "block_cache": host_memory.block_cache_stats() is not None}))
@@ -58,9 +61,10 @@ _OURS = (host_memory.HUGE_PAGES_ENV, host_memory.BLOCK_CACHE_ENV, "GLIBC_TUNABLE
 
 def _run(args: list[str], tunables: str | None = None, requested: bool = False, **env: str) -> tuple[dict, str]:
     """(the last stdout line as JSON, stderr) of `python args` with $GLIBC_TUNABLES set to `tunables` (None:
-    unset), $URNET_JAX_HUGE_PAGES=1 where `requested` (else unset), no block cache unless `env` (added to
-    the environment) asks for it."""
+    unset), $URNET_JAX_HUGE_PAGES=1 where `requested` (else unset), JAX on the CPU, no block cache unless
+    `env` (added to the environment) or a conv backend asks for it."""
     base = {key: value for key, value in os.environ.items() if key not in _OURS}
+    base["JAX_PLATFORMS"] = "cpu"  # the cache's default is for computing on the CPU
     if tunables is not None:
         base["GLIBC_TUNABLES"] = tunables
     if requested:
@@ -250,24 +254,70 @@ def test_the_block_cache_restart_keeps_the_preloads_and_happens_once():
 
 
 def test_the_block_cache_by_default_unless_refused():
+    """A model computed on the CPU, with either conv backend, restarts quietly with the cache (asked for by its
+    variable, the restart says so); refused, or on an accelerator, there is no restart."""
     library = _block_cache_library()
-    restarted, stderr = _run(["-c", _RESTART, "--onednn"])
-    assert restarted["preload"] == library and restarted["block_cache"] is True
-    assert stderr.count("restarting with LD_PRELOAD=") == 1
-    refused, stderr = _run(["-c", _RESTART, "--onednn"], **{host_memory.BLOCK_CACHE_ENV: "0"})
-    assert (refused["preload"], refused["block_cache"], stderr) == ("", False, "")
+    for backend in ("--onednn", "--xla"):
+        restarted, stderr = _run(["-c", _RESTART, backend])
+        assert (restarted["preload"], restarted["block_cache"], stderr) == (library, True, "")
+    asked, stderr = _run(["-c", _RESTART, "--xla"], **{host_memory.BLOCK_CACHE_ENV: "1"})
+    assert asked["block_cache"] is True and stderr.count("restarting with LD_PRELOAD=") == 1
+    for refusal in ({host_memory.BLOCK_CACHE_ENV: "0"}, {"JAX_PLATFORMS": "cuda"}):
+        refused, stderr = _run(["-c", _RESTART, "--onednn"], **refusal)
+        assert (refused["preload"], refused["block_cache"], stderr) == ("", False, "")
 
 
-@pytest.mark.parametrize("value, conv_backend, wanted", [
-    (None, None, False), (None, "xla", False), (None, "onednn", True), ("", "onednn", True), ("0", "onednn", False),
-    ("1", "xla", True), ("yes", None, True),
+def test_why_the_block_cache_is_missing_for_the_end_of_a_run(monkeypatch, tmp_path):
+    """This test process was not started with the cache: wanted, the reason is the failed build where it cannot
+    be built, else the missing restart; not wanted, there is nothing to say."""
+    if host_memory.linux_glibc_version() is None:
+        pytest.skip("the block cache needs Linux with glibc")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.delenv(host_memory.BLOCK_CACHE_ENV, raising=False)
+    monkeypatch.setenv("URNET_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert host_memory.why_block_cache_missing("xla") == (
+        f"the block cache needs a compiler ({tmp_path / 'no-such-cc'} not found; set CC)")
+    assert host_memory.why_block_cache_missing(None) is None
+    monkeypatch.setenv(host_memory.BLOCK_CACHE_ENV, "0")
+    assert host_memory.why_block_cache_missing("onednn") is None
+    monkeypatch.setenv(host_memory.BLOCK_CACHE_ENV, "1")
+    monkeypatch.setattr(host_memory, "build_block_cache", lambda: tmp_path / "built.so")
+    assert host_memory.why_block_cache_missing(None) == "this process was not restarted with it"
+
+
+@pytest.mark.parametrize("value, conv_backend, platforms, wanted", [
+    (None, None, "cpu", False), (None, "xla", "cpu", True), (None, "onednn", "cpu", True), ("", "xla", "cpu", True),
+    (None, "xla", "cuda", False), (None, "xla", "cuda,cpu", False), ("0", "onednn", "cpu", False),
+    ("1", "xla", "cuda", True), ("yes", None, "cpu", True),
 ])
-def test_block_cache_wanted_follows_the_variable_then_the_backend(monkeypatch, value, conv_backend, wanted):
+def test_block_cache_wanted_follows_the_variable_then_the_platform(monkeypatch, value, conv_backend, platforms,
+                                                                     wanted):
+    """Without $URNET_JAX_BLOCK_CACHE a process that computes a model on the CPU gets the cache, with either
+    convolution backend; on an accelerator, or with no model, it does not."""
     if value is None:
         monkeypatch.delenv(host_memory.BLOCK_CACHE_ENV, raising=False)
     else:
         monkeypatch.setenv(host_memory.BLOCK_CACHE_ENV, value)
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
     assert host_memory.block_cache_wanted(conv_backend) is wanted
+
+
+def test_jax_computes_on_cpu_without_an_accelerator_plugin(monkeypatch):
+    """$JAX_PLATFORMS decides when set (its first platform); otherwise an installed accelerator plugin means
+    JAX will not compute on the CPU."""
+    monkeypatch.setenv("JAX_PLATFORMS", " CPU ")
+    assert host_memory.jax_computes_on_cpu()
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
+    assert not host_memory.jax_computes_on_cpu()
+    monkeypatch.delenv("JAX_PLATFORMS")
+    plugin = importlib.metadata.EntryPoint(name="xla_cuda12", value="jax_cuda12_plugin", group="jax_plugins")
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: importlib.metadata.EntryPoints([plugin] if group == "jax_plugins" else []))
+    assert not host_memory.jax_computes_on_cpu()
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: importlib.metadata.EntryPoints([]))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert host_memory.jax_computes_on_cpu()
 
 
 def test_a_block_cache_that_cannot_be_built_says_why_on_one_line(tmp_path):

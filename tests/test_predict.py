@@ -83,8 +83,8 @@ def run_predict(*args):
 
 
 def test_the_block_cache_changes_no_prediction(trained_run, tmp_path):
-    """predict.py restarts once with the block cache where $URNET_JAX_BLOCK_CACHE=1 asks for it (the tiny run
-    computes with XLA's convolutions: no cache by default), and writes the same predictions."""
+    """predict.py restarts once with the block cache where $URNET_JAX_BLOCK_CACHE=1 asks for it (a run trained
+    with XLA's convolutions, like the tiny one, gets no cache by default), and writes the same predictions."""
     import urnet_jax.data as data_lib
     from urnet_jax import host_memory
     from urnet_jax.workdir import load_run, saved_conv_backend

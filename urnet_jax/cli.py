@@ -192,9 +192,18 @@ def one_line_errors() -> Iterator[None]:
         sys.exit(128 + stop.signal_number)
 
 
+# The conv backends whose runs evaluate.py and predict.py restart with the block cache unasked: with oneDNN's
+# convolutions the eval step went from 0.95-0.99x to 1.03-1.09x torch's best variant with it; with XLA's it was
+# not faster in both pairs measured, and the restart costs about a second (docs/BENCHMARKS.md).
+EVAL_BLOCK_CACHE_BACKENDS = ("onednn",)
+
+
 def restart_with_host_memory_of_run(workdir: str | None) -> None:
     """`host_memory.restart_with_host_memory_settings` for a script that computes with the run in `workdir`
-    (None: no run): the block cache by default for the run's conv backend, as `train.py` had it. Call it only when the script runs as a program (it runs the command again)."""
+    (None: no run): the block cache by default for a run trained with one of `EVAL_BLOCK_CACHE_BACKENDS`, on
+    request ($URNET_JAX_BLOCK_CACHE=1) for any. Call it only when the script runs as a program (it runs the
+    command again)."""
     from urnet_jax import host_memory, workdir as workdir_lib  # deferred: keeps --help instant
 
-    host_memory.restart_with_host_memory_settings(workdir_lib.saved_conv_backend(workdir) if workdir else None)
+    backend = workdir_lib.saved_conv_backend(workdir) if workdir else None
+    host_memory.restart_with_host_memory_settings(backend if backend in EVAL_BLOCK_CACHE_BACKENDS else None)

@@ -42,10 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
     # float rounding; "no_ynnpack" keeps the numerics of runs made before "ynnpack_reductions" existed.
     config.xla_cpu_options = XLA_CPU_OPTIONS[0]
     # The models' convolutions (urnet_jax.models.layers.use_conv_backend): "xla", or "onednn", the CPU's fast
-    # path: oneDNN's kernels for the float32 convs and transposed convs, max-pool's gradient phase by phase,
-    # train.py restarting with transparent huge pages for malloc's large blocks (the `onednn` extra and a C++
-    # compiler; one device): the same results up to float rounding, a train step taking about 22% less time on
-    # the CPU measured (docs/TRAINING.md, docs/BENCHMARKS.md).
+    # path: oneDNN's kernels for the float32 convs and transposed convs, max-pool's gradient phase by phase (the
+    # `onednn` extra and a C++ compiler; one device): the same results up to float rounding, a train step taking
+    # 16-26% less time on the CPUs measured; evaluate.py and predict.py load the block cache for its runs, as
+    # train.py does for every run on the CPU (docs/TRAINING.md, docs/BENCHMARKS.md).
     config.conv_backend = CONV_BACKENDS[0]
     config.batch_size = 32  # global batch, split over every device.
     config.eval_batch_size = 64

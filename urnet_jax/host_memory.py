@@ -6,14 +6,14 @@ ends. glibc's malloc maps so large a block afresh (`mmap`) and unmaps it on free
 whole buffer in again: 236,000 faults of 4 KiB pages and 0.3-0.65 s of kernel time per step on a 2-core CPU
 (docs/BENCHMARKS.md). Two remedies:
 
-* **The block cache** (`train.py`'s default with `conv_backend='onednn'`; $URNET_JAX_BLOCK_CACHE=0 refuses it,
-  =1 asks for it): `block_cache.c`, compiled on first use (`$CC`, else `cc`) and loaded with `LD_PRELOAD`,
+* **The block cache** (`train.py`'s default wherever JAX computes on the CPU; $URNET_JAX_BLOCK_CACHE=0 refuses
+  it, =1 asks for it): `block_cache.c`, compiled on first use (`$CC`, else `cc`) and loaded with `LD_PRELOAD`,
   serves requests of at least 16 MiB from mappings of its own and keeps a
   freed block for the next request of the same size (idle blocks: at most a quarter of the machine's memory,
   none older than 30 s), so consecutive steps reuse the pages they faulted in (a test program: no fault per
   call against 67,546); `block_cache_stats` reports its counters. In a process that also runs torch it
-  serves torch's large blocks too. On a 2-core Intel Xeon it made the train step 9-12% and whole runs 8-9%
-  faster, for 1.4-1.7 GiB more peak memory (two step buffers stay resident).
+  serves torch's large blocks too. On a 2-core Intel Xeon it made whole runs 7-9% faster with either
+  convolution backend, for 1.2-1.8 GiB more peak memory (the step's buffers stay resident).
 * **Huge pages** ($URNET_JAX_HUGE_PAGES=1): glibc's tunable `glibc.malloc.hugetlb=1` (glibc 2.35+) makes
   malloc ask for transparent huge pages on the blocks it maps, which the kernel grants in its THP mode
   'madvise': the buffer is faulted in as 2 MiB pages (a test program with two 64 MiB activations: 3,764
@@ -29,6 +29,8 @@ with them (`os.execve`, the same process id); `train.py` calls it first, `evalua
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -39,7 +41,6 @@ HUGE_PAGES_ENV = "URNET_JAX_HUGE_PAGES"
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 BLOCK_CACHE_ENV = "URNET_JAX_BLOCK_CACHE"
 BLOCK_CACHE_SOURCE = Path(__file__).with_name("block_cache.c")
-BLOCK_CACHE_BACKENDS = ("onednn",)  # conv backends whose processes get the block cache unasked (docs/BENCHMARKS.md)
 _TUNABLES_ENV = "GLIBC_TUNABLES"
 _PRELOAD_ENV = "LD_PRELOAD"
 _THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -145,12 +146,22 @@ def describe_block_cache(stats: dict[str, int]) -> str:
             f"{stats['min_block_bytes'] >> 20} MiB, at most {stats['idle_limit_bytes'] >> 20} MiB idle)")
 
 
+def jax_computes_on_cpu() -> bool:
+    """Whether JAX will compute on the CPU in this process, told before it starts: the first platform of
+    $JAX_PLATFORMS is 'cpu', or, without that variable, no accelerator plugin (CUDA, ROCm, TPU) is installed."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").replace(" ", "").lower()
+    if platforms:
+        return platforms.split(",")[0] == "cpu"
+    plugins = importlib.metadata.entry_points(group="jax_plugins")
+    return not plugins and importlib.util.find_spec("jax_plugins") is None and importlib.util.find_spec("libtpu") is None
+
+
 def block_cache_wanted(conv_backend: str | None = None) -> bool:
-    """Whether a process computing with `conv_backend` (None: no model) should have the block cache:
-    $URNET_JAX_BLOCK_CACHE=1 asks for it, =0 refuses it, and without the variable it comes with the backends
-    of `BLOCK_CACHE_BACKENDS`."""
+    """Whether a process computing with `conv_backend` (None: no model, or no default) should have the block cache:
+    $URNET_JAX_BLOCK_CACHE=1 asks for it, =0 refuses it, and without the variable every model computed on the
+    CPU gets it (`jax_computes_on_cpu`; whole runs 7-9% faster with either backend, docs/BENCHMARKS.md)."""
     value = os.environ.get(BLOCK_CACHE_ENV, "")
-    return conv_backend in BLOCK_CACHE_BACKENDS if value == "" else value != "0"
+    return (conv_backend is not None and jax_computes_on_cpu()) if value == "" else value != "0"
 
 
 def why_no_block_cache(conv_backend: str | None = None) -> str | None:
@@ -168,14 +179,25 @@ def why_no_block_cache(conv_backend: str | None = None) -> str | None:
     return None
 
 
+def why_block_cache_missing(conv_backend: str | None = None) -> str | None:
+    """Why this process runs without the block cache that `block_cache_wanted(conv_backend)` says it should have,
+    in a few words (for the end of a run's log); None where it has the cache or does not want it."""
+    if block_cache_stats() is not None or not block_cache_wanted(conv_backend):
+        return None
+    return (why_no_block_cache(conv_backend) or block_cache_unavailable()
+            or "this process was not restarted with it")
+
+
 def restart_with_host_memory_settings(conv_backend: str | None = None) -> None:
     """Runs this process's command again (`os.execve`: the same process id) with the block cache in
     $LD_PRELOAD where `block_cache_wanted(conv_backend)`, and glibc.malloc.hugetlb=1 in
     $GLIBC_TUNABLES where $URNET_JAX_HUGE_PAGES=1 asks for it, unless `why_no_block_cache` /
-    `why_no_huge_pages` say why not; returns otherwise, with a line on stderr for each wanted setting that
-    cannot be had. Call it first in a script's `main`, before work that the restart would repeat."""
+    `why_no_huge_pages` say why not; returns otherwise. A setting asked for by its variable gets a line on
+    stderr, at the restart or saying why it cannot be had; the block cache by default goes quietly (`train.py`
+    reports it at the end: `describe_block_cache`, `block_cache_unavailable`). Call it first in a script's
+    `main`, before work that the restart would repeat."""
     env = dict(os.environ)
-    added = []
+    added, announced = [], []
     reason = why_no_block_cache(conv_backend)
     if reason is None:
         try:
@@ -185,17 +207,22 @@ def restart_with_host_memory_settings(conv_backend: str | None = None) -> None:
         else:
             env[_PRELOAD_ENV] = " ".join(filter(None, [str(library), os.environ.get(_PRELOAD_ENV, "")]))
             added.append(f"{_PRELOAD_ENV}={env[_PRELOAD_ENV]} (the block cache)")
-    if reason is not None and block_cache_wanted(conv_backend) and block_cache_stats() is None:
-        print(f"no block cache ({reason}; ${BLOCK_CACHE_ENV}=0 turns it off)", file=sys.stderr, flush=True)
+    if _requested(BLOCK_CACHE_ENV):
+        announced += added
+        if reason is not None and block_cache_stats() is None:
+            print(f"no block cache ({reason}; ${BLOCK_CACHE_ENV}=0 turns it off)", file=sys.stderr, flush=True)
     reason = why_no_huge_pages()
     if reason is None:
         tunables = os.environ.get(_TUNABLES_ENV, "")
         env[_TUNABLES_ENV] = f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE
         added.append(f"{_TUNABLES_ENV}={env[_TUNABLES_ENV]} (${HUGE_PAGES_ENV})")
+        announced.append(added[-1])
     elif _requested(HUGE_PAGES_ENV) and not _tunable_set():
         print(f"${HUGE_PAGES_ENV}: no huge pages ({reason})", file=sys.stderr, flush=True)
     if not added:
         return
-    print(f"restarting with {' and '.join(added)}: host memory for XLA's step buffers", file=sys.stderr, flush=True)
+    if announced:
+        print(f"restarting with {' and '.join(announced)}: host memory for XLA's step buffers", file=sys.stderr,
+              flush=True)
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
