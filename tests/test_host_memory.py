@@ -301,6 +301,8 @@ def test_block_cache_wanted_follows_the_variable_then_the_platform(monkeypatch, 
         monkeypatch.setenv(host_memory.BLOCK_CACHE_ENV, value)
     monkeypatch.setenv("JAX_PLATFORMS", platforms)
     assert host_memory.block_cache_wanted(conv_backend) is wanted
+    monkeypatch.setattr(host_memory, "linux_glibc_version", lambda: None)  # e.g. macOS: nothing to want unasked
+    assert host_memory.block_cache_wanted(conv_backend) is (wanted and value not in (None, ""))
 
 
 def test_jax_computes_on_cpu_without_an_accelerator_plugin(monkeypatch):

@@ -12,8 +12,8 @@ whole buffer in again: 236,000 faults of 4 KiB pages and 0.3-0.65 s of kernel ti
   freed block for the next request of the same size (idle blocks: at most a quarter of the machine's memory,
   none older than 30 s), so consecutive steps reuse the pages they faulted in (a test program: no fault per
   call against 67,546); `block_cache_stats` reports its counters. In a process that also runs torch it
-  serves torch's large blocks too. On a 2-core Intel Xeon it made whole runs 7-9% faster with either
-  convolution backend, for 1.2-1.8 GiB more peak memory (the step's buffers stay resident).
+  serves torch's large blocks too. On a 2-core Intel Xeon it made whole runs 8-9% faster with either
+  convolution backend, for 1.3-1.7 GiB more peak memory (the step's buffers stay resident).
 * **Huge pages** ($URNET_JAX_HUGE_PAGES=1): glibc's tunable `glibc.malloc.hugetlb=1` (glibc 2.35+) makes
   malloc ask for transparent huge pages on the blocks it maps, which the kernel grants in its THP mode
   'madvise': the buffer is faulted in as 2 MiB pages (a test program with two 64 MiB activations: 3,764
@@ -159,9 +159,12 @@ def jax_computes_on_cpu() -> bool:
 def block_cache_wanted(conv_backend: str | None = None) -> bool:
     """Whether a process computing with `conv_backend` (None: no model, or no default) should have the block cache:
     $URNET_JAX_BLOCK_CACHE=1 asks for it, =0 refuses it, and without the variable every model computed on the
-    CPU gets it (`jax_computes_on_cpu`; whole runs 7-9% faster with either backend, docs/BENCHMARKS.md)."""
+    CPU of a Linux machine with glibc gets it (`jax_computes_on_cpu`; whole runs 8-9% faster with either backend,
+    docs/BENCHMARKS.md)."""
     value = os.environ.get(BLOCK_CACHE_ENV, "")
-    return (conv_backend is not None and jax_computes_on_cpu()) if value == "" else value != "0"
+    if value:
+        return value != "0"
+    return conv_backend is not None and linux_glibc_version() is not None and jax_computes_on_cpu()
 
 
 def why_no_block_cache(conv_backend: str | None = None) -> str | None:
