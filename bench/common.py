@@ -126,11 +126,11 @@ def time_block(run_step: Callable[[], Any], steps: int, synchronize: Callable[[A
 def thread_cpu_seconds(task_dir: str = "/proc/self/task") -> dict[int, float]:
     """CPU seconds (user + kernel) used so far by each thread of this process, by thread id, at the kernel's
     clock-tick resolution (10 ms on most systems); {} where there is no such directory (not Linux)."""
-    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     try:
         thread_ids = os.listdir(task_dir)
     except OSError:
         return {}
+    ticks = os.sysconf("SC_CLK_TCK")
     seconds = {}
     for thread_id in thread_ids:
         try:
@@ -238,7 +238,8 @@ def add_host_memory_flags(parser: argparse.ArgumentParser, huge_pages_help: str)
     parser.add_argument("--block-cache", action=argparse.BooleanOptionalAction, default=None,
                         help="run with (or without) the block cache for large blocks ($URNET_JAX_BLOCK_CACHE, "
                              "urnet_jax.host_memory), and so do the processes the benchmark starts; beside torch "
-                             "it serves both frameworks' blocks (default: as train.py, on wherever JAX computes on the CPU)")
+                             "it serves both frameworks' blocks (default: as train.py, on wherever JAX computes on "
+                             "the CPU)")
 
 
 def resolve_block_cache(block_cache: bool | None, conv_backend: str) -> bool:

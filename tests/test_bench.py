@@ -534,8 +534,8 @@ def test_thread_cpu_seconds_reads_each_threads_user_and_kernel_ticks(tmp_path):
 
 
 def test_whole_run_benchmark_times_train_py_epochs_against_the_step(tmp_path):
-    """train.py on the tiny model, with the block cache where it can be built: every epoch's wall time holds its metrics row's
-    seconds (training + evaluation) plus checkpoints and logging; the ratio is the run's images/s over the
+    """train.py on the tiny model, with the block cache where it can be built: every epoch's wall time holds its
+    metrics row's seconds (training + evaluation) plus checkpoints and logging; the ratio is the run's images/s over the
     step's; train.py's account of the block cache shows blocks reused."""
     cache = host_memory.block_cache_unavailable() is None  # else (no C compiler here) the run goes without it
     result = _run_script("train_run.py", "--enhancer-width", "4", "--size", "96", "--batch", "8", "--train-size", "32",

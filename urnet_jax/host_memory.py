@@ -152,8 +152,9 @@ def jax_computes_on_cpu() -> bool:
     platforms = os.environ.get("JAX_PLATFORMS", "").replace(" ", "").lower()
     if platforms:
         return platforms.split(",")[0] == "cpu"
-    plugins = importlib.metadata.entry_points(group="jax_plugins")
-    return not plugins and importlib.util.find_spec("jax_plugins") is None and importlib.util.find_spec("libtpu") is None
+    if importlib.metadata.entry_points(group="jax_plugins"):
+        return False
+    return importlib.util.find_spec("jax_plugins") is None and importlib.util.find_spec("libtpu") is None
 
 
 def block_cache_wanted(conv_backend: str | None = None) -> bool:
@@ -197,7 +198,7 @@ def restart_with_host_memory_settings(conv_backend: str | None = None) -> None:
     $GLIBC_TUNABLES where $URNET_JAX_HUGE_PAGES=1 asks for it, unless `why_no_block_cache` /
     `why_no_huge_pages` say why not; returns otherwise. A setting asked for by its variable gets a line on
     stderr, at the restart or saying why it cannot be had; the block cache by default goes quietly (`train.py`
-    reports it at the end: `describe_block_cache`, `block_cache_unavailable`). Call it first in a script's
+    reports it at the end: `describe_block_cache`, `why_block_cache_missing`). Call it first in a script's
     `main`, before work that the restart would repeat."""
     env = dict(os.environ)
     added, announced = [], []
