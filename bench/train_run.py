@@ -13,9 +13,11 @@ best-weights and periodic checkpoints, TensorBoard and metrics logging). The row
 `eval_seconds` (the evaluation), `seconds` - `eval_seconds` (the training steps), and the rest (checkpoints,
 logging). The first epoch compiles and is reported apart; the run's images/s is the training images of an
 epoch over the median wall time of the later epochs, `steps_img_s` the same over the training steps alone.
-Then `bench/train_step.py --skip-torch --skip-inference` times the JAX train step alone on a fixed
-batch (or `--step-img-s` gives its images/s), and `run_vs_step` = run images/s / step images/s
-(`steps_vs_step`: the run's training steps alone against the step benchmark).
+`bench/train_step.py --skip-torch --skip-inference` times the JAX train step alone on a fixed batch, once
+right before the run and once right after it, so that a machine whose speed drifts during the run shows as the
+two disagreeing (`step_img_s_before`, `step_img_s_after`); `step_img_s` is their mean (or `--step-img-s` gives
+it, and neither runs), `run_vs_step` = run images/s / step_img_s (`steps_vs_step`: the run's training steps
+alone against it).
 
 Prints a summary and, as the last line, `RESULT {json}`.
 """
@@ -27,7 +29,6 @@ import itertools
 import json
 import os
 import pathlib
-import resource
 import shutil
 import statistics
 import subprocess
@@ -64,8 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "bench_train_run"),
                         help="the prepared data set (kept) and the run's workdir (replaced) go here")
     parser.add_argument("--step-img-s", type=float, default=None,
-                        help="the step benchmark's images/s for this model (default: measured now)")
-    parser.add_argument("--step-rounds", type=int, default=3, help="timed blocks of the step benchmark")
+                        help="the step benchmark's images/s for this model (default: measured before and after "
+                             "the run)")
+    parser.add_argument("--step-rounds", type=int, default=3, help="timed blocks of each step benchmark")
     parser.add_argument("--test-every-epoch", action=argparse.BooleanOptionalAction, default=True,
                         help="evaluate the test split after every epoch (config.train.test_every_epoch; "
                              "--no-test-every-epoch: only after kept and last epochs)")
@@ -97,8 +99,8 @@ def config_overrides(args: argparse.Namespace, prepared_dir: pathlib.Path) -> di
 def run_training(args: argparse.Namespace,
                  out: pathlib.Path) -> tuple[list[dict[str, Any]], list[float], float, int]:
     """Runs train.py; returns (its metrics rows, the seconds since start at which each row appeared, the
-    whole run's seconds, its peak resident memory in bytes). Exits with train.py's last stderr line if it
-    fails. Call it before this process starts any other child: the peak is the largest of its children's."""
+    whole run's seconds, its peak resident memory in bytes: its own, from `os.wait4`). Exits with train.py's
+    last stderr line if it fails."""
     workdir = out / "run"
     shutil.rmtree(workdir, ignore_errors=True)
     command = [sys.executable, str(REPO_ROOT / "train.py"), "--config", str(REPO_ROOT / "configs" / "urnet.py"),
@@ -109,9 +111,13 @@ def run_training(args: argparse.Namespace,
     with open(out / "train.log", "w") as log:
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-        size = 0
+        size, peak_rss_bytes = 0, 0
         while True:
-            running = process.poll() is None
+            finished, status, usage = os.wait4(process.pid, os.WNOHANG)
+            running = finished == 0
+            if not running:
+                process.returncode = os.waitstatus_to_exitcode(status)
+                peak_rss_bytes = usage.ru_maxrss * 1024  # KiB on Linux
             if metrics.exists() and metrics.stat().st_size != size:
                 size = metrics.stat().st_size
                 rows = metrics.read_text().count("\n")
@@ -120,7 +126,6 @@ def run_training(args: argparse.Namespace,
                 break
             time.sleep(POLL_S)
         total = time.perf_counter() - started
-    peak_rss_bytes = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
     if process.returncode != 0:
         lines = (out / "train.log").read_text().strip().splitlines()
         sys.exit(f"error: train.py failed ({lines[-1] if lines else f'exit status {process.returncode}'}); "
@@ -180,18 +185,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = pathlib.Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     load_at_start = common.load_average()
+    before = None if args.step_img_s is not None else step_images_per_second(args)
     rows, arrivals, total_s, run_peak_rss_bytes = run_training(args, out)
     if len(rows) != args.epochs or len(arrivals) != args.epochs:
         sys.exit(f"error: train.py wrote {len(rows)} metrics rows, expected {args.epochs}")
+    after = None if args.step_img_s is not None else step_images_per_second(args)
     steps_per_epoch = rows[1]["step"] - rows[0]["step"]  # the rows' `step`: the global step at the epoch's end
     breakdown = epoch_breakdown(rows, arrivals, steps_per_epoch * args.batch)
-    step = None
-    if args.step_img_s is None:
-        step = step_images_per_second(args)
-    step_img_s = args.step_img_s if step is None else step["jax_img_s"]
+    step_img_s = (args.step_img_s if after is None
+                  else round(statistics.mean([before["jax_img_s"], after["jax_img_s"]]), 3))
     result = {
         **breakdown,
         "step_img_s": step_img_s,
+        "step_img_s_before": None if before is None else before["jax_img_s"],
+        "step_img_s_after": None if after is None else after["jax_img_s"],
         "run_vs_step": round(breakdown["run_img_s"] / step_img_s, 3),
         "steps_vs_step": round(breakdown["steps_img_s"] / step_img_s, 3),
         "steps_per_epoch": steps_per_epoch,
@@ -200,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "run_peak_rss_bytes": run_peak_rss_bytes,
         "run_block_cache": next((line for line in (out / "train.log").read_text().splitlines()
                                  if line.startswith("block cache:")), None),  # train.py's own account
-        "step_benchmark": None if step is None else {k: step[k] for k in ("jax_train", "jax_compile_s", "params")},
+        "step_benchmark": None if after is None else {k: after[k] for k in ("jax_train", "jax_compile_s", "params")},
         "threads": threads,
         "cpu": common.cpu_description(),
         "load_avg_start": load_at_start,
@@ -212,8 +219,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"train.py: first epoch {breakdown['first_epoch_wall_s']} s; later epochs {breakdown['epoch_wall_s']} s "
           f"wall, of which training steps {breakdown['epoch_steps_s']} s, evaluation {breakdown['epoch_eval_s']} s, "
           f"checkpoints+logging {breakdown['epoch_outside_metrics_s']} s")
+    bracket = "" if after is None else f" (before the run {before['jax_img_s']}, after {after['jax_img_s']})"
     print(f"run {breakdown['run_img_s']} img/s (its training steps alone {breakdown['steps_img_s']}), step benchmark "
-          f"{step_img_s} img/s: run_vs_step {result['run_vs_step']}, steps_vs_step {result['steps_vs_step']}; "
+          f"{step_img_s} img/s{bracket}: run_vs_step {result['run_vs_step']}, steps_vs_step {result['steps_vs_step']}; "
           f"train.py's peak resident memory {run_peak_rss_bytes / 2**30:.2f} GiB")
     print(f"load average start {load_at_start} end {result['load_avg_end']}")
     common.print_result(result)

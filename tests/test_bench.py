@@ -536,7 +536,7 @@ def test_thread_cpu_seconds_reads_each_threads_user_and_kernel_ticks(tmp_path):
 def test_whole_run_benchmark_times_train_py_epochs_against_the_step(tmp_path):
     """train.py on the tiny model, with the block cache where it can be built: every epoch's wall time holds its
     metrics row's seconds (training + evaluation) plus checkpoints and logging; the ratio is the run's images/s over the
-    step's; train.py's account of the block cache shows blocks reused."""
+    mean of the step's, timed before and after the run; train.py's account of the block cache shows blocks reused."""
     cache = host_memory.block_cache_unavailable() is None  # else (no C compiler here) the run goes without it
     result = _run_script("train_run.py", "--enhancer-width", "4", "--size", "96", "--batch", "8", "--train-size", "32",
                          "--per-class", "8", "--epochs", "2", "--threads", "1", "--step-rounds", "1",
@@ -548,6 +548,8 @@ def test_whole_run_benchmark_times_train_py_epochs_against_the_step(tmp_path):
     assert result["epoch_wall_s"][0] >= result["epoch_metrics_s"][0] > 0
     assert result["run_img_s"] == pytest.approx(32 / result["epoch_wall_s_median"], rel=1e-2)
     assert result["run_vs_step"] == pytest.approx(result["run_img_s"] / result["step_img_s"], rel=1e-2)
+    before, after = result["step_img_s_before"], result["step_img_s_after"]  # the step timed around the run
+    assert before > 0 and after > 0 and result["step_img_s"] == pytest.approx((before + after) / 2, abs=1e-3)
     assert 0 < result["epoch_eval_s"][0] < result["epoch_metrics_s"][0]
     assert result["epoch_steps_s"][0] == pytest.approx(result["epoch_metrics_s"][0] - result["epoch_eval_s"][0],
                                                        abs=0.02)
