@@ -141,7 +141,8 @@ def step_images_per_second(args: argparse.Namespace) -> dict[str, Any]:
                "--size", str(args.size), "--batch", str(args.batch), "--precision", args.precision,
                "--steps", "1", "--rounds", str(args.step_rounds), "--warmup", "1", "--skip-torch",
                "--skip-inference", "--conv-backend", args.conv_backend,
-               "--block-cache" if args.block_cache else "--no-block-cache"] + (["--huge-pages"] if args.huge_pages else [])
+               "--block-cache" if args.block_cache else "--no-block-cache"]
+    command += ["--huge-pages"] if args.huge_pages else []
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
     completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
